@@ -1,0 +1,88 @@
+"""Checkpoints: plain tensors and builtins saved with `torch.save`, loaded with
+`weights_only=True` (nothing is unpickled as code), written atomically (write, fsync, rename).
+
+Two kinds share one format: the full training state (`checkpoint.pt`: agent, optimizers,
+replay buffer, RNG states, progress) and the agent alone (`agent.pt`: weights of actor, critics,
+targets and normalizer, plus the config), which is what export and online fine-tuning need.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.config import TrainConfig
+from training.td3 import Agent
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash at any moment leaves the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def agent_state(agent: Agent, with_optimizers: bool) -> dict[str, Any]:
+    state = {name: m.state_dict() for name, m in agent.modules().items()}
+    if with_optimizers:
+        state["actor_opt"] = agent.actor_opt.state_dict()
+        state["critic_opt"] = agent.critic_opt.state_dict()
+    return state
+
+
+def save(
+    path: str | Path,
+    cfg: TrainConfig,
+    agent: Agent,
+    meta: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """`meta` holds env facts (obs layout, action bounds) and progress; `extra` the training
+    state that only `--resume` needs (optimizers are saved whenever `extra` is given)."""
+    payload = {
+        "format": "mu.checkpoint.v1",
+        "config": cfg.to_json(),
+        "meta": meta,
+        "agent": agent_state(agent, with_optimizers=extra is not None),
+        "train_state": extra,
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def load(
+    path: str | Path, device: str = "cpu"
+) -> tuple[TrainConfig, Agent, dict[str, Any], dict[str, Any] | None]:
+    """Returns (config, agent, meta, train_state or None)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt" if (path / "checkpoint.pt").exists() else path / "agent.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    payload = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != "mu.checkpoint.v1":
+        raise ValueError(f"{path} is not a mu checkpoint")
+    cfg = TrainConfig.from_dict({**json.loads(payload["config"]), "device": device})
+    meta = payload["meta"]
+    agent = Agent.create(cfg, meta["obs_dim"], meta["act_dim"])
+    for name, module in agent.modules().items():
+        module.load_state_dict(payload["agent"][name])
+    if "actor_opt" in payload["agent"]:
+        agent.actor_opt.load_state_dict(payload["agent"]["actor_opt"])
+        agent.critic_opt.load_state_dict(payload["agent"]["critic_opt"])
+    return cfg, agent, meta, payload["train_state"]

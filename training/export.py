@@ -1,0 +1,157 @@
+"""Export the actor as one self-contained ONNX file (the contract in DESIGN.md):
+
+    obs [batch, obs_dim] → normalizer → MLP → tanh → scale, bias → action [batch, act_dim]
+
+with metadata_props describing the env, and refused unless onnxruntime agrees with torch to
+1e-5 on replayed and random observations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from training import checkpoint
+from training.config import TrainConfig
+from training.envs import make_env
+from training.td3 import Agent
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mu.policy.v1"
+OPSET = 18
+PARITY_TOL = 1e-5
+PARITY_SAMPLES = 1000
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+def export_policy(
+    agent: Agent,
+    meta: dict[str, Any],
+    cfg: TrainConfig,
+    path: str | Path,
+    replay_obs: np.ndarray | None = None,
+) -> Path:
+    """Write `path` (atomically) after checking parity; returns the path."""
+    path = Path(path)
+    policy = agent.policy(meta["action_low"], meta["action_high"])
+    obs_dim = meta["obs_dim"]
+    example = torch.zeros(2, obs_dim)
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            policy,
+            (example,),
+            input_names=["obs"],
+            output_names=["action"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            opset_version=OPSET,
+            dynamo=True,
+            verbose=False,
+        )
+    model = program.model_proto
+    props = {
+        "mu.format": FORMAT,
+        "mu.env_id": meta["env_id"],
+        "mu.obs_dim": str(obs_dim),
+        "mu.act_dim": str(meta["act_dim"]),
+        "mu.action_low": json.dumps(meta["action_low"]),
+        "mu.action_high": json.dumps(meta["action_high"]),
+        "mu.obs_layout": json.dumps(meta["obs_layout"]),
+        "mu.algo": cfg.algo,
+        "mu.train_steps": str(meta.get("train_steps", 0)),
+        "mu.eval_return": json.dumps(meta.get("eval_return")),
+        "mu.created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "mu.config": cfg.to_json(),
+    }
+    onnx.helper.set_model_props(model, props)
+    data = model.SerializeToString()
+
+    if replay_obs is None or len(replay_obs) == 0:
+        replay_obs = rollout_observations(agent, meta, PARITY_SAMPLES)
+    probes = np.concatenate(
+        [replay_obs[-PARITY_SAMPLES:], random_observations(replay_obs, PARITY_SAMPLES)]
+    )
+    err = parity_error(policy, data, probes)
+    if not err <= PARITY_TOL:
+        raise ParityError(
+            f"onnxruntime differs from torch by {err:.3g} > {PARITY_TOL}; not writing {path}"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write(path, data)
+    (path.parent / f"{path.stem}.config.json").write_text(cfg.to_json())
+    log.info("exported %s (parity max abs error %.2g on %d observations)", path, err, len(probes))
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs its optimisation passes at INFO and warns about torchvision."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnx_ir", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def parity_error(policy: torch.nn.Module, onnx_bytes: bytes, obs: np.ndarray) -> float:
+    """Largest absolute difference between torch and onnxruntime actions on `obs`."""
+    obs = np.ascontiguousarray(obs, dtype=np.float32)
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    got = sess.run(["action"], {"obs": obs})[0]
+    with torch.no_grad():
+        want = policy(torch.from_numpy(obs)).numpy()
+    return float(np.max(np.abs(got - want)))
+
+
+def random_observations(reference: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Uniform draws over mean ± 3 std of `reference`, per dimension: off-distribution but
+    plausible inputs, including ones that saturate the normalizer's clip."""
+    rng = np.random.default_rng(seed)
+    mean, std = reference.mean(0), reference.std(0) + 1e-3
+    return rng.uniform(mean - 3 * std, mean + 3 * std, (n, reference.shape[1])).astype(np.float32)
+
+
+def rollout_observations(agent: Agent, meta: dict[str, Any], n: int, seed: int = 0) -> np.ndarray:
+    """Observations the policy itself visits, for parity checks when no replay buffer is at hand."""
+    env = make_env(meta["env_id"], seed)
+    low, high = np.asarray(meta["action_low"]), np.asarray(meta["action_high"])
+    out = []
+    obs, _ = env.reset(seed=seed)
+    while len(out) < n:
+        out.append(obs)
+        a = agent.act(torch.as_tensor(obs).unsqueeze(0))[0].cpu().numpy()
+        obs, _, terminated, truncated, _ = env.step(low + (a + 1.0) * 0.5 * (high - low))
+        if terminated or truncated:
+            obs, _ = env.reset()
+    env.close()
+    return np.asarray(out, np.float32)
+
+
+def export_checkpoint(source: str | Path, out: str | Path) -> Path:
+    """`mu export RUN_OR_CHECKPOINT --out policy.onnx`."""
+    cfg, agent, meta, state = checkpoint.load(source, "cpu")
+    replay = None
+    if state is not None:
+        rb = state["replay"]
+        replay = rb["obs"][-PARITY_SAMPLES:].numpy() if rb["size"] else None
+    return export_policy(agent, meta, cfg, out, replay_obs=replay)

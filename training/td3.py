@@ -1,0 +1,119 @@
+"""The TD3 update, top to bottom in the order of the math. DDPG is the same code with one
+critic, no target-policy noise and no delay (see `TrainConfig.__post_init__`).
+
+    critic:  y = r + γ (1 - terminal) min_i Q'_i(s', clip(μ'(s') + clip(ε, ±c), -1, 1))
+             minimise Σ_i mean (Q_i(s, a) - y)²
+    actor:   every `policy_delay` critic steps, minimise -Q_1(s, μ(s)).mean(); autograd gives
+             ∂/∂u = -∂Q_1/∂a · ∂μ/∂u, the deterministic policy gradient (docs/actor_update.md)
+    targets: w' ← (1 - τ) w' + τ w,  u' ← (1 - τ) u' + τ u
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from training.config import TrainConfig
+from training.networks import Actor, Critics, Normalizer, Policy
+
+
+@dataclass
+class Agent:
+    """Everything the update touches. Targets are deep copies, never trained directly."""
+
+    normalizer: Normalizer
+    actor: Actor
+    critic: Critics
+    actor_target: Actor
+    critic_target: Critics
+    actor_opt: torch.optim.Adam
+    critic_opt: torch.optim.Adam
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, obs_dim: int, act_dim: int) -> Agent:
+        normalizer = Normalizer(obs_dim, enabled=cfg.normalize_obs).to(cfg.device)
+        actor = Actor(obs_dim, act_dim, cfg.actor_hidden).to(cfg.device)
+        critic = Critics(
+            cfg.n_critics, obs_dim, act_dim, cfg.critic_hidden, cfg.critic_layer_norm
+        ).to(cfg.device)
+        actor_target, critic_target = copy.deepcopy(actor), copy.deepcopy(critic)
+        for p in [*actor_target.parameters(), *critic_target.parameters()]:
+            p.requires_grad_(False)
+        return cls(
+            normalizer,
+            actor,
+            critic,
+            actor_target,
+            critic_target,
+            torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr),
+            torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr),
+        )
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {
+            "normalizer": self.normalizer,
+            "actor": self.actor,
+            "critic": self.critic,
+            "actor_target": self.actor_target,
+            "critic_target": self.critic_target,
+        }
+
+    def policy(self, low, high) -> Policy:
+        """The deployable graph (a CPU copy, in eval mode)."""
+        return (
+            Policy(copy.deepcopy(self.normalizer), copy.deepcopy(self.actor), low, high)
+            .cpu()
+            .eval()
+        )
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """Deterministic action in [-1, 1] for raw observations."""
+        return self.actor(self.normalizer(obs))
+
+
+def update(
+    agent: Agent, batch: dict[str, torch.Tensor], cfg: TrainConfig, update_actor: bool
+) -> dict[str, torch.Tensor]:
+    """One TD3 step on a batch of (obs, action in [-1, 1], reward, next_obs, terminal).
+    Returns detached losses (tensors, so no device sync happens here)."""
+    s = agent.normalizer(batch["obs"])
+    s2 = agent.normalizer(batch["next_obs"])
+    a, r, terminal = batch["action"], batch["reward"], batch["terminal"]
+
+    # 1. TD target from the target actor (smoothed by clipped noise) and the smallest target critic
+    with torch.no_grad():
+        eps = (torch.randn_like(a) * cfg.target_noise).clamp(
+            -cfg.target_noise_clip, cfg.target_noise_clip
+        )
+        a2 = (agent.actor_target(s2) + eps).clamp(-1.0, 1.0)
+        q2 = agent.critic_target(s2, a2).min(dim=0).values
+        y = r + cfg.gamma * (1.0 - terminal) * q2
+
+    # 2. critic regression onto the target, all ensemble members at once
+    q = agent.critic(s, a)
+    critic_loss = ((q - y) ** 2).mean(dim=1).sum()
+    agent.critic_opt.zero_grad(set_to_none=True)
+    critic_loss.backward()
+    agent.critic_opt.step()
+    out = {"critic_loss": critic_loss.detach(), "q": q.detach().mean()}
+    if not update_actor:
+        return out
+
+    # 3. actor: ascend Q_1(s, μ(s)); backward applies ∂Q/∂a · ∂μ/∂u. The critic's own weights
+    #    are frozen for this pass so no gradient is spent on them.
+    agent.critic.requires_grad_(False)
+    actor_loss = -agent.critic(s, agent.actor(s))[0].mean()
+    agent.actor_opt.zero_grad(set_to_none=True)
+    actor_loss.backward()
+    agent.actor_opt.step()
+    agent.critic.requires_grad_(True)
+
+    # 4. Polyak averaging of both targets, in place
+    with torch.no_grad():
+        for net, target in ((agent.actor, agent.actor_target), (agent.critic, agent.critic_target)):
+            torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), cfg.tau)
+    out["actor_loss"] = actor_loss.detach()
+    return out

@@ -1,0 +1,198 @@
+"""The training loop: collect with exploration noise, update with `td3.update`, evaluate on a
+separately seeded env, log, checkpoint, and export the actor at the end.
+
+Every episode starts with `env.reset(seed=...)` drawn from the trainer's generator and
+checkpoints are taken at episode ends, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training import checkpoint
+from training.config import TrainConfig
+from training.envs import FlatObs, action_bounds, is_success, make_env
+from training.noise import make_noise
+from training.replay import ReplayBuffer
+from training.td3 import Agent, update
+
+log = logging.getLogger(__name__)
+
+EVAL_SEED_OFFSET = 1_000_000
+
+
+@dataclass
+class EvalResult:
+    mean_return: float
+    std_return: float
+    success_rate: float | None
+
+
+def evaluate(agent: Agent, env: FlatObs, episodes: int, seed: int, device: str) -> EvalResult:
+    """Deterministic returns over `episodes`, each reset with seed `seed + i`: the same start
+    states at every evaluation, independent of the training env's history."""
+    low, high = action_bounds(env)
+    returns, successes = [], []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        total, done, info = 0.0, False, {}
+        while not done:
+            a = agent.act(torch.as_tensor(obs, device=device).unsqueeze(0))[0].cpu().numpy()
+            obs, r, terminated, truncated, info = env.step(low + (a + 1.0) * 0.5 * (high - low))
+            total += float(r)
+            done = terminated or truncated
+        returns.append(total)
+        successes.append(is_success(info))
+    rate = None if successes[0] is None else float(np.mean(successes))
+    return EvalResult(float(np.mean(returns)), float(np.std(returns)), rate)
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
+    """Train per `cfg` into directory `out`; returns the path of the exported policy.onnx."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.torch_threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+
+    env = make_env(cfg.env_id, cfg.seed)
+    eval_env = make_env(cfg.env_id, cfg.seed + EVAL_SEED_OFFSET)
+    low, high = action_bounds(env)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    meta = {
+        "env_id": cfg.env_id,
+        "obs_dim": obs_dim,
+        "act_dim": act_dim,
+        "obs_layout": [list(p) for p in env.layout],
+        "action_low": low.tolist(),
+        "action_high": high.tolist(),
+    }
+    agent = Agent.create(cfg, obs_dim, act_dim)
+    buffer = ReplayBuffer(cfg.buffer_size, obs_dim, act_dim, cfg.device)
+    noise = make_noise(cfg.noise, act_dim, cfg.noise_std, rng)
+    start, updates, wall_before, evals = 0, 0, 0.0, []
+    if resume:
+        _, agent, meta_saved, state = checkpoint.load(out / "checkpoint.pt", cfg.device)
+        if state is None:
+            raise ValueError(f"{out / 'checkpoint.pt'} holds no training state to resume from")
+        buffer.load_state_dict(state["replay"])
+        torch.set_rng_state(state["torch_rng"])
+        rng.bit_generator.state = state["numpy_rng"]
+        start, updates, wall_before = state["step"], state["updates"], state["wall_s"]
+        evals = state["evals"]
+        log.info("resumed %s at step %d", out, start)
+    (out / "config.json").write_text(cfg.to_json())
+
+    writer = _tensorboard(out)
+    csv_path = out / "evals.csv"
+    if not resume:
+        csv_path.write_text("step,wall_s,return_mean,return_std,success_rate\n")
+    t0 = time.perf_counter() - wall_before
+    next_eval = (start // cfg.eval_every + 1) * cfg.eval_every
+    next_ckpt = (start // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+    obs, _ = env.reset(seed=int(rng.integers(2**31)))
+    noise.reset()
+    ep_return = 0.0
+    bar = tqdm(
+        total=cfg.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True
+    )
+    for step in range(start, cfg.steps):
+        # act: uniform random until learning starts, then μ(s) + noise, in [-1, 1]
+        if step < cfg.learning_starts:
+            a = rng.uniform(-1.0, 1.0, act_dim).astype(np.float32)
+        else:
+            a = agent.act(torch.as_tensor(obs, device=cfg.device).unsqueeze(0))[0].cpu().numpy()
+            a = np.clip(a + noise(), -1.0, 1.0)
+        next_obs, r, terminated, truncated, _ = env.step(low + (a + 1.0) * 0.5 * (high - low))
+        buffer.add(obs, a, r, next_obs, terminated)  # truncation bootstraps, termination does not
+        agent.normalizer.update(torch.as_tensor(obs, device=cfg.device))
+        obs, ep_return = next_obs, ep_return + float(r)
+
+        if step + 1 > cfg.learning_starts:
+            for _ in range(cfg.updates_per_step):
+                updates += 1
+                losses = update(
+                    agent, buffer.sample(cfg.batch_size, rng), cfg, updates % cfg.policy_delay == 0
+                )
+            if (step + 1) % 1000 == 0:
+                for k, v in losses.items():
+                    writer.add_scalar(f"train/{k}", float(v), step + 1)
+
+        if step + 1 >= next_eval:
+            next_eval += cfg.eval_every
+            res = evaluate(
+                agent, eval_env, cfg.eval_episodes, cfg.seed + EVAL_SEED_OFFSET, cfg.device
+            )
+            evals.append(
+                [
+                    step + 1,
+                    time.perf_counter() - t0,
+                    res.mean_return,
+                    res.std_return,
+                    res.success_rate,
+                ]
+            )
+            with open(csv_path, "a", newline="") as f:
+                csv.writer(f).writerow(evals[-1])
+            writer.add_scalar("eval/return", res.mean_return, step + 1)
+            if res.success_rate is not None:
+                writer.add_scalar("eval/success_rate", res.success_rate, step + 1)
+            bar.set_postfix_str(_describe(res))
+
+        if terminated or truncated:
+            writer.add_scalar("train/episode_return", ep_return, step + 1)
+            # checkpoint at the first episode end past each interval, before the next reset
+            # draws its seed, so that a resumed run redraws the same one
+            if step + 1 >= next_ckpt or step + 1 == cfg.steps:
+                next_ckpt = ((step + 1) // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+                state = {
+                    "step": step + 1,
+                    "updates": updates,
+                    "wall_s": time.perf_counter() - t0,
+                    "evals": evals,
+                    "replay": buffer.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "numpy_rng": rng.bit_generator.state,
+                }
+                checkpoint.save(out / "checkpoint.pt", cfg, agent, meta, state)
+            obs, _ = env.reset(seed=int(rng.integers(2**31)))
+            noise.reset()
+            ep_return = 0.0
+        bar.update(1)
+    bar.close()
+    writer.close()
+
+    final = evaluate(agent, eval_env, cfg.eval_episodes, cfg.seed + EVAL_SEED_OFFSET, cfg.device)
+    meta = {
+        **meta,
+        "train_steps": cfg.steps,
+        "eval_return": final.mean_return,
+        "eval_success_rate": final.success_rate,
+    }
+    checkpoint.save(out / "agent.pt", cfg, agent, meta)
+    from training.export import export_policy
+
+    policy_path = export_policy(
+        agent, meta, cfg, out / "policy.onnx", replay_obs=buffer.recent_obs(1000)
+    )
+    log.info("final evaluation %s; policy written to %s", _describe(final), policy_path)
+    return policy_path
+
+
+def _describe(res: EvalResult) -> str:
+    text = f"eval return {res.mean_return:.1f} ± {res.std_return:.1f}"
+    return text if res.success_rate is None else f"{text}, success {res.success_rate:.2f}"
+
+
+def _tensorboard(out: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tb"))
