@@ -1,0 +1,154 @@
+"""`mu`: train, export, explain, eval, serve, loop, bench.
+
+Each subcommand imports what it needs when it runs, so a serving install (no torch) can run
+`mu serve` and `mu loop`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.config import TrainConfig
+    from training.presets import preset
+    from training.trainer import train
+
+    if args.resume:
+        from pathlib import Path
+
+        saved = json.loads((Path(args.resume) / "config.json").read_text())
+        if args.steps:
+            saved["steps"] = args.steps
+        cfg = TrainConfig.from_dict(saved)
+        path = train(cfg, args.resume, resume=True)
+    else:
+        if not args.env:
+            raise SystemExit("mu train: --env is required (or --resume RUN)")
+        overrides = {**preset(args.env, args.preset), **_parse_sets(args.set)}
+        cfg = TrainConfig.from_dict(
+            {
+                **overrides,
+                "env_id": args.env,
+                "algo": args.algo,
+                "seed": args.seed,
+                "device": args.device,
+                **({"steps": args.steps} if args.steps else {}),
+            }
+        )
+        out = args.out or f"runs/{args.env}-{args.algo}-s{args.seed}"
+        path = train(cfg, out)
+    print(f"policy: {path}")
+    return 0
+
+
+def _parse_sets(items: list[str]) -> dict:
+    """--set key=value, value parsed as JSON when it parses (numbers, lists, booleans)."""
+    from training.config import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise SystemExit(
+                f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(names)}"
+            )
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.export import export_checkpoint
+
+    print(f"policy: {export_checkpoint(args.source, args.out)}")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from training.explain import explain
+
+    print(explain(args.source, states=args.states))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_onnx, report
+
+    print(report(evaluate_onnx(args.policy, args.episodes, args.seed)))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from controller.server import serve_from_args
+
+    return serve_from_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mu", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train TD3/DDPG in a Gymnasium env and export policy.onnx")
+    p.add_argument("--env", help="Gymnasium id, e.g. InvertedPendulumBulletEnv-v0")
+    p.add_argument("--steps", type=int, help="environment steps (default: the config's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--algo", choices=["td3", "ddpg"], default="td3")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--preset", help="named preset (zoo, default); default: the env's own")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a TrainConfig field",
+    )
+    p.add_argument("--out", help="run directory (default runs/ENV-ALGO-sSEED)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="export a run's actor to the ONNX policy file")
+    p.add_argument("source", help="run directory or checkpoint file")
+    p.add_argument("--out", required=True, help="policy.onnx to write")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("explain", help="show ∂Q/∂u = ∂Q/∂a · ∂μ/∂u on real states of a policy")
+    p.add_argument("source", help="run directory or checkpoint file")
+    p.add_argument("--states", type=int, default=3)
+    p.set_defaults(func=_explain)
+
+    p = sub.add_parser("eval", help="deterministic return of a policy file in onnxruntime")
+    p.add_argument("policy", help="policy.onnx")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("serve", help="serve a policy file over gRPC")
+    from controller.server import add_serve_arguments
+
+    add_serve_arguments(p)
+    p.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"mu {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""ServeConfig: everything `mu serve` needs, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def parse_listen(listen: str) -> tuple[str, int | None]:
+    """'HOST:PORT' -> (host, port); 'unix:PATH' -> (path, None). Raises ValueError."""
+    if listen.startswith("unix:"):
+        path = listen.removeprefix("unix:").removeprefix("//")
+        if not path:
+            raise ValueError(f"listen {listen!r}: unix: needs a socket path")
+        return path, None
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"listen {listen!r} is not HOST:PORT (port 0-65535) or unix:PATH")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def is_local(listen: str) -> bool:
+    """True for a Unix socket or a loopback address: reachable only from this machine."""
+    host, port = parse_listen(listen)
+    return port is None or host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+@dataclass
+class ServeConfig:
+    """How to serve one policy file over gRPC."""
+
+    #: The ONNX policy file served at start (contract 1), version 1.
+    policy: Path
+    #: Where to listen: "HOST:PORT" (port 0 picks a free port) or "unix:PATH".
+    listen: str = DEFAULT_LISTEN
+    #: Reload the policy when its file is replaced (polls mtime, inode and size).
+    watch: bool = False
+    #: Seconds between two polls of the policy file when `watch` is on.
+    watch_interval_s: float = 1.0
+    #: Slew limit on ActStream: per step and action dimension, in action units. None = off.
+    max_delta: float | None = None
+    #: File holding the bearer token for admin RPCs. Required unless listening on loopback/UDS.
+    admin_token_file: Path | None = None
+    #: PEM server certificate chain; with `tls_key`, the server speaks TLS only.
+    tls_cert: Path | None = None
+    #: PEM private key of `tls_cert`.
+    tls_key: Path | None = None
+    #: PEM CA bundle; when set, clients must present a certificate signed by it (mutual TLS).
+    tls_client_ca: Path | None = None
+    #: Port for Prometheus metrics over HTTP (0 = any free port); None = no metrics endpoint.
+    metrics_port: int | None = None
+    #: Largest message accepted or sent, in bytes; larger requests get RESOURCE_EXHAUSTED.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: Seconds that in-flight RPCs get to finish on shutdown.
+    shutdown_grace_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        self.policy = Path(self.policy)
+        for name in ("admin_token_file", "tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, Path(value))
+                if not getattr(self, name).is_file():
+                    raise ValueError(f"{name} {value} is not a readable file")
+        if not self.policy.is_file():
+            raise ValueError(f"policy {self.policy} is not a file")
+        parse_listen(self.listen)
+        if not is_local(self.listen) and self.admin_token_file is None:
+            raise ValueError(
+                f"listening on {self.listen} (beyond loopback) needs an admin token file "
+                "(--admin-token-file) so that nobody else can swap the policy"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.max_delta is not None and not (
+            math.isfinite(self.max_delta) and self.max_delta > 0
+        ):
+            raise ValueError(f"max_delta must be a positive number, got {self.max_delta}")
+        if not (math.isfinite(self.watch_interval_s) and self.watch_interval_s > 0):
+            raise ValueError(f"watch_interval_s must be positive, got {self.watch_interval_s}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0-65535, got {self.metrics_port}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(
+                f"max_message_bytes must be at least 1024, got {self.max_message_bytes}"
+            )
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+
+    def read_admin_token(self) -> str | None:
+        """The token from `admin_token_file` (surrounding whitespace stripped), or None."""
+        if self.admin_token_file is None:
+            return None
+        token = self.admin_token_file.read_text().strip()
+        if not token:
+            raise ValueError(f"admin_token_file {self.admin_token_file} is empty")
+        return token

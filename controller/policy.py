@@ -1,0 +1,305 @@
+"""Load, validate and run one ONNX policy file (contract 1 of docs/DESIGN).
+
+Serving needs onnxruntime and numpy only: metadata is read through onnxruntime, never `onnx`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
+
+log = logging.getLogger(__name__)
+
+# What onnxruntime raises for a bad model or a failed run (its own classes are not RuntimeError).
+ORT_ERRORS: tuple[type[BaseException], ...] = (
+    RuntimeError,
+    ValueError,
+    _ort_errors.Fail,
+    _ort_errors.InvalidArgument,
+    _ort_errors.InvalidGraph,
+    _ort_errors.InvalidProtobuf,
+    _ort_errors.NoModel,
+    _ort_errors.NotImplemented,
+    _ort_errors.RuntimeException,
+)
+
+FORMAT_TAG = "mu.policy.v1"
+INPUT_NAME = "obs"
+OUTPUT_NAME = "action"
+REQUIRED_KEYS = (
+    "mu.format",
+    "mu.env_id",
+    "mu.obs_dim",
+    "mu.act_dim",
+    "mu.action_low",
+    "mu.action_high",
+    "mu.obs_layout",
+)
+
+
+class PolicyLoadError(ValueError):
+    """The file is not a usable mu policy; the message says why."""
+
+
+class PolicyReadError(PolicyLoadError):
+    """The file cannot be read at all (missing, permissions)."""
+
+
+class ActError(Exception):
+    """A request the policy refuses; `code` is the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def session_options() -> ort.SessionOptions:
+    """onnxruntime tuned for one small request at a time: no thread pools, full graph fusion."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only; load problems are reported by PolicyLoadError
+    return options
+
+
+@dataclass
+class Policy:
+    """A validated policy ready to serve. `act` is not thread-safe: it reuses bound buffers, which
+    is safe because the server runs every request on one event loop thread."""
+
+    version: int
+    source: str
+    sha256: str
+    session: ort.InferenceSession
+    env_id: str
+    obs_dim: int
+    act_dim: int
+    low: np.ndarray
+    high: np.ndarray
+    obs_layout: list[tuple[str, int]]
+    metadata: dict[str, str]
+    loaded_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        # One observation in a pre-bound input buffer, the action in a pre-bound output buffer:
+        # about half the per-call cost of session.run with fresh arrays.
+        self._obs = np.zeros((1, self.obs_dim), np.float32)
+        self._action = np.zeros((1, self.act_dim), np.float32)
+        self._binding = self.session.io_binding()
+        self._binding.bind_cpu_input(INPUT_NAME, self._obs)
+        self._binding.bind_output(
+            OUTPUT_NAME, "cpu", 0, np.float32, [1, self.act_dim], self._action.ctypes.data
+        )
+
+    def act(self, obs: Sequence[float]) -> np.ndarray:
+        """One observation (any float sequence) -> the clamped action, shape (act_dim,).
+
+        Raises ActError: INVALID_ARGUMENT for a wrong length or non-finite values, INTERNAL when
+        the model outputs NaN (it never leaves the server).
+        """
+        n = len(obs)
+        if n != self.obs_dim:
+            raise self._length_error(n)
+        # A Python float sum is exact enough to detect NaN/inf (float32 values cannot overflow a
+        # double sum) and cheaper than numpy for a few dozen values.
+        total = sum(obs)
+        if total - total != 0.0:
+            raise _non_finite_error(np.asarray(obs, np.float32))
+        self._obs[0] = obs
+        self.session.run_with_iobinding(self._binding)
+        # maximum/minimum propagate NaN, so the NaN check below also covers the clamped action.
+        action = np.minimum(np.maximum(self._action[0], self.low), self.high)
+        total = float(action.sum())
+        if total != total:
+            raise ActError(grpc.StatusCode.INTERNAL, self._nan_message())
+        return action
+
+    def act_batch(self, obs: Sequence[float], batch_size: int) -> np.ndarray:
+        """batch_size observations, row after row -> clamped actions (batch_size, act_dim)."""
+        if batch_size <= 0:
+            raise ActError(grpc.StatusCode.INVALID_ARGUMENT, "batch_size must be at least 1")
+        n = len(obs)
+        if n != batch_size * self.obs_dim:
+            raise ActError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"batch has {n} values; {batch_size} observations of {self.obs_dim} need "
+                f"{batch_size * self.obs_dim}",
+            )
+        x = np.asarray(obs, np.float32).reshape(batch_size, self.obs_dim)
+        if not np.isfinite(x).all():
+            rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+            raise ActError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"observations {_first(rows)} contain NaN or infinite values",
+            )
+        (actions,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})
+        actions = np.minimum(np.maximum(actions, self.low), self.high)
+        bad = np.isnan(actions).any(axis=1)
+        if bad.any():
+            raise ActError(grpc.StatusCode.INTERNAL, self._nan_message(np.flatnonzero(bad)))
+        return actions
+
+    def _length_error(self, n: int) -> ActError:
+        if n == 0:
+            msg = f"observation is empty; the policy expects {self.obs_dim} values"
+        else:
+            msg = f"observation has {n} values; the policy expects {self.obs_dim}"
+        return ActError(grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+    def _nan_message(self, rows: np.ndarray | None = None) -> str:
+        where = "" if rows is None else f" for observations {_first(rows)}"
+        return f"policy version {self.version} produced a NaN action{where}; request refused"
+
+
+def _first(indices: np.ndarray, limit: int = 8) -> str:
+    shown = ", ".join(str(i) for i in indices[:limit])
+    return f"[{shown}{', ...' if len(indices) > limit else ''}]"
+
+
+def _non_finite_error(x: np.ndarray) -> ActError:
+    where = np.flatnonzero(~np.isfinite(x))
+    return ActError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"observation has NaN or infinite values at indices {_first(where)}",
+    )
+
+
+def read_policy_file(path: str | Path) -> bytes:
+    """The file's bytes; PolicyReadError (with the path) when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise PolicyReadError(f"cannot read policy file {path}: {e.strerror or e}") from e
+
+
+def load_policy(data: bytes, *, source: str, version: int) -> Policy:
+    """Build an onnxruntime session from the file's bytes and check it against the contract.
+
+    Raises PolicyLoadError naming the first problem found.
+    """
+    try:
+        session = ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
+    except ORT_ERRORS as e:
+        raise PolicyLoadError(f"{source} is not a loadable ONNX model: {_short(e)}") from e
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise PolicyLoadError(f"{source} lacks metadata {', '.join(missing)}; export it with mu")
+    if meta["mu.format"] != FORMAT_TAG:
+        raise PolicyLoadError(
+            f"{source} has mu.format {meta['mu.format']!r}; this server reads {FORMAT_TAG!r}"
+        )
+    obs_dim = _positive_int(meta, "mu.obs_dim", source)
+    act_dim = _positive_int(meta, "mu.act_dim", source)
+    low = _bounds(meta, "mu.action_low", act_dim, source)
+    high = _bounds(meta, "mu.action_high", act_dim, source)
+    if not (low < high).all():
+        raise PolicyLoadError(f"{source}: action_low must be below action_high in every dimension")
+    layout = _layout(meta, obs_dim, source)
+    _check_signature(session, obs_dim, act_dim, source)
+    policy = Policy(
+        version=version,
+        source=source,
+        sha256=hashlib.sha256(data).hexdigest(),
+        session=session,
+        env_id=meta["mu.env_id"],
+        obs_dim=obs_dim,
+        act_dim=act_dim,
+        low=low,
+        high=high,
+        obs_layout=layout,
+        metadata=meta,
+    )
+    _probe(policy, source)
+    return policy
+
+
+def _short(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+
+
+def _positive_int(meta: dict[str, str], key: str, source: str) -> int:
+    try:
+        value = int(meta[key])
+    except ValueError:
+        raise PolicyLoadError(f"{source}: {key} is {meta[key]!r}, not an integer") from None
+    if value <= 0:
+        raise PolicyLoadError(f"{source}: {key} must be positive, got {value}")
+    return value
+
+
+def _bounds(meta: dict[str, str], key: str, act_dim: int, source: str) -> np.ndarray:
+    try:
+        values = np.asarray(json.loads(meta[key]), dtype=np.float32)
+    except (json.JSONDecodeError, TypeError, ValueError):
+        raise PolicyLoadError(f"{source}: {key} is not a JSON list of numbers") from None
+    if values.shape != (act_dim,):
+        raise PolicyLoadError(f"{source}: {key} has shape {values.shape}; act_dim is {act_dim}")
+    if not np.isfinite(values).all():
+        raise PolicyLoadError(f"{source}: {key} must be finite")
+    return values
+
+
+def _layout(meta: dict[str, str], obs_dim: int, source: str) -> list[tuple[str, int]]:
+    try:
+        layout = [(str(name), int(size)) for name, size in json.loads(meta["mu.obs_layout"])]
+    except (json.JSONDecodeError, TypeError, ValueError):
+        raise PolicyLoadError(
+            f"{source}: mu.obs_layout is not a JSON list of [name, size]"
+        ) from None
+    if sum(size for _, size in layout) != obs_dim:
+        raise PolicyLoadError(f"{source}: mu.obs_layout sizes do not add up to obs_dim {obs_dim}")
+    return layout
+
+
+def _check_signature(
+    session: ort.InferenceSession, obs_dim: int, act_dim: int, source: str
+) -> None:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in [o.name for o in outputs]:
+        raise PolicyLoadError(
+            f"{source} has inputs {[i.name for i in inputs]} and outputs "
+            f"{[o.name for o in outputs]}; expected one input {INPUT_NAME!r} and output "
+            f"{OUTPUT_NAME!r}"
+        )
+    output = next(o for o in outputs if o.name == OUTPUT_NAME)
+    for arg, dim, what in ((inputs[0], obs_dim, "mu.obs_dim"), (output, act_dim, "mu.act_dim")):
+        if arg.type != "tensor(float)":
+            raise PolicyLoadError(f"{source}: {arg.name!r} is {arg.type}; expected tensor(float)")
+        shape = arg.shape
+        if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != dim):
+            raise PolicyLoadError(
+                f"{source}: {arg.name!r} has shape {shape}; {what} says [batch, {dim}]"
+            )
+        if isinstance(shape[0], int) and shape[0] != 1:
+            raise PolicyLoadError(f"{source}: {arg.name!r} needs a dynamic batch axis, has {shape}")
+
+
+def _probe(policy: Policy, source: str) -> None:
+    """Run the zero observation and a batch of two through both code paths before serving."""
+    try:
+        single = policy.act([0.0] * policy.obs_dim)
+        batch = policy.act_batch([0.0] * (2 * policy.obs_dim), 2)
+    except ActError as e:
+        raise PolicyLoadError(f"{source} fails the probe inference: {e.message}") from None
+    except ORT_ERRORS as e:
+        raise PolicyLoadError(f"{source} fails the probe inference: {_short(e)}") from e
+    if single.shape != (policy.act_dim,) or batch.shape != (2, policy.act_dim):
+        raise PolicyLoadError(
+            f"{source}: probe produced actions of shape {batch.shape}; "
+            f"expected (2, {policy.act_dim})"
+        )
+    log.debug("probe ok for %s: %s", source, single)

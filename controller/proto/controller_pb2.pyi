@@ -1,0 +1,131 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ActRequest(_message.Message):
+    __slots__ = ("obs", "seq")
+    OBS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    obs: _containers.RepeatedScalarFieldContainer[float]
+    seq: int
+    def __init__(self, obs: _Optional[_Iterable[float]] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class ActResponse(_message.Message):
+    __slots__ = ("action", "seq", "policy_version", "error")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    action: _containers.RepeatedScalarFieldContainer[float]
+    seq: int
+    policy_version: int
+    error: Error
+    def __init__(self, action: _Optional[_Iterable[float]] = ..., seq: _Optional[int] = ..., policy_version: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ActBatchRequest(_message.Message):
+    __slots__ = ("obs", "batch_size", "seq")
+    OBS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    obs: _containers.RepeatedScalarFieldContainer[float]
+    batch_size: int
+    seq: int
+    def __init__(self, obs: _Optional[_Iterable[float]] = ..., batch_size: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class ActBatchResponse(_message.Message):
+    __slots__ = ("actions", "batch_size", "act_dim", "seq", "policy_version")
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ACT_DIM_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    actions: _containers.RepeatedScalarFieldContainer[float]
+    batch_size: int
+    act_dim: int
+    seq: int
+    policy_version: int
+    def __init__(self, actions: _Optional[_Iterable[float]] = ..., batch_size: _Optional[int] = ..., act_dim: _Optional[int] = ..., seq: _Optional[int] = ..., policy_version: _Optional[int] = ...) -> None: ...
+
+class GetPolicyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ObsField(_message.Message):
+    __slots__ = ("name", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class PolicyInfo(_message.Message):
+    __slots__ = ("version", "env_id", "obs_dim", "act_dim", "action_low", "action_high", "obs_layout", "algo", "train_steps", "eval_return", "created_utc", "loaded_at", "source", "sha256", "max_delta", "previous_version", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENV_ID_FIELD_NUMBER: _ClassVar[int]
+    OBS_DIM_FIELD_NUMBER: _ClassVar[int]
+    ACT_DIM_FIELD_NUMBER: _ClassVar[int]
+    ACTION_LOW_FIELD_NUMBER: _ClassVar[int]
+    ACTION_HIGH_FIELD_NUMBER: _ClassVar[int]
+    OBS_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    ALGO_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_RETURN_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UTC_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELTA_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    env_id: str
+    obs_dim: int
+    act_dim: int
+    action_low: _containers.RepeatedScalarFieldContainer[float]
+    action_high: _containers.RepeatedScalarFieldContainer[float]
+    obs_layout: _containers.RepeatedCompositeFieldContainer[ObsField]
+    algo: str
+    train_steps: int
+    eval_return: float
+    created_utc: str
+    loaded_at: _timestamp_pb2.Timestamp
+    source: str
+    sha256: str
+    max_delta: float
+    previous_version: int
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, version: _Optional[int] = ..., env_id: _Optional[str] = ..., obs_dim: _Optional[int] = ..., act_dim: _Optional[int] = ..., action_low: _Optional[_Iterable[float]] = ..., action_high: _Optional[_Iterable[float]] = ..., obs_layout: _Optional[_Iterable[_Union[ObsField, _Mapping]]] = ..., algo: _Optional[str] = ..., train_steps: _Optional[int] = ..., eval_return: _Optional[float] = ..., created_utc: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., sha256: _Optional[str] = ..., max_delta: _Optional[float] = ..., previous_version: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class LoadPolicyRequest(_message.Message):
+    __slots__ = ("path", "onnx")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ONNX_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    onnx: bytes
+    def __init__(self, path: _Optional[str] = ..., onnx: _Optional[bytes] = ...) -> None: ...
+
+class RollbackPolicyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -1,0 +1,295 @@
+"""Build, start and stop the control server; the `mu serve` arguments and entry point.
+
+`create_server(config)` only builds and binds (returns the bound port); `serve(config)` runs it
+until a signal; `start_in_thread(config)` runs it on a private event loop for tests, benchmarks
+and embedding. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controller.config import (
+    DEFAULT_LISTEN,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ServeConfig,
+    is_local,
+    parse_listen,
+)
+from controller.metrics import Metrics
+from controller.policy import Policy
+from controller.proto import controller_pb2_grpc as pb_grpc
+from controller.service import SERVICE_NAME, ControllerService
+from controller.store import PolicyStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def server_options(config: ServeConfig) -> list[tuple[str, Any]]:
+    """gRPC channel arguments of the control server (use the same for a baseline echo server)."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # A second server on the same port must fail to bind, not silently share the traffic.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+class ControllerServer:
+    """The gRPC server plus what lives beside it: policy store, health, metrics, file watcher."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        grpc_server: grpc.aio.Server,
+        store: PolicyStore,
+        metrics: Metrics,
+        health_servicer: health.aio.HealthServicer,
+        address: str,
+    ) -> None:
+        self.config = config
+        self.grpc_server = grpc_server
+        self.store = store
+        self.metrics = metrics
+        self.address = address
+        self.metrics_port: int | None = None
+        self._health = health_servicer
+        self._watch_task: asyncio.Task[None] | None = None
+        self._stop_metrics: Callable[[], None] | None = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.watch:
+            self._watch_task = asyncio.create_task(
+                self.store.watch(self.config.policy, self.config.watch_interval_s)
+            )
+        if self.config.metrics_port is not None:
+            host, port = parse_listen(self.config.listen)
+            addr = host if port is not None else "127.0.0.1"
+            self.metrics_port, self._stop_metrics = self.metrics.serve_http(
+                self.config.metrics_port, addr
+            )
+        log.info(
+            "serving %s version %d on %s",
+            self.config.policy,
+            self.store.current.version,
+            self.address,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let in-flight RPCs finish for `grace` seconds, release all."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._health.enter_graceful_shutdown()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        await self.grpc_server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        if self._stop_metrics is not None:
+            self._stop_metrics()
+        self.store.close()
+        log.info("stopped serving on %s", self.address)
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+async def create_server(config: ServeConfig) -> tuple[ControllerServer, int]:
+    """Load and validate the policy, build the server and bind it; call inside the event loop.
+
+    Returns the server (not yet started) and the bound TCP port (0 for a Unix socket).
+    Raises PolicyLoadError for a bad policy file, ValueError for a bad token file, RuntimeError
+    when the address cannot be bound.
+    """
+    metrics = Metrics()
+    store = PolicyStore.from_file(config.policy, on_swap=lambda p: metrics.set_version(p.version))
+    admin_token = config.read_admin_token()
+    server = grpc.aio.server(options=server_options(config))
+    pb_grpc.add_ControllerServicer_to_server(
+        ControllerService(store, metrics, max_delta=config.max_delta, admin_token=admin_token),
+        server,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    host, port = parse_listen(config.listen)
+    bind = f"unix:{host}" if port is None else f"[{host}]:{port}" if ":" in host else config.listen
+    credentials = _server_credentials(config)
+    if credentials is None:
+        bound = server.add_insecure_port(bind)
+        if admin_token is not None and not is_local(config.listen):
+            log.warning("admin token travels in clear text on %s; use TLS", config.listen)
+    else:
+        bound = server.add_secure_port(bind, credentials)
+    if port is None:
+        address, bound = f"unix:{host}", 0
+    else:
+        address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+    return ControllerServer(config, server, store, metrics, health_servicer, address), bound
+
+
+async def serve(config: ServeConfig, *, handle_signals: bool = True) -> None:
+    """Run the server until SIGINT/SIGTERM (or cancellation), then stop gracefully."""
+    server, _ = await create_server(config)
+    await server.start()
+    if handle_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop()
+
+
+class RunningServer:
+    """A server running on its own event loop in a daemon thread (tests, benchmarks, embedding)."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="mu-serve", daemon=True)
+        self._thread.start()
+        try:
+            self.server, self.port = self.call(create_server(config))
+            self.call(self.server.start())
+        except BaseException:
+            self._close_loop()
+            raise
+        self.target = self.server.address
+
+    @property
+    def policy(self) -> Policy:
+        return self.server.store.current
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = 30.0) -> T:
+        """Run a coroutine on the server's loop and wait for its result."""
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def stop(self, grace: float = 0.5) -> None:
+        if self.loop.is_closed():
+            return
+        self.call(self.server.stop(grace))
+        self._close_loop()
+
+    def _close_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+def start_in_thread(config: ServeConfig) -> RunningServer:
+    """Start a server in a background thread; returns once it accepts connections."""
+    return RunningServer(config)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `mu serve` flags (see ServeConfig for what each one means)."""
+    parser.add_argument("--policy", type=Path, required=True, help="ONNX policy file to serve")
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        help=f"HOST:PORT (port 0 = any free port) or unix:PATH (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--watch", action="store_true", help="reload the policy when its file is replaced"
+    )
+    parser.add_argument(
+        "--max-delta",
+        type=float,
+        default=None,
+        help="ActStream slew limit per step and action dimension, in action units",
+    )
+    parser.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=None,
+        help="bearer token for LoadPolicy/RollbackPolicy; required beyond loopback",
+    )
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM server certificate")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM server private key")
+    parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="PEM CA; clients must present a certificate it signed (mutual TLS)",
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help=f"largest request or reply in bytes (default {DEFAULT_MAX_MESSAGE_BYTES})",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging level (default INFO)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    return ServeConfig(
+        policy=args.policy,
+        listen=args.listen,
+        watch=args.watch,
+        max_delta=args.max_delta,
+        admin_token_file=args.admin_token_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        metrics_port=args.metrics_port,
+        max_message_bytes=args.max_message_bytes,
+    )
+
+
+def serve_from_args(args: argparse.Namespace) -> int:
+    """`mu serve`: blocks until SIGINT/SIGTERM; returns the process exit code.
+
+    Logs `serving <policy> version N on <address>` once it accepts requests.
+    """
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = config_from_args(args)
+        asyncio.run(serve(config))
+    except (ValueError, OSError) as e:  # bad flags, bad policy file (PolicyLoadError), bad token
+        log.error("cannot serve: %s", e)
+        return 2
+    except RuntimeError as e:  # grpc cannot bind the address
+        log.error("cannot serve on %s: %s", args.listen, e)
+        return 1
+    return 0

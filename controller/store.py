@@ -1,0 +1,148 @@
+"""The served policy and the one before it; hot swap, rollback and file watching.
+
+Handlers read `store.current` once per request and use that object to the end, so a swap (one
+attribute assignment on the event loop) never changes a request half way. Loading and validating
+a new file happen in a worker thread; the event loop keeps answering meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from controller.policy import (
+    Policy,
+    PolicyLoadError,
+    PolicyReadError,
+    load_policy,
+    read_policy_file,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SwapRefused(Exception):
+    """A load or rollback that was refused; the current policy keeps serving."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class PolicyStore:
+    """Holds the current and previous policy; versions are assigned 1, 2, 3, ... per load."""
+
+    def __init__(self, initial: Policy, on_swap: Callable[[Policy], None] | None = None) -> None:
+        self.current = initial
+        self.previous: Policy | None = None
+        self._next_version = initial.version + 1
+        self._on_swap = on_swap
+        self._lock = asyncio.Lock()
+        # One loader thread: loads are rare, and serialising them keeps versions in order.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-load")
+
+    @classmethod
+    def from_file(cls, path: Path, on_swap: Callable[[Policy], None] | None = None) -> PolicyStore:
+        """Load version 1 synchronously (before serving starts). Raises PolicyLoadError."""
+        policy = load_policy(read_policy_file(path), source=str(path), version=1)
+        store = cls(policy, on_swap)
+        if on_swap is not None:
+            on_swap(policy)
+        return store
+
+    async def load_path(self, path: str | Path) -> Policy:
+        return await self._load(lambda: read_policy_file(path), str(path))
+
+    async def load_bytes(self, data: bytes) -> Policy:
+        return await self._load(lambda: data, "<bytes>")
+
+    async def rollback(self) -> Policy:
+        async with self._lock:
+            if self.previous is None:
+                raise SwapRefused(
+                    grpc.StatusCode.FAILED_PRECONDITION, "no previous policy to roll back to"
+                )
+            self._swap(self.previous)
+            log.info("rolled back to version %d (%s)", self.current.version, self.current.source)
+            return self.current
+
+    async def _load(self, read: Callable[[], bytes], source: str) -> Policy:
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            version = self._next_version
+            try:
+                policy = await loop.run_in_executor(
+                    self._executor, lambda: load_policy(read(), source=source, version=version)
+                )
+            except PolicyLoadError as e:
+                log.warning("refused policy %s: %s", source, e)
+                code = (
+                    grpc.StatusCode.NOT_FOUND
+                    if isinstance(e, PolicyReadError)
+                    else grpc.StatusCode.INVALID_ARGUMENT
+                )
+                raise SwapRefused(code, str(e)) from None
+            self._check_compatible(policy)
+            self._next_version += 1
+            self._swap(policy)
+            log.info(
+                "serving %s version %d (sha256 %s), previous %d",
+                source,
+                version,
+                policy.sha256[:12],
+                self.previous.version if self.previous else 0,
+            )
+            return policy
+
+    def _check_compatible(self, new: Policy) -> None:
+        """Clients mid-stream rely on the interface: env id and dimensions must not change."""
+        old = self.current
+        for what, a, b in (
+            ("env id", new.env_id, old.env_id),
+            ("obs_dim", new.obs_dim, old.obs_dim),
+            ("act_dim", new.act_dim, old.act_dim),
+        ):
+            if a != b:
+                raise SwapRefused(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{new.source} has {what} {a}; the served policy has {b}. "
+                    "Start another server to serve a different interface.",
+                )
+
+    def _swap(self, policy: Policy) -> None:
+        self.previous, self.current = self.current, policy
+        if self._on_swap is not None:
+            self._on_swap(policy)
+
+    async def watch(self, path: Path, interval_s: float) -> None:
+        """Reload `path` whenever the file is replaced or rewritten; runs until cancelled."""
+        last = _file_key(path)
+        while True:
+            await asyncio.sleep(interval_s)
+            key = _file_key(path)
+            if key is None or key == last:
+                continue
+            last = key
+            log.info("policy file %s changed; reloading", path)
+            try:
+                await self.load_path(path)
+            except SwapRefused as e:
+                log.warning("watch: keeping version %d: %s", self.current.version, e.message)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _file_key(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None  # mid-replace: wait for the new file to appear
+    return st.st_ino, st.st_mtime_ns, st.st_size
