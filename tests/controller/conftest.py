@@ -140,7 +140,9 @@ def corrupt_policy(tmp_path: Path, policy_path: Path) -> Path:
 
 @pytest.fixture
 def wrong_metadata_policy(make_policy) -> Path:
-    return make_policy("wrong_meta.onnx", metadata={"mu.obs_dim": "25"})
+    """Metadata consistent with itself (obs_dim 25) but not with the graph (26 inputs)."""
+    meta = {"mu.obs_dim": "25", "mu.obs_layout": '[["obs", 25]]'}
+    return make_policy("wrong_meta.onnx", metadata=meta)
 
 
 @pytest.fixture

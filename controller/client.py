@@ -1,0 +1,288 @@
+"""PolicyClient: what a robot loop calls to get actions from a mu control server.
+
+`act(obs)` always returns within about `deadline_s`: if the server does not answer in time (or is
+down), it returns a fallback action (hold the last action, or zeros clamped into the bounds) and
+counts a miss, the way ros2_control reuses the previous command when an update overruns.
+Requests the server refuses as invalid raise ActRefused: those are bugs to fix, not to paper over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from time import monotonic
+from typing import Literal
+
+import grpc
+import numpy as np
+
+from controller.proto import controller_pb2 as pb
+from controller.proto import controller_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+Fallback = Literal["hold", "zeros"]
+# A stream that misses this many deadlines in a row is torn down and opened again.
+MAX_STREAM_MISSES = 3
+
+
+class ActRefused(ValueError):
+    """The server refused the observation (INVALID_ARGUMENT): wrong length, NaN, empty."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _StreamClosed(Exception):
+    """The server ended the ActStream."""
+
+
+class _LockStepStream:
+    """One ActStream call: write a request, wait (bounded) for the reply with the same seq.
+
+    gRPC's sync iterator cannot wait with a timeout, so a reader thread moves replies to a queue.
+    Replies to requests whose deadline already passed arrive late and are dropped by seq.
+    """
+
+    def __init__(self, stub: pb_grpc.ControllerStub) -> None:
+        self._requests: queue.SimpleQueue[pb.ActRequest | None] = queue.SimpleQueue()
+        self._replies: queue.SimpleQueue[pb.ActResponse | BaseException] = queue.SimpleQueue()
+        self._call = stub.ActStream(iter(self._requests.get, None))
+        self.misses_in_a_row = 0
+        self._reader = threading.Thread(target=self._read, name="mu-act-stream", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for reply in self._call:
+                self._replies.put(reply)
+        except grpc.RpcError as e:
+            self._replies.put(e)
+            return
+        self._replies.put(_StreamClosed("the server ended the stream"))
+
+    def roundtrip(self, request: pb.ActRequest, timeout: float) -> pb.ActResponse:
+        """Raises queue.Empty on a missed deadline, grpc.RpcError / _StreamClosed when broken."""
+        self._requests.put(request)
+        deadline = monotonic() + timeout
+        while True:
+            item = self._replies.get(timeout=max(deadline - monotonic(), 0.0))
+            if isinstance(item, BaseException):
+                raise item
+            if item.seq == request.seq:
+                return item
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._call.cancel()
+
+
+def _read(value: str | os.PathLike[str] | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+class PolicyClient:
+    """A connection to one control server. Not thread-safe: use one client per control loop."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        deadline_s: float = 0.05,
+        stream: bool = True,
+        fallback: Fallback = "hold",
+        token: str | None = None,
+        root_certificates: str | os.PathLike[str] | bytes | None = None,
+        client_cert: str | os.PathLike[str] | bytes | None = None,
+        client_key: str | os.PathLike[str] | bytes | None = None,
+        server_name: str | None = None,
+        call_deadline_s: float = 10.0,
+        max_message_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        """target: "HOST:PORT" or "unix:PATH". deadline_s bounds every act(); call_deadline_s
+        bounds the other calls. TLS is on when root_certificates is given (PEM path or bytes);
+        client_cert/client_key add a client certificate (mutual TLS); server_name overrides the
+        name checked against the server certificate. token is sent on admin calls only."""
+        if deadline_s <= 0 or call_deadline_s <= 0:
+            raise ValueError("deadlines must be positive")
+        if fallback not in ("hold", "zeros"):
+            raise ValueError(f"fallback must be 'hold' or 'zeros', got {fallback!r}")
+        if (client_cert is None) != (client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        self.target = target
+        self.deadline_s = deadline_s
+        self.call_deadline_s = call_deadline_s
+        self.use_stream = stream
+        self.fallback = fallback
+        #: act() calls answered with the fallback action (deadline missed or server failing).
+        self.misses = 0
+        #: What caused the latest miss.
+        self.last_error: str | None = None
+        self._admin_metadata = (("authorization", f"Bearer {token}"),) if token else None
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if root_certificates is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(root_certificates),
+                private_key=_read(client_key),
+                certificate_chain=_read(client_cert),
+            )
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._stub = pb_grpc.ControllerStub(self._channel)
+        self._stream: _LockStepStream | None = None
+        self._seq = 0
+        self._last: np.ndarray | None = None
+        self._info: pb.PolicyInfo | None = None
+
+    # -- the control path -------------------------------------------------------------------------
+
+    def act(self, obs: Sequence[float] | np.ndarray) -> np.ndarray:
+        """The action for one observation, or the fallback action if the deadline is missed."""
+        self._seq += 1
+        values = obs.tolist() if isinstance(obs, np.ndarray) else obs
+        request = pb.ActRequest(obs=values, seq=self._seq)
+        try:
+            reply = self._stream_act(request) if self.use_stream else self._unary_act(request)
+        except queue.Empty:
+            return self._miss(f"no reply within {self.deadline_s * 1e3:.3g} ms")
+        except _StreamClosed as e:
+            return self._miss(str(e))
+        except grpc.RpcError as e:
+            code = e.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ActRefused(code, e.details()) from None
+            return self._miss(f"{code.name}: {e.details()}")
+        if reply.HasField("error"):
+            code = _status(reply.error.code)
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ActRefused(code, reply.error.message)
+            return self._miss(f"{code.name}: {reply.error.message}")
+        action = np.asarray(reply.action, dtype=np.float32)
+        self._last = action
+        return action
+
+    def _unary_act(self, request: pb.ActRequest) -> pb.ActResponse:
+        return self._stub.Act(request, timeout=self.deadline_s)
+
+    def _stream_act(self, request: pb.ActRequest) -> pb.ActResponse:
+        if self._stream is None:
+            self._stream = _LockStepStream(self._stub)
+        stream = self._stream
+        try:
+            reply = stream.roundtrip(request, self.deadline_s)
+        except queue.Empty:
+            stream.misses_in_a_row += 1
+            if stream.misses_in_a_row >= MAX_STREAM_MISSES:
+                self._drop_stream()
+            raise
+        except (grpc.RpcError, _StreamClosed):
+            self._drop_stream()  # reconnect on the next act()
+            raise
+        stream.misses_in_a_row = 0
+        return reply
+
+    def _drop_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def _miss(self, why: str) -> np.ndarray:
+        self.misses += 1
+        if self.last_error != why:
+            log.warning("act() fell back to %s: %s", self.fallback, why)
+        self.last_error = why
+        if self.fallback == "hold" and self._last is not None:
+            return self._last.copy()
+        return self._zeros()
+
+    def _zeros(self) -> np.ndarray:
+        """Zeros clamped into the bounds. The bounds come from get_policy(): call it before the
+        control loop starts, so that a fallback never has to ask a server that is not answering."""
+        if self._info is None:
+            try:
+                self._info = self._stub.GetPolicy(pb.GetPolicyRequest(), timeout=self.deadline_s)
+            except grpc.RpcError as e:
+                raise RuntimeError(
+                    "no fallback action: the policy's bounds are unknown and the server does not "
+                    f"answer ({e.code().name}); call get_policy() before the control loop"
+                ) from e
+        info = self._info
+        low = np.asarray(info.action_low, np.float32)
+        high = np.asarray(info.action_high, np.float32)
+        return np.clip(np.zeros(info.act_dim, np.float32), low, high)
+
+    # -- everything else --------------------------------------------------------------------------
+
+    def get_policy(self) -> pb.PolicyInfo:
+        """What the server serves (and the bounds the fallback uses). Raises grpc.RpcError."""
+        self._info = self._stub.GetPolicy(pb.GetPolicyRequest(), timeout=self.call_deadline_s)
+        return self._info
+
+    def act_batch(self, obs: np.ndarray, *, deadline_s: float | None = None) -> np.ndarray:
+        """Actions (n, act_dim) for observations (n, obs_dim). Raises grpc.RpcError."""
+        obs = np.asarray(obs, dtype=np.float32)
+        if obs.ndim != 2:
+            raise ValueError(f"act_batch needs observations of shape (n, obs_dim), got {obs.shape}")
+        self._seq += 1
+        reply = self._stub.ActBatch(
+            pb.ActBatchRequest(obs=obs.ravel().tolist(), batch_size=len(obs), seq=self._seq),
+            timeout=deadline_s or self.call_deadline_s,
+        )
+        return np.asarray(reply.actions, dtype=np.float32).reshape(reply.batch_size, reply.act_dim)
+
+    def load_policy(
+        self, source: str | os.PathLike[str] | bytes, *, upload: bool = False
+    ) -> pb.PolicyInfo:
+        """Hot-swap the served policy: bytes, a path the *server* reads, or (upload=True) a local
+        file sent as bytes. Needs the admin token. Raises grpc.RpcError."""
+        if isinstance(source, bytes):
+            request = pb.LoadPolicyRequest(onnx=source)
+        elif upload:
+            request = pb.LoadPolicyRequest(onnx=Path(source).read_bytes())
+        else:
+            request = pb.LoadPolicyRequest(path=os.fspath(source))
+        self._info = self._stub.LoadPolicy(
+            request, timeout=self.call_deadline_s, metadata=self._admin_metadata
+        )
+        return self._info
+
+    def rollback(self) -> pb.PolicyInfo:
+        """Serve the previous policy again. Needs the admin token. Raises grpc.RpcError."""
+        self._info = self._stub.RollbackPolicy(
+            pb.RollbackPolicyRequest(), timeout=self.call_deadline_s, metadata=self._admin_metadata
+        )
+        return self._info
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel is connected; grpc.FutureTimeoutError otherwise."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    def close(self) -> None:
+        self._drop_stream()
+        self._channel.close()
+
+    def __enter__(self) -> PolicyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _status(number: int) -> grpc.StatusCode:
+    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
