@@ -9,6 +9,7 @@ import torch
 
 from training import checkpoint
 from training.config import TrainConfig
+from training.explain import explain
 from training.trainer import train
 
 ENV = "InvertedPendulumBulletEnv-v0"
@@ -112,3 +113,17 @@ def test_pendulum_falls_are_stored_as_terminal(reference_run):
     state = checkpoint.load(reference_run / "checkpoint.pt")[3]
     terminal = state["replay"]["terminal"].numpy().ravel()
     assert terminal.sum() > 0 and set(np.unique(terminal)) <= {0.0, 1.0}
+
+
+def test_explain_prints_matching_sides(reference_run):
+    text = explain(reference_run, states=3)
+    diffs = [
+        float(line.split("max |difference| ")[1].split(",")[0])
+        for line in text.splitlines()
+        if "max |difference|" in line
+    ]
+    cosines = [
+        float(line.rsplit("cosine ", 1)[1]) for line in text.splitlines() if "cosine" in line
+    ]
+    assert len(diffs) == 3
+    assert max(diffs) < 1e-5 and min(cosines) > 0.9999
