@@ -1,0 +1,135 @@
+"""PolicyClient against real servers: actions, fallback on missed deadlines, reconnection, admin."""
+
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from controller.client import ActRefused, PolicyClient
+from controller.proto import controller_pb2 as pb
+
+OBS = np.random.default_rng(11).normal(0, 2, (8, 26)).astype(np.float32)
+
+
+def _expected(path: Path) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["action"], {"obs": OBS})[0]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_act_matches_the_policy(connected, policy_path: Path, stream: bool) -> None:
+    expected = _expected(policy_path)
+    with PolicyClient(connected.server.target, deadline_s=5, stream=stream) as client:
+        for row, want in zip(OBS, expected, strict=True):
+            np.testing.assert_allclose(client.act(row), want, atol=1e-6)
+        np.testing.assert_allclose(client.act_batch(OBS), expected, atol=1e-6)
+        assert client.misses == 0
+        assert client.get_policy().obs_dim == 26
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_invalid_observation_raises(connected, stream: bool) -> None:
+    with PolicyClient(connected.server.target, deadline_s=5, stream=stream) as client:
+        with pytest.raises(ActRefused, match="observation has 25 values; the policy expects 26"):
+            client.act([0.0] * 25)
+        assert client.act([0.0] * 26).shape == (6,)  # the stream survived
+        assert client.misses == 0
+
+
+def test_nan_action_falls_back(server_factory, nan_policy: Path) -> None:
+    server = server_factory(nan_policy)
+    with PolicyClient(server.target, deadline_s=5, fallback="hold") as client:
+        held = client.act([0.0] * 26)
+        np.testing.assert_array_equal(client.act([101.0] + [0.0] * 25), held)
+        assert client.misses == 1 and "INTERNAL" in client.last_error
+
+
+@pytest.fixture
+def stalled_server() -> Iterator[str]:
+    """A server that answers GetPolicy but never answers an action request."""
+    release = threading.Event()
+    info = pb.PolicyInfo(version=1, obs_dim=26, act_dim=2, action_low=[0.5, -1], action_high=[1, 1])
+
+    def get_policy(request, context):
+        return info
+
+    def act(request, context):
+        release.wait(30)
+        return pb.ActResponse()
+
+    def act_stream(requests, context):
+        for _ in requests:
+            release.wait(30)
+            yield pb.ActResponse()
+
+    handlers = {
+        "GetPolicy": grpc.unary_unary_rpc_method_handler(
+            get_policy, pb.GetPolicyRequest.FromString, pb.PolicyInfo.SerializeToString
+        ),
+        "Act": grpc.unary_unary_rpc_method_handler(
+            act, pb.ActRequest.FromString, pb.ActResponse.SerializeToString
+        ),
+        "ActStream": grpc.stream_stream_rpc_method_handler(
+            act_stream, pb.ActRequest.FromString, pb.ActResponse.SerializeToString
+        ),
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("mu.v1.Controller", handlers)]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    release.set()
+    server.stop(0)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_missed_deadline_returns_zeros_clamped_into_bounds(
+    stalled_server: str, stream: bool
+) -> None:
+    with PolicyClient(stalled_server, deadline_s=0.05, stream=stream, fallback="zeros") as client:
+        client.get_policy()
+        for i in range(2):
+            np.testing.assert_array_equal(client.act([0.0] * 26), [0.5, 0.0])
+            assert client.misses == i + 1
+
+
+def test_server_restart_holds_then_reconnects(
+    server_factory, policy_path: Path, tmp_path: Path
+) -> None:
+    socket = f"unix:{tmp_path / 'mu.sock'}"
+    server = server_factory(policy_path, listen=socket)
+    with PolicyClient(socket, deadline_s=2, stream=True, fallback="hold") as client:
+        first = client.act(OBS[0])
+        server.stop()
+        np.testing.assert_array_equal(client.act(OBS[1]), first)  # held
+        assert client.misses >= 1
+        server_factory(policy_path, listen=socket)
+        client.wait_ready()
+        for _ in range(50):  # the channel may need a few attempts to see the new server
+            action = client.act(OBS[1])
+            if not np.array_equal(action, first):
+                break
+        np.testing.assert_allclose(action, _expected(policy_path)[1], atol=1e-6)
+
+
+def test_admin_calls(server_factory, policy_path: Path, make_policy, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("abc")
+    server = server_factory(policy_path, admin_token_file=token)
+    other = make_policy("other.onnx", seed=4)
+    with PolicyClient(server.target, token="wrong") as client:
+        with pytest.raises(grpc.RpcError) as refused:
+            client.load_policy(other)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with PolicyClient(server.target, token="abc") as client:
+        assert client.load_policy(other).version == 2
+        assert client.load_policy(other, upload=True).source == "<bytes>"
+        assert client.load_policy(other.read_bytes()).version == 4
+        assert client.rollback().version == 3
