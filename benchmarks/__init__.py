@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a table, writes JSON and a PNG, and measures ratios within one run."""

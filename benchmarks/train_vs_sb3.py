@@ -1,0 +1,266 @@
+"""Our TD3 against Stable-Baselines3 TD3 (RL Zoo settings) on the same env, seeds and budget.
+
+    python -m benchmarks.train_vs_sb3 --env InvertedPendulumBulletEnv-v0 --steps 50000 --seeds 0 1 2
+
+Both are evaluated the same way during training: deterministic actions, `--eval-episodes`
+episodes on an env seeded apart from the training env (episode i reset with seed 10^6 + seed + i),
+every `--eval-every` steps, wall-clock counted from the start of training including evaluation.
+Runs go to worker processes (`--jobs`, one torch thread each). Prints a table, writes JSON and a
+PNG of the learning curves against steps and against wall-clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from training.presets import ZOO
+
+EVAL_SEED_OFFSET = 1_000_000
+WIDTHS = [4, 9, 9, 8, 8, 14, 6]
+
+
+def run_ours(
+    env_id: str, seed: int, steps: int, eval_every: int, eval_episodes: int, out: str
+) -> dict:
+    from training.config import TrainConfig
+    from training.presets import preset
+    from training.trainer import train
+
+    cfg = TrainConfig.from_dict(
+        {
+            **preset(env_id),
+            "env_id": env_id,
+            "seed": seed,
+            "steps": steps,
+            "eval_every": eval_every,
+            "eval_episodes": eval_episodes,
+            "checkpoint_every": steps,
+        }  # fmt: skip
+    )
+    run = Path(out) / f"mu-{env_id}-s{seed}"
+    train(cfg, run, progress=False)
+    rows = [line.split(",") for line in (run / "evals.csv").read_text().splitlines()[1:]]
+    return _curve("mu", env_id, seed, [[float(x) if x else None for x in r] for r in rows])
+
+
+def run_sb3(
+    env_id: str, seed: int, steps: int, eval_every: int, eval_episodes: int, out: str
+) -> dict:
+    import torch
+    from stable_baselines3 import TD3
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.noise import NormalActionNoise
+
+    from training.envs import is_success, make_env
+
+    torch.set_num_threads(1)
+    env, eval_env = make_env(env_id, seed), make_env(env_id, seed + EVAL_SEED_OFFSET)
+    act_dim = env.action_space.shape[0]
+    short = steps <= 100_000  # a 10k random warm-up would eat most of a short budget
+    model = TD3(
+        "MlpPolicy",
+        env,
+        learning_rate=ZOO["actor_lr"],
+        buffer_size=ZOO["buffer_size"],
+        learning_starts=1000 if short else ZOO["learning_starts"],
+        batch_size=ZOO["batch_size"],
+        tau=ZOO["tau"],
+        gamma=ZOO["gamma"],
+        train_freq=1,
+        gradient_steps=1,
+        action_noise=NormalActionNoise(np.zeros(act_dim), ZOO["noise_std"] * np.ones(act_dim)),
+        policy_delay=ZOO["policy_delay"],
+        target_policy_noise=ZOO["target_noise"],
+        target_noise_clip=ZOO["target_noise_clip"],
+        policy_kwargs={"net_arch": ZOO["actor_hidden"]},
+        seed=seed,
+        device="cpu",
+    )
+    rows: list[list] = []
+
+    class Evaluate(BaseCallback):
+        def _on_training_start(self) -> None:
+            self.t0 = time.perf_counter()
+
+        def _on_step(self) -> bool:
+            if self.num_timesteps % eval_every == 0:
+                returns, successes = [], []
+                for i in range(eval_episodes):
+                    obs, _ = eval_env.reset(seed=seed + EVAL_SEED_OFFSET + i)
+                    total, done, info = 0.0, False, {}
+                    while not done:
+                        action, _ = self.model.predict(obs, deterministic=True)
+                        obs, r, terminated, truncated, info = eval_env.step(action)
+                        total += float(r)
+                        done = terminated or truncated
+                    returns.append(total)
+                    successes.append(is_success(info))
+                rate = None if successes[0] is None else float(np.mean(successes))
+                wall = time.perf_counter() - self.t0
+                rows.append(
+                    [
+                        self.num_timesteps,
+                        wall,
+                        float(np.mean(returns)),
+                        float(np.std(returns)),
+                        rate,
+                    ]
+                )
+            return True
+
+    model.learn(total_timesteps=steps, callback=Evaluate())
+    return _curve("sb3", env_id, seed, rows)
+
+
+def _curve(impl: str, env_id: str, seed: int, rows: list[list]) -> dict:
+    return {
+        "impl": impl,
+        "env_id": env_id,
+        "seed": seed,
+        "steps": [int(r[0]) for r in rows],
+        "wall_s": [r[1] for r in rows],
+        "return": [r[2] for r in rows],
+        "success_rate": [r[4] for r in rows],
+    }
+
+
+def time_to_reach(curve: dict, target: float) -> float | None:
+    """Wall-clock of the first evaluation at or above `target`, None if never reached."""
+    for wall, ret in zip(curve["wall_s"], curve["return"], strict=True):
+        if ret >= target:
+            return wall
+    return None
+
+
+def summarize(curves: list[dict]) -> list[dict]:
+    """Per env and seed: final returns, wall-clock, and our time to SB3's final return."""
+    rows = []
+    for ours in (c for c in curves if c["impl"] == "mu"):
+        sb3 = next(
+            c
+            for c in curves
+            if c["impl"] == "sb3" and (c["env_id"], c["seed"]) == (ours["env_id"], ours["seed"])
+        )
+        target = sb3["return"][-1]
+        t_ours, t_sb3 = time_to_reach(ours, target), time_to_reach(sb3, target)
+        rows.append(
+            {
+                "env_id": ours["env_id"],
+                "seed": ours["seed"],
+                "steps": ours["steps"][-1],
+                "mu_return": ours["return"][-1],
+                "sb3_return": target,
+                "mu_success": ours["success_rate"][-1],
+                "sb3_success": sb3["success_rate"][-1],
+                "mu_wall_s": ours["wall_s"][-1],
+                "sb3_wall_s": sb3["wall_s"][-1],
+                "mu_time_to_sb3_final_s": t_ours,
+                "time_ratio": None if t_ours is None or not t_sb3 else t_ours / t_sb3,
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict], curves: list[dict]) -> str:
+    lines = []
+    for env_id in dict.fromkeys(r["env_id"] for r in rows):
+        lines.append(
+            f"\n{env_id}: evaluation return, mean ± std over seeds (success rate where reported)"
+        )
+        lines.append(f"{'steps':>8} | {'mu TD3':>22} | {'SB3 TD3 (zoo)':>22}")
+        by = {
+            impl: [c for c in curves if c["env_id"] == env_id and c["impl"] == impl]
+            for impl in ("mu", "sb3")
+        }
+        for i, step in enumerate(by["mu"][0]["steps"]):
+            cells = []
+            for impl in ("mu", "sb3"):
+                vals = [c["return"][i] for c in by[impl] if i < len(c["return"])]
+                succ = [
+                    c["success_rate"][i]
+                    for c in by[impl]
+                    if i < len(c["return"]) and c["success_rate"][i] is not None
+                ]
+                cell = f"{np.mean(vals):8.1f} ± {np.std(vals):6.1f}"
+                cells.append(cell + (f" ({np.mean(succ):.2f})" if succ else "       "))
+            lines.append(f"{step:>8} | {cells[0]:>22} | {cells[1]:>22}")
+        head = ["seed", "mu final", "sb3 final", "mu wall", "sb3 wall", "mu t→sb3 final", "ratio"]
+        lines.append(" ".join(f"{h:>{w}}" for h, w in zip(head, WIDTHS, strict=True)))
+        for r in (r for r in rows if r["env_id"] == env_id):
+            t = (
+                "never"
+                if r["mu_time_to_sb3_final_s"] is None
+                else f"{r['mu_time_to_sb3_final_s']:.0f}s"
+            )
+            ratio = "-" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}"
+            cells = [r["seed"], f"{r['mu_return']:.1f}", f"{r['sb3_return']:.1f}"]
+            cells += [f"{r['mu_wall_s']:.0f}s", f"{r['sb3_wall_s']:.0f}s", t, ratio]
+            lines.append(" ".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS, strict=True)))
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def plot(curves: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs = list(dict.fromkeys(c["env_id"] for c in curves))
+    fig, axes = plt.subplots(len(envs), 2, figsize=(11, 3.6 * len(envs)), squeeze=False)
+    for row, env_id in enumerate(envs):
+        for c in (c for c in curves if c["env_id"] == env_id):
+            style = {"color": "C0" if c["impl"] == "mu" else "C1", "alpha": 0.8}
+            label = f"{c['impl']} s{c['seed']}"
+            axes[row, 0].plot(c["steps"], c["return"], label=label, **style)
+            axes[row, 1].plot(c["wall_s"], c["return"], label=label, **style)
+        axes[row, 0].set(
+            title=f"{env_id}: return vs steps", xlabel="env steps", ylabel="eval return"
+        )
+        axes[row, 1].set(title=f"{env_id}: return vs wall-clock", xlabel="seconds")
+        axes[row, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--env", action="append", required=True, help="env id (repeat for several)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--eval-every", type=int, default=5000)
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--out", default="runs/bench_train")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [
+        (fn, env, seed) for env in args.env for seed in args.seeds for fn in (run_ours, run_sb3)
+    ]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futures = [
+            pool.submit(fn, env, seed, args.steps, args.eval_every, args.eval_episodes, str(out))
+            for fn, env, seed in jobs
+        ]
+        curves = [f.result() for f in futures]
+    rows = summarize(curves)
+    table = print_table(rows, curves)
+    tag = "_".join(e.split("-")[0] for e in args.env) + f"_{args.steps}"
+    (out / f"train_vs_sb3_{tag}.json").write_text(
+        json.dumps({"args": vars(args), "summary": rows, "curves": curves}, indent=1)
+    )
+    (out / f"train_vs_sb3_{tag}.txt").write_text(table + "\n")
+    plot(curves, out / f"train_vs_sb3_{tag}.png")
+    print(f"\nwrote {out}/train_vs_sb3_{tag}.{{json,txt,png}}")
+
+
+if __name__ == "__main__":
+    main()
