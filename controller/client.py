@@ -8,14 +8,12 @@ Requests the server refuses as invalid raise ActRefused: those are bugs to fix, 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import queue
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from time import monotonic
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 import numpy as np
@@ -42,44 +40,65 @@ class _StreamClosed(Exception):
     """The server ended the ActStream."""
 
 
+class _StepTimeout(Exception):
+    """No reply to this step within its deadline."""
+
+
 class _LockStepStream:
     """One ActStream call: write a request, wait (bounded) for the reply with the same seq.
 
-    gRPC's sync iterator cannot wait with a timeout, so a reader thread moves replies to a queue.
-    Replies to requests whose deadline already passed arrive late and are dropped by seq.
+    The call lives on a grpc.aio channel driven by a private event loop that runs only inside
+    roundtrip(), in the caller's thread: the per-step deadline costs a timer on that loop, not a
+    hop through a reader thread (~80 µs on 2 cores). A read still pending when a step times out
+    is kept and awaited by the next step, so late replies are matched by seq and dropped.
     """
 
-    def __init__(self, stub: pb_grpc.ControllerStub) -> None:
-        self._requests: queue.SimpleQueue[pb.ActRequest | None] = queue.SimpleQueue()
-        self._replies: queue.SimpleQueue[pb.ActResponse | BaseException] = queue.SimpleQueue()
-        self._call = stub.ActStream(iter(self._requests.get, None))
+    def __init__(self, target: str, options: list[tuple[str, Any]], credentials: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._channel, self._call = self._loop.run_until_complete(
+            self._open(target, options, credentials)
+        )
+        self._pending: asyncio.Future[Any] | None = None
         self.misses_in_a_row = 0
-        self._reader = threading.Thread(target=self._read, name="mu-act-stream", daemon=True)
-        self._reader.start()
 
-    def _read(self) -> None:
-        try:
-            for reply in self._call:
-                self._replies.put(reply)
-        except grpc.RpcError as e:
-            self._replies.put(e)
-            return
-        self._replies.put(_StreamClosed("the server ended the stream"))
+    @staticmethod
+    async def _open(
+        target: str, options: list[tuple[str, Any]], credentials: Any
+    ) -> tuple[grpc.aio.Channel, Any]:
+        if credentials is None:
+            channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            channel = grpc.aio.secure_channel(target, credentials, options=options)
+        return channel, pb_grpc.ControllerStub(channel).ActStream()
 
     def roundtrip(self, request: pb.ActRequest, timeout: float) -> pb.ActResponse:
-        """Raises queue.Empty on a missed deadline, grpc.RpcError / _StreamClosed when broken."""
-        self._requests.put(request)
-        deadline = monotonic() + timeout
+        """Raises _StepTimeout on a missed deadline, grpc.RpcError / _StreamClosed when broken."""
+        return self._loop.run_until_complete(self._roundtrip(request, timeout))
+
+    async def _roundtrip(self, request: pb.ActRequest, timeout: float) -> pb.ActResponse:
+        loop = self._loop
+        deadline = loop.time() + timeout
+        await self._call.write(request)
         while True:
-            item = self._replies.get(timeout=max(deadline - monotonic(), 0.0))
-            if isinstance(item, BaseException):
-                raise item
-            if item.seq == request.seq:
-                return item
+            if self._pending is None:
+                self._pending = asyncio.ensure_future(self._call.read())
+            done, _ = await asyncio.wait((self._pending,), timeout=max(deadline - loop.time(), 0))
+            if not done:
+                raise _StepTimeout
+            reply, self._pending = self._pending.result(), None
+            if reply is grpc.aio.EOF:
+                raise _StreamClosed("the server ended the stream")
+            if reply.seq == request.seq:
+                return reply
 
     def close(self) -> None:
-        self._requests.put(None)
+        if self._loop.is_closed():
+            return
+        if self._pending is not None:
+            self._pending.cancel()
         self._call.cancel()
+        self._loop.run_until_complete(self._channel.close())
+        self._loop.close()
 
 
 def _read(value: str | os.PathLike[str] | bytes | None) -> bytes | None:
@@ -89,7 +108,10 @@ def _read(value: str | os.PathLike[str] | bytes | None) -> bytes | None:
 
 
 class PolicyClient:
-    """A connection to one control server. Not thread-safe: use one client per control loop."""
+    """A connection to one control server. Not thread-safe: use one client per control loop.
+
+    With stream=True, act() drives a private asyncio loop: call it from plain (non-async) code.
+    """
 
     def __init__(
         self,
@@ -132,15 +154,17 @@ class PolicyClient:
         ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
+        self._options = options
+        self._credentials: grpc.ChannelCredentials | None = None
         if root_certificates is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
-            credentials = grpc.ssl_channel_credentials(
+            self._credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(root_certificates),
                 private_key=_read(client_key),
                 certificate_chain=_read(client_cert),
             )
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+            self._channel = grpc.secure_channel(target, self._credentials, options=options)
         self._stub = pb_grpc.ControllerStub(self._channel)
         self._stream: _LockStepStream | None = None
         self._seq = 0
@@ -156,7 +180,7 @@ class PolicyClient:
         request = pb.ActRequest(obs=values, seq=self._seq)
         try:
             reply = self._stream_act(request) if self.use_stream else self._unary_act(request)
-        except queue.Empty:
+        except _StepTimeout:
             return self._miss(f"no reply within {self.deadline_s * 1e3:.3g} ms")
         except _StreamClosed as e:
             return self._miss(str(e))
@@ -179,11 +203,11 @@ class PolicyClient:
 
     def _stream_act(self, request: pb.ActRequest) -> pb.ActResponse:
         if self._stream is None:
-            self._stream = _LockStepStream(self._stub)
+            self._stream = _LockStepStream(self.target, self._options, self._credentials)
         stream = self._stream
         try:
             reply = stream.roundtrip(request, self.deadline_s)
-        except queue.Empty:
+        except _StepTimeout:
             stream.misses_in_a_row += 1
             if stream.misses_in_a_row >= MAX_STREAM_MISSES:
                 self._drop_stream()
