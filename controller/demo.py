@@ -1,0 +1,175 @@
+"""`make demo`: serve the bundled Panda policy in a subprocess and drive it with the simulated arm.
+
+Starts `mu serve` on a Unix socket, waits for its readiness line, measures how long one simulator
+step and one round trip take, picks the highest control rate whose tick fits both at p99, runs a
+few episodes, prints the loop summary and stops the server with SIGINT. Needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from controller.client import PolicyClient
+from controller.loop import SimPlant, check_policy, format_summary, run_loop, summarize
+
+log = logging.getLogger(__name__)
+
+POLICY = Path(__file__).resolve().parents[1] / "policies" / "panda_reach" / "policy.onnx"
+ENV_ID = "PandaReachDense-v3"
+RATES_HZ = (1000, 500, 250, 100, 50)
+READY = re.compile(r"serving (?P<policy>.+) version (?P<version>\d+) on (?P<address>\S+)")
+
+
+def parse_ready(line: str) -> str | None:
+    """The address from the server's readiness line, or None for any other line."""
+    match = READY.search(line)
+    return match.group("address") if match else None
+
+
+class ServerProcess:
+    """`mu serve` in a subprocess; its log goes to ours once it is up."""
+
+    def __init__(self, policy: Path, listen: str, timeout_s: float = 60.0) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "controller.cli",
+                "serve",
+                "--policy",
+                str(policy),
+                "--listen",
+                listen,
+            ],  # fmt: skip
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # One thread reads stderr from the start: lines go to a queue until the server is ready,
+        # then to our log. The pipe must keep draining, or a full pipe would block the server.
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="mu-serve-log", daemon=True)
+        self._reader.start()
+        try:
+            self.address = self._wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            if self._ready.is_set():
+                log.debug("server: %s", line.rstrip())
+            else:
+                self._lines.put(line)
+        self._lines.put(None)
+
+    def _wait_ready(self, timeout_s: float) -> str:
+        seen: list[str] = []
+        end = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(end - time.monotonic(), 0))
+            except queue.Empty:
+                raise TimeoutError(
+                    f"mu serve not ready after {timeout_s:.0f} s:\n" + "".join(seen)
+                ) from None
+            if line is None:  # the server exited before it was ready
+                code = self.process.wait()
+                raise RuntimeError(f"mu serve exited with code {code}:\n" + "".join(seen))
+            seen.append(line)
+            address = parse_ready(line)
+            if address is not None:
+                self._ready.set()
+                return address
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        """SIGINT, then wait; SIGKILL only if it does not stop in time. Returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("mu serve did not stop within %.0f s; killing it", timeout_s)
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def measure_step_us(plant: SimPlant, client: PolicyClient, n: int = 200) -> tuple[float, float]:
+    """p99 of one simulator step and of one round trip, in µs (policy actions, back to back)."""
+    sim, rtt = [], []
+    obs = plant.reset()
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        action = client.act(obs)
+        t1 = time.perf_counter_ns()
+        obs, _, done, _ = plant.step(action)
+        sim.append(time.perf_counter_ns() - t1)
+        rtt.append(t1 - t0)
+        if done:
+            obs = plant.reset()
+    return float(np.percentile(sim, 99)) / 1e3, float(np.percentile(rtt, 99)) / 1e3
+
+
+def pick_rate(sim_us: float, rtt_us: float) -> float:
+    """The highest rate whose period holds one simulator step plus one round trip."""
+    return next((r for r in RATES_HZ if 1e6 / r >= sim_us + rtt_us), RATES_HZ[-1])
+
+
+def run_demo(policy: Path, episodes: int) -> int:
+    if not policy.is_file():
+        print(
+            f"no policy at {policy}: train one with `mu train --env {ENV_ID}` and export it there",
+            file=sys.stderr,
+        )
+        return 2
+    with tempfile.TemporaryDirectory(prefix="mu-demo-") as tmp:
+        print(f"starting mu serve on {policy} ...", flush=True)
+        server = ServerProcess(policy, f"unix:{tmp}/mu.sock")
+        try:
+            print(f"server ready on {server.address}", flush=True)
+            plant = SimPlant(ENV_ID, seed=0)
+            with PolicyClient(server.address, deadline_s=5.0, stream=True) as client:
+                check_policy(client, ENV_ID, plant.obs_dim)
+                sim_us, rtt_us = measure_step_us(plant, client)
+                rate = pick_rate(sim_us, rtt_us)
+                print(
+                    f"simulator step p99 {sim_us:.0f} µs + round trip p99 {rtt_us:.0f} µs "
+                    f"-> {rate:g} Hz; running {episodes} episodes",
+                    flush=True,
+                )
+                client.deadline_s = 1.0 / rate
+                result = run_loop(client, plant, rate, episodes=episodes)
+            plant.close()
+            print(format_summary(summarize(result)))
+        finally:
+            code = server.stop()
+        print(f"server stopped (exit code {code})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m controller.demo", description=__doc__)
+    parser.add_argument("--policy", type=Path, default=POLICY)
+    parser.add_argument("--episodes", type=int, default=20)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_demo(args.policy, args.episodes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
