@@ -30,6 +30,7 @@ class TrainConfig:
     # TD3 update
     n_critics: int = _f(2, "Critics in the ensemble; the target takes their minimum.")
     gamma: float = _f(0.99, "Discount factor.")
+    n_step: int = _f(1, "Rewards summed in the TD target before bootstrapping (n-step return).")
     tau: float = _f(0.005, "Polyak rate of the target networks.")
     actor_lr: float = _f(1e-3, "Adam learning rate of the actor.")
     critic_lr: float = _f(1e-3, "Adam learning rate of the critics.")
@@ -62,6 +63,7 @@ class TrainConfig:
             "batch_size must be > 0": self.batch_size > 0,
             "policy_delay must be >= 1": self.policy_delay >= 1,
             "n_critics must be >= 1": self.n_critics >= 1,
+            "n_step must be >= 1": self.n_step >= 1,
             "noise stds must be >= 0": min(self.noise_std, self.target_noise) >= 0,
             "buffer_size must be >= batch_size": self.buffer_size >= self.batch_size,
             "learning_starts must be >= batch_size": self.learning_starts >= self.batch_size,

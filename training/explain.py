@@ -58,13 +58,19 @@ def explain(source: str | Path, states: int = 3) -> str:
         "∂Q/∂u (autograd through Q(s, μ(s)))  vs  ∂Q/∂a · ∂μ/∂u (computed apart)",
     ]
     for i, o in enumerate(obs):
-        left, dq_da, right = chain_rule_sides(agent.normalizer, agent.actor, agent.critic, torch.as_tensor(o))
+        left, dq_da, right = chain_rule_sides(
+            agent.normalizer, agent.actor, agent.critic, torch.as_tensor(o)
+        )
         diff = (left - right).abs().max().item()
         cos = torch.nn.functional.cosine_similarity(left, right, dim=0).item()
         lines += [
             f"state {i}: ∂Q/∂a = {np.array2string(dq_da.numpy(), precision=4)}",
-            f"  autograd   first 5: {np.array2string(left[:5].numpy(), precision=6)}  norm {left.norm():.6f}",
-            f"  chain rule first 5: {np.array2string(right[:5].numpy(), precision=6)}  norm {right.norm():.6f}",
+            f"  autograd   first 5: {_head(left)}  norm {left.norm():.6f}",
+            f"  chain rule first 5: {_head(right)}  norm {right.norm():.6f}",
             f"  max |difference| {diff:.2e}, cosine {cos:.8f}",
         ]
     return "\n".join(lines)
+
+
+def _head(v: torch.Tensor) -> str:
+    return np.array2string(v[:5].numpy(), precision=6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-FIELDS = ("obs", "action", "reward", "next_obs", "terminal")
+FIELDS = ("obs", "action", "reward", "next_obs", "terminal", "episode_end")
 
 
 class ReplayBuffer:
@@ -17,32 +17,51 @@ class ReplayBuffer:
             "action": act_dim,
             "reward": 1,
             "next_obs": obs_dim,
-            "terminal": 1,
+            "terminal": 1,  # a real termination: the value after it is zero
+            "episode_end": 1,  # termination or truncation: n-step sums stop here
         }
         self.data = {k: np.zeros((capacity, d), np.float32) for k, d in shapes.items()}
         self.pos = 0
         self.size = 0
 
-    def add(self, obs, action, reward: float, next_obs, terminal: bool) -> None:
+    def add(self, obs, action, reward: float, next_obs, terminal: bool, truncated: bool) -> None:
         """Store one step. `terminal` is true only for a real termination: a time-limit
-        truncation is stored as non-terminal so that its value is bootstrapped."""
+        truncation is stored as non-terminal so that its value is bootstrapped; it only ends
+        the sum of rewards of n-step returns."""
         i = self.pos
         self.data["obs"][i] = obs
         self.data["action"][i] = action
         self.data["reward"][i] = reward
         self.data["next_obs"][i] = next_obs
         self.data["terminal"][i] = terminal
+        self.data["episode_end"][i] = terminal or truncated
         self.pos = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
-    def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def sample(
+        self, batch_size: int, rng: np.random.Generator, n_step: int = 1, gamma: float = 0.99
+    ) -> dict[str, torch.Tensor]:
+        """Uniform batch of n-step transitions: reward = Σ_{k<m} γ^k r_{t+k}, next_obs and
+        terminal from step t+m-1, discount = γ^m, where m ≤ n stops at the episode's end and
+        at the newest stored step."""
         idx = rng.integers(0, self.size, size=batch_size)
-        batch = {k: torch.from_numpy(v[idx]) for k, v in self.data.items()}
-        batch["reward"] = batch["reward"].squeeze(1)
-        batch["terminal"] = batch["terminal"].squeeze(1)
-        if self.device.type != "cpu":
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        return batch
+        offsets = np.arange(n_step)
+        steps = (idx[:, None] + offsets) % self.capacity  # [B, n]
+        stored = (self.pos - idx - 1) % self.capacity + 1  # steps from idx to the newest
+        ends = self.data["episode_end"][steps, 0] > 0
+        m = np.minimum(np.where(ends.any(1), ends.argmax(1) + 1, n_step), stored)
+        weights = (gamma**offsets) * (offsets < m[:, None])
+        last = steps[np.arange(batch_size), m - 1]
+        d = self.data
+        batch = {
+            "obs": d["obs"][idx],
+            "action": d["action"][idx],
+            "reward": (d["reward"][steps, 0] * weights).sum(1, dtype=np.float32),
+            "next_obs": d["next_obs"][last],
+            "terminal": d["terminal"][last, 0],
+            "discount": (gamma**m).astype(np.float32),
+        }
+        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def recent_obs(self, n: int) -> np.ndarray:
         """The last `n` stored observations (fewer if the buffer holds fewer)."""

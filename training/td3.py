@@ -1,7 +1,7 @@
 """The TD3 update, top to bottom in the order of the math. DDPG is the same code with one
 critic, no target-policy noise and no delay (see `TrainConfig.__post_init__`).
 
-    critic:  y = r + γ (1 - terminal) min_i Q'_i(s', clip(μ'(s') + clip(ε, ±c), -1, 1))
+    critic:  y = r + γ^n (1 - terminal) min_i Q'_i(s', clip(μ'(s') + clip(ε, ±c), -1, 1))
              minimise Σ_i mean (Q_i(s, a) - y)²
     actor:   every `policy_delay` critic steps, minimise -Q_1(s, μ(s)).mean(); autograd gives
              ∂/∂u = -∂Q_1/∂a · ∂μ/∂u, the deterministic policy gradient (docs/actor_update.md)
@@ -77,11 +77,17 @@ class Agent:
 def update(
     agent: Agent, batch: dict[str, torch.Tensor], cfg: TrainConfig, update_actor: bool
 ) -> dict[str, torch.Tensor]:
-    """One TD3 step on a batch of (obs, action in [-1, 1], reward, next_obs, terminal).
+    """One TD3 step on a batch of (obs, action in [-1, 1], reward, next_obs, terminal,
+    discount): with n-step returns, reward sums n discounted rewards and discount is γ^n.
     Returns detached losses (tensors, so no device sync happens here)."""
     s = agent.normalizer(batch["obs"])
     s2 = agent.normalizer(batch["next_obs"])
-    a, r, terminal = batch["action"], batch["reward"], batch["terminal"]
+    a, r, terminal, discount = (
+        batch["action"],
+        batch["reward"],
+        batch["terminal"],
+        batch["discount"],
+    )
 
     # 1. TD target from the target actor (smoothed by clipped noise) and the smallest target critic
     with torch.no_grad():
@@ -90,7 +96,7 @@ def update(
         )
         a2 = (agent.actor_target(s2) + eps).clamp(-1.0, 1.0)
         q2 = agent.critic_target(s2, a2).min(dim=0).values
-        y = r + cfg.gamma * (1.0 - terminal) * q2
+        y = r + discount * (1.0 - terminal) * q2
 
     # 2. critic regression onto the target, all ensemble members at once
     q = agent.critic(s, a)

@@ -112,7 +112,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             a = agent.act(torch.as_tensor(obs, device=cfg.device).unsqueeze(0))[0].cpu().numpy()
             a = np.clip(a + noise(), -1.0, 1.0)
         next_obs, r, terminated, truncated, _ = env.step(low + (a + 1.0) * 0.5 * (high - low))
-        buffer.add(obs, a, r, next_obs, terminated)  # truncation bootstraps, termination does not
+        buffer.add(obs, a, r, next_obs, terminated, truncated)
         agent.normalizer.update(torch.as_tensor(obs, device=cfg.device))
         obs, ep_return = next_obs, ep_return + float(r)
 
@@ -120,7 +120,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             for _ in range(cfg.updates_per_step):
                 updates += 1
                 losses = update(
-                    agent, buffer.sample(cfg.batch_size, rng), cfg, updates % cfg.policy_delay == 0
+                    agent,
+                    buffer.sample(cfg.batch_size, rng, cfg.n_step, cfg.gamma),
+                    cfg,
+                    updates % cfg.policy_delay == 0,
                 )
             if (step + 1) % 1000 == 0:
                 for k, v in losses.items():

@@ -38,6 +38,7 @@ def test_td3_update_gives_the_actor_the_mean_chain_rule_gradient():
         "reward": torch.randn(8),
         "next_obs": torch.randn(8, 4),
         "terminal": torch.zeros(8),
+        "discount": torch.full((8,), 0.99),
     }
     actor_before = copy.deepcopy(agent.actor)
     update(agent, batch, cfg, update_actor=True)  # critic steps first, then the actor
