@@ -92,6 +92,18 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_from_args(args)
 
 
+def _loop(args: argparse.Namespace) -> int:
+    from controller.loop import loop_from_args
+
+    return loop_from_args(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from benchmarks.latency import bench_from_args
+
+    return bench_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mu", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(p)
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("loop", help="drive a simulated robot from a server at a fixed rate")
+    from controller.loop import add_loop_arguments
+
+    add_loop_arguments(p)
+    p.set_defaults(func=_loop)
+
+    p = sub.add_parser("bench", help="serving latency against its floors (table, JSON, PNG)")
+    from benchmarks.latency import add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=_bench)
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -54,7 +55,7 @@ class _LockStepStream:
     """
 
     def __init__(self, target: str, options: list[tuple[str, Any]], credentials: Any) -> None:
-        self._loop = asyncio.new_event_loop()
+        self._loop = _thread_loop()
         self._channel, self._call = self._loop.run_until_complete(
             self._open(target, options, credentials)
         )
@@ -92,13 +93,23 @@ class _LockStepStream:
                 return reply
 
     def close(self) -> None:
-        if self._loop.is_closed():
-            return
         if self._pending is not None:
             self._pending.cancel()
         self._call.cancel()
         self._loop.run_until_complete(self._channel.close())
-        self._loop.close()
+
+
+_local = threading.local()
+
+
+def _thread_loop() -> asyncio.AbstractEventLoop:
+    """This thread's private event loop for ActStream calls, kept for the thread's lifetime:
+    gRPC's poller may still deliver events for a closed channel, and would fail on a closed loop.
+    """
+    loop = getattr(_local, "loop", None)
+    if loop is None:
+        loop = _local.loop = asyncio.new_event_loop()
+    return loop
 
 
 def _read(value: str | os.PathLike[str] | bytes | None) -> bytes | None:

@@ -44,6 +44,9 @@ class ServeConfig:
     watch_interval_s: float = 1.0
     #: Slew limit on ActStream: per step and action dimension, in action units. None = off.
     max_delta: float | None = None
+    #: While several ActStreams are open, run the requests that arrive together as one
+    #: onnxruntime call (a lone stream is always answered inline, with no added wait).
+    batching: bool = True
     #: File holding the bearer token for admin RPCs. Required unless listening on loopback/UDS.
     admin_token_file: Path | None = None
     #: PEM server certificate chain; with `tls_key`, the server speaks TLS only.

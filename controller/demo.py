@@ -38,24 +38,17 @@ def parse_ready(line: str) -> str | None:
     return match.group("address") if match else None
 
 
-class ServerProcess:
-    """`mu serve` in a subprocess; its log goes to ours once it is up."""
+def serve_command(policy: Path, listen: str) -> list[str]:
+    """`mu serve` for this interpreter (works before the `mu` script is on PATH)."""
+    return [sys.executable, "-m", "controller.cli", "serve", "--policy", str(policy),
+            "--listen", listen]  # fmt: skip
 
-    def __init__(self, policy: Path, listen: str, timeout_s: float = 60.0) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "controller.cli",
-                "serve",
-                "--policy",
-                str(policy),
-                "--listen",
-                listen,
-            ],  # fmt: skip
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+
+class ServerProcess:
+    """A server in a subprocess that logs the readiness line; its log goes to ours once up."""
+
+    def __init__(self, command: list[str], timeout_s: float = 60.0) -> None:
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         # One thread reads stderr from the start: lines go to a queue until the server is ready,
         # then to our log. The pipe must keep draining, or a full pipe would block the server.
         self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -139,7 +132,7 @@ def run_demo(policy: Path, episodes: int) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="mu-demo-") as tmp:
         print(f"starting mu serve on {policy} ...", flush=True)
-        server = ServerProcess(policy, f"unix:{tmp}/mu.sock")
+        server = ServerProcess(serve_command(policy, f"unix:{tmp}/mu.sock"))
         try:
             print(f"server ready on {server.address}", flush=True)
             plant = SimPlant(ENV_ID, seed=0)

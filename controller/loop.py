@@ -146,7 +146,7 @@ def run_loop(
             behind = (now - next_tick) // period + 1
             result.skipped_ticks += behind
             next_tick += behind * period
-        time.sleep((next_tick - clock()) / 1e9 if next_tick > clock() else 0)
+        time.sleep(max(next_tick - clock(), 0) / 1e9)
     result.end_ns = clock()
     result.fallbacks = client.misses - misses_before
     return result
@@ -167,9 +167,10 @@ def summarize(result: LoopResult) -> dict[str, Any]:
     sim_typical = float(np.median(sim))
     late = rtt > period  # the reply alone took longer than a tick
     overran = rtt + sim > period
-    # A tick that overran is the service's fault when the round trip exceeded what a typical
-    # simulator step leaves of the period; otherwise this tick's simulator step was the problem.
-    service = overran & (rtt > period - sim_typical)
+    # A tick that overran is the simulator's when its step alone used the whole period (no budget
+    # was left for the round trip); otherwise the round trip took more than the budget left.
+    simulator = overran & (sim >= period)
+    service = overran & ~simulator
     elapsed = (result.end_ns - result.start_ns) / 1e9
     n = len(rtt)
     return {
@@ -184,7 +185,7 @@ def summarize(result: LoopResult) -> dict[str, Any]:
         "misses": {
             "total": int(overran.sum()),
             "service": int(service.sum()),
-            "simulator": int((overran & ~service).sum()),
+            "simulator": int(simulator.sum()),
             "late_replies": int(late.sum()),
             "fallbacks": result.fallbacks,
             "service_fraction": float(service.sum() / n) if n else 0.0,

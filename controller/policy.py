@@ -110,6 +110,9 @@ class Policy:
         Raises ActError: INVALID_ARGUMENT for a wrong length or non-finite values, INTERNAL when
         the model outputs NaN (it never leaves the server).
         """
+        # One C-level copy of a protobuf repeated field: iterating it twice (sum, then numpy)
+        # costs ~3 µs more, a third of the whole call.
+        obs = list(obs)
         n = len(obs)
         if n != self.obs_dim:
             raise self._length_error(n)
@@ -126,6 +129,39 @@ class Policy:
         if total != total:
             raise ActError(grpc.StatusCode.INTERNAL, self._nan_message())
         return action
+
+    def act_rows(self, rows: Sequence[Sequence[float]]) -> list[np.ndarray | ActError]:
+        """Several independent observations in one onnxruntime call (the server's micro-batch).
+
+        Each row gets its own answer: a clamped action, or the ActError `act` would raise for it
+        alone, so one bad request never fails the others.
+        """
+        out: list[np.ndarray | ActError] = []
+        good: list[Sequence[float]] = []
+        for obs in rows:
+            n = len(obs)
+            total = sum(obs) if n == self.obs_dim else 0.0
+            if n != self.obs_dim:
+                out.append(self._length_error(n))
+            elif total - total != 0.0:
+                out.append(_non_finite_error(np.asarray(obs, np.float32)))
+            else:
+                out.append(self._action[0])  # placeholder, replaced below
+                good.append(obs)
+        if not good:
+            return out
+        (actions,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.asarray(good, np.float32)})
+        actions = np.minimum(np.maximum(actions, self.low), self.high)
+        nan = np.isnan(actions).any(axis=1)
+        k = 0
+        for i, item in enumerate(out):
+            if isinstance(item, ActError):
+                continue
+            out[i] = (
+                ActError(grpc.StatusCode.INTERNAL, self._nan_message()) if nan[k] else actions[k]
+            )
+            k += 1
+        return out
 
     def act_batch(self, obs: Sequence[float], batch_size: int) -> np.ndarray:
         """batch_size observations, row after row -> clamped actions (batch_size, act_dim)."""

@@ -133,7 +133,13 @@ async def create_server(config: ServeConfig) -> tuple[ControllerServer, int]:
     admin_token = config.read_admin_token()
     server = grpc.aio.server(options=server_options(config))
     pb_grpc.add_ControllerServicer_to_server(
-        ControllerService(store, metrics, max_delta=config.max_delta, admin_token=admin_token),
+        ControllerService(
+            store,
+            metrics,
+            max_delta=config.max_delta,
+            admin_token=admin_token,
+            batching=config.batching,
+        ),
         server,
     )
     health_servicer = health.aio.HealthServicer()
@@ -230,6 +236,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="ActStream slew limit per step and action dimension, in action units",
     )
     parser.add_argument(
+        "--no-batching",
+        dest="batching",
+        action="store_false",
+        help="one onnxruntime call per request even when several streams are open",
+    )
+    parser.add_argument(
         "--admin-token-file",
         type=Path,
         default=None,
@@ -266,6 +278,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         listen=args.listen,
         watch=args.watch,
         max_delta=args.max_delta,
+        batching=args.batching,
         admin_token_file=args.admin_token_file,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

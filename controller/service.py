@@ -7,9 +7,10 @@ the end, so a hot swap never splits a request across two versions.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from time import perf_counter
 
 import grpc
@@ -17,7 +18,7 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controller.metrics import Metrics
-from controller.policy import ActError, Policy
+from controller.policy import ORT_ERRORS, ActError, Policy
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
 from controller.store import PolicyStore, SwapRefused
@@ -25,6 +26,46 @@ from controller.store import PolicyStore, SwapRefused
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Controller"].full_name
+
+
+class MicroBatcher:
+    """Runs the observations that arrive in one event-loop iteration as one onnxruntime call.
+
+    Used only while several streams are open (a lone client is answered inline, with no added
+    latency). The wait is bounded by one loop iteration: `submit` schedules the flush with
+    call_soon, so every request the loop reads in the same pass joins the batch.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Policy, Sequence[float], asyncio.Future[np.ndarray]]] = []
+
+    def submit(self, policy: Policy, obs: Sequence[float]) -> asyncio.Future[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((policy, obs, future))
+        return future
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        # Requests in flight across a hot swap may name two policies: one call per policy.
+        for policy in {id(p): p for p, _, _ in pending}.values():
+            group = [(obs, f) for p, obs, f in pending if p is policy]
+            try:
+                results = policy.act_rows([obs for obs, _ in group])
+            except ORT_ERRORS as e:  # the handlers re-raise it, as an inline act() would
+                for _, future in group:
+                    if not future.cancelled():
+                        future.set_exception(e)
+                continue
+            for (_, future), result in zip(group, results, strict=True):
+                if future.cancelled():
+                    continue
+                if isinstance(result, ActError):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
 
 class ControllerService(pb_grpc.ControllerServicer):
@@ -35,10 +76,13 @@ class ControllerService(pb_grpc.ControllerServicer):
         *,
         max_delta: float | None = None,
         admin_token: str | None = None,
+        batching: bool = True,
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._max_delta = max_delta
+        self._batcher = MicroBatcher() if batching else None
+        self._open_streams = 0
         self._expected_auth = None if admin_token is None else f"Bearer {admin_token}".encode()
 
     async def Act(
@@ -60,34 +104,41 @@ class ControllerService(pb_grpc.ControllerServicer):
     async def ActStream(
         self, request_iterator: AsyncIterator[pb.ActRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ActResponse]:
-        store, metrics, delta = self._store, self._metrics, self._max_delta
+        store, metrics, delta, batcher = self._store, self._metrics, self._max_delta, self._batcher
         previous: np.ndarray | None = None  # the last action sent on this stream, for max_delta
-        async for request in request_iterator:
-            t0 = perf_counter()
-            policy = store.current
-            try:
-                action = policy.act(request.obs)
-            except ActError as e:
-                # In-band: this request is refused, the stream stays up for the next one.
-                metrics.error("ActStream", e.code, perf_counter() - t0)
-                yield pb.ActResponse(
-                    seq=request.seq,
-                    policy_version=policy.version,
-                    error=pb.Error(code=e.code.value[0], message=e.message),
+        self._open_streams += 1
+        try:
+            async for request in request_iterator:
+                t0 = perf_counter()
+                policy = store.current
+                try:
+                    if batcher is not None and self._open_streams > 1:
+                        action = await batcher.submit(policy, request.obs)
+                    else:
+                        action = policy.act(request.obs)
+                except ActError as e:
+                    # In-band: this request is refused, the stream stays up for the next one.
+                    metrics.error("ActStream", e.code, perf_counter() - t0)
+                    yield pb.ActResponse(
+                        seq=request.seq,
+                        policy_version=policy.version,
+                        error=pb.Error(code=e.code.value[0], message=e.message),
+                    )
+                    continue
+                if delta is not None:
+                    if previous is not None:
+                        # Slew limit, then the bounds again: the bounds always win (a swap may have
+                        # narrowed them).
+                        action = np.minimum(np.maximum(action, previous - delta), previous + delta)
+                        action = np.minimum(np.maximum(action, policy.low), policy.high)
+                    previous = action
+                reply = pb.ActResponse(
+                    action=action.tolist(), seq=request.seq, policy_version=policy.version
                 )
-                continue
-            if delta is not None:
-                if previous is not None:
-                    # Slew limit, then the bounds again: the bounds always win (a swap may have
-                    # narrowed them).
-                    action = np.minimum(np.maximum(action, previous - delta), previous + delta)
-                    action = np.minimum(np.maximum(action, policy.low), policy.high)
-                previous = action
-            reply = pb.ActResponse(
-                action=action.tolist(), seq=request.seq, policy_version=policy.version
-            )
-            metrics.ok("ActStream", perf_counter() - t0)
-            yield reply
+                metrics.ok("ActStream", perf_counter() - t0)
+                yield reply
+        finally:
+            self._open_streams -= 1
 
     async def ActBatch(
         self, request: pb.ActBatchRequest, context: grpc.aio.ServicerContext

@@ -1,0 +1,153 @@
+"""The `mu bench` table (latency as ratios to its floors, targets from DESIGN.md) and its plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# variant -> the floor it is divided by
+FLOORS = {
+    "in-process onnxruntime": None,
+    "echo unary": "echo unary",
+    "ours unary": "echo unary",
+    "naive torch unary": "echo unary",
+    "echo stream": "echo stream",
+    "ours stream": "echo stream",
+}
+
+
+def targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for each DESIGN.md serving target this run measures."""
+    lat = r["latency_us"]
+    ours, echo = lat["ours stream"], lat["echo stream"]
+    out = [
+        (
+            "ActStream p50 <= 1.10x echo",
+            f"{ours['p50'] / echo['p50']:.2f}x",
+            ours["p50"] / echo["p50"] <= 1.10,
+        ),
+        (
+            "ActStream p99 <= 1.25x echo",
+            f"{ours['p99'] / echo['p99']:.2f}x",
+            ours["p99"] / echo["p99"] <= 1.25,
+        ),
+    ]
+    if "naive torch unary" in lat:
+        gain = lat["naive torch unary"]["p99"] / ours["p99"]
+        out.append(("p99 >= 2x better than naive torch", f"{gain:.2f}x", gain >= 2))
+    loop = r["loop"]
+    frac = loop["misses"]["total"] / max(loop["ticks"], 1)
+    out.append(
+        (
+            f"{loop['rate_hz']:g} Hz loop misses <= 0.1%",
+            f"{frac:.2%} ({loop['misses']['total']}/{loop['ticks']})",
+            frac <= 0.001,
+        )
+    )
+    top = r["sweep"]["ours"][-1]
+    base = r["sweep"]["per-request"][-1]
+    gain = top["throughput_rps"] / base["throughput_rps"]
+    out.append(
+        (
+            f"{top['clients']} clients >= 2x per-request throughput",
+            f"{gain:.2f}x",
+            gain >= 2,
+        )
+    )
+    out.append(
+        (f"{top['clients']} clients p99 <= 5 ms", f"{top['p99'] / 1e3:.2f} ms", top["p99"] <= 5e3)
+    )
+    swap = r["swap"]
+    failed = swap["failed_requests"] + len(swap["failed_swaps"])
+    out.append(
+        ("hot swap: zero failed requests", f"{failed} failed, {swap['swaps']} swaps", failed == 0)
+    )
+    rss = r["rss_mb"]["ours after load"]
+    out.append(("serving RSS < 150 MB", f"{rss:.0f} MB", rss < 150))
+    return out
+
+
+def table(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        f"machine: {m['cores']} cores, {m['cpu']}; load average "
+        f"{m['load_avg_1m_start']:.2f} at start, {m.get('load_avg_1m_end', float('nan')):.2f} "
+        "at end",
+        "",
+        f"{'variant':24} {'p50 µs':>8} {'p90 µs':>8} {'p99 µs':>8} {'p99.9 µs':>9} "
+        f"{'p50/floor':>10} {'p99/floor':>10}",
+    ]
+    lat = r["latency_us"]
+    for name, floor in FLOORS.items():
+        if name not in lat:
+            continue
+        s = lat[name]
+        if floor is None:
+            ratio = "(compute floor)"
+        else:
+            f = lat[floor]
+            ratio = f"{s['p50'] / f['p50']:>10.2f} {s['p99'] / f['p99']:>10.2f}"
+        lines.append(
+            f"{name:24} {s['p50']:8.0f} {s['p90']:8.0f} {s['p99']:8.0f} {s['p99.9']:9.0f} {ratio}"
+        )
+    lines += ["", *[f"note: {n}" for n in r["notes"]]]
+    loop = r["loop"]
+    rt = loop["round_trip_us"]
+    lines.append(
+        f"loop {loop['rate_hz']:g} Hz, {loop['seconds']:.1f} s: {loop['ticks']} ticks, "
+        f"misses {loop['misses']['total']} (late replies {loop['misses']['late_replies']}), "
+        f"round trip p50 {rt['p50']:.0f} p99 {rt['p99']:.0f} p99.9 {rt['p99.9']:.0f} µs, "
+        f"achieved {loop['achieved_rate_hz']:.0f} Hz"
+    )
+    swap = r["swap"]
+    srt = swap["loop"]["round_trip_us"]
+    lines.append(
+        f"hot swap every {r['config']['swap_interval_s'] * 1e3:g} ms: {swap['swaps']} swaps, "
+        f"{len(swap['failed_swaps'])} failed swaps, {swap['failed_requests']} failed requests, "
+        f"round trip p99 {srt['p99']:.0f} µs, misses {swap['loop']['misses']['total']}"
+    )
+    rss = r["rss_mb"]
+    lines.append("resident memory: " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items()))
+    lines += ["", f"{'clients':>7} {'batched rps':>12} {'p99 µs':>8} {'per-request rps':>16} "
+              f"{'p99 µs':>8} {'gain':>6}"]  # fmt: skip
+    for ours, base in zip(r["sweep"]["ours"], r["sweep"]["per-request"], strict=True):
+        lines.append(
+            f"{ours['clients']:7d} {ours['throughput_rps']:12.0f} {ours['p99']:8.0f} "
+            f"{base['throughput_rps']:16.0f} {base['p99']:8.0f} "
+            f"{ours['throughput_rps'] / base['throughput_rps']:6.2f}"
+        )
+    lines += ["", "targets (DESIGN.md):"]
+    for what, measured, met in targets(r):
+        lines.append(f"  [{'met' if met else 'MISSED'}] {what}: {measured}")
+    lines.append(f"bench took {r['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    """Latency CDFs and throughput against clients. Raises ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, ns in r["latency_ns"].items():
+        us = np.sort(np.asarray(ns, np.float64) / 1e3)
+        ax1.plot(us, np.arange(1, len(us) + 1) / len(us), label=name)
+    ax1.set(xscale="log", xlabel="round trip (µs)", ylabel="fraction of requests", title="CDF")
+    ax1.legend(fontsize=7)
+    ax1.grid(alpha=0.3)
+    for name, rows in r["sweep"].items():
+        clients = [row["clients"] for row in rows]
+        ax2.plot(clients, [row["throughput_rps"] for row in rows], "o-", label=name)
+    ax2.set(xscale="log", xlabel="clients", ylabel="requests / s", title="throughput")
+    ax2.set_xticks(clients, [str(c) for c in clients])
+    ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3)
+    m = r["machine"]
+    fig.suptitle(f"mu bench on {m['cores']} cores ({m['cpu']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,61 @@
+"""The `mu bench` machinery end to end with tiny durations: every part runs and reports.
+
+No latency thresholds (targets are for the benchmark itself, never for tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+from benchmarks.latency import BenchConfig, run_bench
+from tests.controller.conftest import write_policy
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> BenchConfig:
+    return BenchConfig(
+        policy=write_policy(tmp_path / "policy.onnx"),
+        requests=40,
+        warmup=10,
+        loop_seconds=0.3,
+        clients=(1, 2),
+        sweep_seconds=0.2,
+        sweep_warmup_s=0.2,
+        swap_interval_s=0.1,
+        swap_seconds=0.3,
+        out_dir=tmp_path / "out",
+        naive=False,
+    )
+
+
+def test_bench_runs_every_part(tiny: BenchConfig, tmp_path: Path) -> None:
+    r = run_bench(tiny, log=lambda msg: None)
+    lat = r["latency_us"]
+    for name in ("in-process onnxruntime", "echo unary", "ours unary", "echo stream",
+                 "ours stream"):  # fmt: skip
+        assert lat[name]["n"] == 40 and 0 < lat[name]["p50"] <= lat[name]["max"]
+    assert r["loop"]["ticks"] > 0 and r["loop"]["rate_hz"] == 1000
+    assert r["swap"]["swaps"] >= 1 and r["swap"]["failed_swaps"] == []
+    assert [row["clients"] for row in r["sweep"]["ours"]] == [1, 2]
+    assert all(row["throughput_rps"] > 0 for row in r["sweep"]["per-request"])
+    assert 0 < r["rss_mb"]["ours"] and r["machine"]["cores"] >= 1
+    text = report.table(r)
+    assert "p50/floor" in text and "targets (DESIGN.md)" in text and "echo stream" in text
+    assert len(report.targets(r)) >= 6
+    if importlib.util.find_spec("matplotlib") is not None:
+        png = tmp_path / "bench.png"
+        report.plot(r, png)
+        assert png.stat().st_size > 0
+    r.pop("latency_ns")
+    json.dumps(r)  # everything left is JSON
+
+
+def test_config_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no policy"):
+        BenchConfig(policy=tmp_path / "missing.onnx")
+    with pytest.raises(ValueError, match="requests"):
+        BenchConfig(policy=write_policy(tmp_path / "p.onnx"), requests=0)
