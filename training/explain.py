@@ -62,15 +62,16 @@ def explain(source: str | Path, states: int = 3) -> str:
             agent.normalizer, agent.actor, agent.critic, torch.as_tensor(o)
         )
         diff = (left - right).abs().max().item()
+        top = left.abs().topk(5).indices
         cos = torch.nn.functional.cosine_similarity(left, right, dim=0).item()
         lines += [
             f"state {i}: ∂Q/∂a = {np.array2string(dq_da.numpy(), precision=4)}",
-            f"  autograd   first 5: {_head(left)}  norm {left.norm():.6f}",
-            f"  chain rule first 5: {_head(right)}  norm {right.norm():.6f}",
+            f"  autograd   at the 5 largest: {_at(left, top)}  norm {left.norm():.6f}",
+            f"  chain rule at the 5 largest: {_at(right, top)}  norm {right.norm():.6f}",
             f"  max |difference| {diff:.2e}, cosine {cos:.8f}",
         ]
     return "\n".join(lines)
 
 
-def _head(v: torch.Tensor) -> str:
-    return np.array2string(v[:5].numpy(), precision=6)
+def _at(v: torch.Tensor, idx: torch.Tensor) -> str:
+    return np.array2string(v[idx].numpy(), precision=6)
