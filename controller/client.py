@@ -79,6 +79,10 @@ class _LockStepStream:
     async def _roundtrip(self, request: pb.ActRequest, timeout: float) -> pb.ActResponse:
         loop = self._loop
         deadline = loop.time() + timeout
+        # Post the read before the write: the reply then completes an operation already waiting,
+        # instead of one started only after the write's own completion came back to this loop.
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._call.read())
         await self._call.write(request)
         while True:
             if self._pending is None:

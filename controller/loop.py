@@ -88,6 +88,7 @@ class LoopResult:
     tick_ns: list[int] = field(default_factory=list)  # tick start, relative to start_ns
     rtt_ns: list[int] = field(default_factory=list)  # round trip of act()
     sim_ns: list[int] = field(default_factory=list)  # plant.step
+    wake_ns: list[int] = field(default_factory=list)  # how late the tick started (OS wake-up)
     skipped_ticks: int = 0
     fallbacks: int = 0  # act() answered by the client's fallback (deadline passed, server error)
     returns: list[float] = field(default_factory=list)
@@ -118,6 +119,7 @@ def run_loop(
     misses_before = client.misses
     while True:
         t0 = clock()
+        result.wake_ns.append(t0 - next_tick)
         action = client.act(obs)
         t1 = clock()
         obs, reward, done, success = plant.step(action)
@@ -165,12 +167,15 @@ def summarize(result: LoopResult) -> dict[str, Any]:
     rtt = np.asarray(result.rtt_ns, np.float64)
     sim = np.asarray(result.sim_ns, np.float64)
     sim_typical = float(np.median(sim))
+    wake = np.asarray(result.wake_ns, np.float64)
     late = rtt > period  # the reply alone took longer than a tick
-    overran = rtt + sim > period
-    # A tick that overran is the simulator's when its step alone used the whole period (no budget
-    # was left for the round trip); otherwise the round trip took more than the budget left.
+    overran = wake + rtt + sim > period  # the tick's work ended after the next boundary
+    # Whose fault: the simulator's when its step alone used the whole period (no budget left for
+    # the round trip); the service's when the round trip took more than the simulator left of
+    # the period; otherwise the tick started late (the OS woke the loop up late).
     simulator = overran & (sim >= period)
-    service = overran & ~simulator
+    service = overran & ~simulator & (rtt > period - sim)
+    wakeup = overran & ~simulator & ~service
     elapsed = (result.end_ns - result.start_ns) / 1e9
     n = len(rtt)
     return {
@@ -181,11 +186,13 @@ def summarize(result: LoopResult) -> dict[str, Any]:
         "skipped_ticks": result.skipped_ticks,
         "round_trip_us": _percentiles(result.rtt_ns),
         "sim_step_us": _percentiles(result.sim_ns),
+        "wakeup_delay_us": _percentiles(result.wake_ns),
         "sim_keeps_rate": sim_typical < period,
         "misses": {
             "total": int(overran.sum()),
             "service": int(service.sum()),
             "simulator": int(simulator.sum()),
+            "late_wakeup": int(wakeup.sum()),
             "late_replies": int(late.sum()),
             "fallbacks": result.fallbacks,
             "service_fraction": float(service.sum() / n) if n else 0.0,
@@ -199,14 +206,17 @@ def summarize(result: LoopResult) -> dict[str, Any]:
 
 def format_summary(s: dict[str, Any]) -> str:
     rt, sim, m = s["round_trip_us"], s["sim_step_us"], s["misses"]
+    wake = s["wakeup_delay_us"]
     lines = [
         f"rate: {s['achieved_rate_hz']:.1f} Hz achieved of {s['rate_hz']:g} Hz "
         f"({s['ticks']} ticks in {s['seconds']:.2f} s, {s['skipped_ticks']} skipped)",
         "round trip µs: "
         + "  ".join(f"{k} {rt[k]:.0f}" for k in ("p50", "p90", "p99", "p99.9", "max")),
         f"simulator step µs: p50 {sim['p50']:.0f}  p99 {sim['p99']:.0f}  max {sim['max']:.0f}",
-        f"deadline misses: {m['total']} ({m['service']} service, {m['simulator']} simulator); "
-        f"late replies {m['late_replies']}, fallbacks {m['fallbacks']}",
+        f"wake-up delay µs: p50 {wake['p50']:.0f}  p99 {wake['p99']:.0f}  max {wake['max']:.0f}",
+        f"deadline misses: {m['total']} ({m['service']} service, {m['simulator']} simulator, "
+        f"{m['late_wakeup']} late wake-up); late replies {m['late_replies']}, "
+        f"fallbacks {m['fallbacks']}",
     ]
     if not s["sim_keeps_rate"]:
         lines.append(
