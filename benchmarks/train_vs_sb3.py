@@ -1,12 +1,16 @@
 """Our TD3 against Stable-Baselines3 TD3 (RL Zoo settings) on the same env, seeds and budget.
 
     python -m benchmarks.train_vs_sb3 --env InvertedPendulumBulletEnv-v0 --steps 50000 --seeds 0 1 2
+    python -m benchmarks.train_vs_sb3 --updates-only [--device cuda]
 
 Both are evaluated the same way during training: deterministic actions, `--eval-episodes`
 episodes on an env seeded apart from the training env (episode i reset with seed 10^6 + seed + i),
 every `--eval-every` steps, wall-clock counted from the start of training including evaluation.
 Runs go to worker processes (`--jobs`, one torch thread each). Prints a table, writes JSON and a
 PNG of the learning curves against steps and against wall-clock.
+
+`--updates-only` measures the TD3 update alone (no simulator): updates per second on random
+transitions held on the device, for the default and the RL Zoo network sizes.
 """
 
 from __future__ import annotations
@@ -230,16 +234,81 @@ def plot(curves: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def update_throughput(device: str, hidden: list[int], seconds: float = 10.0) -> float:
+    """Updates/s of `td3.update` (batch 256, obs 26, act 6: HalfCheetah's sizes)."""
+    import torch
+
+    from training.config import TrainConfig
+    from training.td3 import Agent, update
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(device=device, actor_hidden=hidden, critic_hidden=hidden)
+    agent = Agent.create(cfg, obs_dim=26, act_dim=6)
+    n = cfg.batch_size
+    batch = {
+        "obs": torch.randn(n, 26, device=device),
+        "action": torch.rand(n, 6, device=device) * 2 - 1,
+        "reward": torch.randn(n, device=device),
+        "next_obs": torch.randn(n, 26, device=device),
+        "terminal": torch.zeros(n, device=device),
+        "discount": torch.full((n,), cfg.gamma, device=device),
+    }
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for i in range(20):  # warm-up
+        update(agent, batch, cfg, i % 2 == 0)
+    sync()
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(10):
+            count += 1
+            update(agent, batch, cfg, count % cfg.policy_delay == 0)
+        sync()
+    return count / (time.perf_counter() - t0)
+
+
+def updates_only(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for hidden in ([256, 256], [400, 300]):
+        rate = update_throughput(args.device, hidden, args.seconds)
+        rows.append(
+            {
+                "device": args.device,
+                "threads": args.threads,
+                "hidden": hidden,
+                "updates_per_s": rate,
+            }
+        )
+        print(
+            f"{args.device} threads={args.threads} hidden={hidden}: {rate:8.1f} updates/s"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"updates_{args.device.replace(':', '')}_t{args.threads}.json"
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--env", action="append", required=True, help="env id (repeat for several)")
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--env", action="append", help="env id (repeat for several)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--updates-only", action="store_true", help="time the update loop alone")
+    p.add_argument("--device", default="cpu", help="with --updates-only: cpu or cuda")
+    p.add_argument("--threads", type=int, default=1, help="with --updates-only: torch threads")
+    p.add_argument("--seconds", type=float, default=10.0, help="with --updates-only: per size")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--eval-every", type=int, default=5000)
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default="runs/bench_train")
     args = p.parse_args(argv)
+    if args.updates_only:
+        return updates_only(args)
+    if not args.env or not args.steps:
+        p.error("--env and --steps are required (or --updates-only)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [
