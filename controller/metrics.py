@@ -35,7 +35,7 @@ class Metrics:
         )
         self._ok = {
             method: self._latency.labels(method, grpc.StatusCode.OK.name)
-            for method in ("Act", "ActStream", "ActBatch")
+            for method in ("Act", "ActStream", "ActBatch", "ModelInfer")
         }
 
     def ok(self, method: str, seconds: float) -> None:

@@ -28,9 +28,11 @@ from controller.config import (
     is_local,
     parse_listen,
 )
+from controller.inference import INFERENCE_SERVICE_NAME, InferenceService
 from controller.metrics import Metrics
 from controller.policy import Policy
 from controller.proto import controller_pb2_grpc as pb_grpc
+from controller.proto import grpc_service_pb2_grpc as inference_grpc
 from controller.service import SERVICE_NAME, ControllerService
 from controller.store import PolicyStore
 
@@ -84,7 +86,7 @@ class ControllerServer:
 
     async def start(self) -> None:
         await self.grpc_server.start()
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, INFERENCE_SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.watch:
             self._watch_task = asyncio.create_task(
@@ -142,10 +144,14 @@ async def create_server(config: ServeConfig) -> tuple[ControllerServer, int]:
         ),
         server,
     )
+    inference_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceService(store, metrics), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, INFERENCE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
     )
     host, port = parse_listen(config.listen)
     bind = f"unix:{host}" if port is None else f"[{host}]:{port}" if ":" in host else config.listen

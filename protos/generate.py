@@ -1,4 +1,5 @@
-"""Generate the Python gRPC code for protos/mu/v1/*.proto into controller/proto/.
+"""Generate the Python gRPC code for protos/mu/v1/*.proto (mu's own contract) and
+protos/inference/*.proto (the Open Inference Protocol) into controller/proto/.
 
 grpc_tools emits `from mu.v1 import controller_pb2`, which only resolves with protos/ on
 sys.path; the import is rewritten to the package path so `controller.proto` is self-contained.
@@ -17,7 +18,11 @@ PROTO_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_ROOT.parent
 DEFAULT_OUT = REPO_ROOT / "controller" / "proto"
 PACKAGE = "controller.proto"
-INIT_TEXT = '"""Generated gRPC code for protos/mu/v1 (do not edit; run protos/generate.py)."""\n'
+PROTO_DIRS = (Path("mu") / "v1", Path("inference"))
+INIT_TEXT = (
+    '"""Generated gRPC code for protos/mu/v1 and protos/inference '
+    '(do not edit; run protos/generate.py)."""\n'
+)
 
 
 def _protoc(proto_files: list[Path], out: Path) -> None:
@@ -39,14 +44,15 @@ def _protoc(proto_files: list[Path], out: Path) -> None:
 
 def generate(out: Path = DEFAULT_OUT) -> list[Path]:
     """Write the generated modules (flat, one per proto file and kind) into `out`."""
-    proto_files = sorted((PROTO_ROOT / "mu" / "v1").glob("*.proto"))
+    proto_files = sorted(p for d in PROTO_DIRS for p in (PROTO_ROOT / d).glob("*.proto"))
     out.mkdir(parents=True, exist_ok=True)
     written = []
     with tempfile.TemporaryDirectory() as tmp:
         _protoc(proto_files, Path(tmp))
-        for generated in sorted((Path(tmp) / "mu" / "v1").iterdir()):
+        generated_files = sorted(f for d in PROTO_DIRS for f in (Path(tmp) / d).iterdir())
+        for generated in generated_files:
             text = re.sub(
-                r"^from mu\.v1 import ",
+                r"^from (mu\.v1|inference) import ",
                 f"from {PACKAGE} import ",
                 generated.read_text(),
                 flags=re.MULTILINE,

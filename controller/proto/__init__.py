@@ -1,1 +1,1 @@
-"""Generated gRPC code for protos/mu/v1 (do not edit; run protos/generate.py)."""
+"""Generated gRPC code for protos/mu/v1 and protos/inference (do not edit; run protos/generate.py)."""
