@@ -95,6 +95,11 @@ def action_bounds(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
     return low, high
 
 
+def to_env_units(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Map an action in [-1, 1] (what the actor outputs) to [low, high]."""
+    return low + (action + 1.0) * 0.5 * (high - low)
+
+
 def is_success(info: dict) -> float | None:
     """The env's success flag (panda-gym reports `is_success`), or None when it has none."""
     flag = info.get("is_success")

@@ -24,7 +24,7 @@ import torch
 
 from training import checkpoint
 from training.config import TrainConfig
-from training.envs import make_env
+from training.envs import make_env, to_env_units
 from training.td3 import Agent
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,42 @@ def export_policy(
     """Write `path` (atomically) after checking parity; returns the path."""
     path = Path(path)
     policy = agent.policy(meta["action_low"], meta["action_high"])
-    obs_dim = meta["obs_dim"]
-    example = torch.zeros(2, obs_dim)
+    props = {**contract_props(meta, cfg.algo), "mu.config": cfg.to_json()}
+    data = to_onnx(policy, meta["obs_dim"], props)
+
+    if replay_obs is None or len(replay_obs) == 0:
+        replay_obs = rollout_observations(agent, meta, PARITY_SAMPLES)
+    probes = np.concatenate(
+        [replay_obs[-PARITY_SAMPLES:], random_observations(replay_obs, PARITY_SAMPLES)]
+    )
+    write_checked(path, data, parity_error(policy, data, probes), len(probes))
+    (path.parent / f"{path.stem}.config.json").write_text(cfg.to_json())
+    return path
+
+
+def contract_props(meta: dict[str, Any], algo: str) -> dict[str, str]:
+    """The metadata_props every policy file carries (contract 1 of DESIGN.md)."""
+    return {
+        "mu.format": FORMAT,
+        "mu.env_id": meta["env_id"],
+        "mu.obs_dim": str(meta["obs_dim"]),
+        "mu.act_dim": str(meta["act_dim"]),
+        "mu.action_low": json.dumps(meta["action_low"]),
+        "mu.action_high": json.dumps(meta["action_high"]),
+        "mu.obs_layout": json.dumps(meta["obs_layout"]),
+        "mu.algo": algo,
+        "mu.train_steps": str(meta.get("train_steps", 0)),
+        "mu.eval_return": json.dumps(meta.get("eval_return")),
+        "mu.created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def to_onnx(policy: torch.nn.Module, obs_dim: int, props: dict[str, str]) -> bytes:
+    """The graph `obs [batch, obs_dim] -> action` (dynamic batch) with `props` attached."""
     with _quiet_exporter():
         program = torch.onnx.export(
             policy,
-            (example,),
+            (torch.zeros(2, obs_dim),),
             input_names=["obs"],
             output_names=["action"],
             dynamic_shapes=({0: torch.export.Dim("batch")},),
@@ -63,38 +93,20 @@ def export_policy(
             verbose=False,
         )
     model = program.model_proto
-    props = {
-        "mu.format": FORMAT,
-        "mu.env_id": meta["env_id"],
-        "mu.obs_dim": str(obs_dim),
-        "mu.act_dim": str(meta["act_dim"]),
-        "mu.action_low": json.dumps(meta["action_low"]),
-        "mu.action_high": json.dumps(meta["action_high"]),
-        "mu.obs_layout": json.dumps(meta["obs_layout"]),
-        "mu.algo": cfg.algo,
-        "mu.train_steps": str(meta.get("train_steps", 0)),
-        "mu.eval_return": json.dumps(meta.get("eval_return")),
-        "mu.created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "mu.config": cfg.to_json(),
-    }
     onnx.helper.set_model_props(model, props)
-    data = model.SerializeToString()
+    return model.SerializeToString()
 
-    if replay_obs is None or len(replay_obs) == 0:
-        replay_obs = rollout_observations(agent, meta, PARITY_SAMPLES)
-    probes = np.concatenate(
-        [replay_obs[-PARITY_SAMPLES:], random_observations(replay_obs, PARITY_SAMPLES)]
-    )
-    err = parity_error(policy, data, probes)
+
+def write_checked(path: Path, data: bytes, err: float, n_probes: int) -> None:
+    """Write `data` to `path` atomically, or raise ParityError when `err` exceeds PARITY_TOL."""
     if not err <= PARITY_TOL:
         raise ParityError(
-            f"onnxruntime differs from torch by {err:.3g} > {PARITY_TOL}; not writing {path}"
+            f"onnxruntime differs from the reference by {err:.3g} > {PARITY_TOL}; "
+            f"not writing {path}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write(path, data)
-    (path.parent / f"{path.stem}.config.json").write_text(cfg.to_json())
-    log.info("exported %s (parity max abs error %.2g on %d observations)", path, err, len(probes))
-    return path
+    log.info("exported %s (parity max abs error %.2g on %d observations)", path, err, n_probes)
 
 
 @contextlib.contextmanager
@@ -116,10 +128,15 @@ def _quiet_exporter() -> Iterator[None]:
 def parity_error(policy: torch.nn.Module, onnx_bytes: bytes, obs: np.ndarray) -> float:
     """Largest absolute difference between torch and onnxruntime actions on `obs`."""
     obs = np.ascontiguousarray(obs, dtype=np.float32)
-    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    got = sess.run(["action"], {"obs": obs})[0]
     with torch.no_grad():
         want = policy(torch.from_numpy(obs)).numpy()
+    return onnx_error(onnx_bytes, obs, want)
+
+
+def onnx_error(onnx_bytes: bytes, obs: np.ndarray, want: np.ndarray) -> float:
+    """Largest absolute difference between onnxruntime's actions on `obs` and `want`."""
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    got = sess.run(["action"], {"obs": np.ascontiguousarray(obs, dtype=np.float32)})[0]
     return float(np.max(np.abs(got - want)))
 
 
@@ -140,7 +157,7 @@ def rollout_observations(agent: Agent, meta: dict[str, Any], n: int, seed: int =
     while len(out) < n:
         out.append(obs)
         a = agent.act(torch.as_tensor(obs).unsqueeze(0))[0].cpu().numpy()
-        obs, _, terminated, truncated, _ = env.step(low + (a + 1.0) * 0.5 * (high - low))
+        obs, _, terminated, truncated, _ = env.step(to_env_units(a, low, high))
         if terminated or truncated:
             obs, _ = env.reset()
     env.close()

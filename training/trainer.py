@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from training import checkpoint
 from training.config import TrainConfig
-from training.envs import FlatObs, action_bounds, is_success, make_env
+from training.envs import FlatObs, action_bounds, is_success, make_env, to_env_units
 from training.noise import make_noise
 from training.replay import ReplayBuffer
 from training.td3 import Agent, update
@@ -46,7 +46,7 @@ def evaluate(agent: Agent, env: FlatObs, episodes: int, seed: int, device: str) 
         total, done, info = 0.0, False, {}
         while not done:
             a = agent.act(torch.as_tensor(obs, device=device).unsqueeze(0))[0].cpu().numpy()
-            obs, r, terminated, truncated, info = env.step(low + (a + 1.0) * 0.5 * (high - low))
+            obs, r, terminated, truncated, info = env.step(to_env_units(a, low, high))
             total += float(r)
             done = terminated or truncated
         returns.append(total)
@@ -80,7 +80,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     noise = make_noise(cfg.noise, act_dim, cfg.noise_std, rng)
     start, updates, wall_before, evals = 0, 0, 0.0, []
     if resume:
-        _, agent, meta_saved, state = checkpoint.load(out / "checkpoint.pt", cfg.device)
+        _, agent, _, state = checkpoint.load(out / "checkpoint.pt", cfg.device)
         if state is None:
             raise ValueError(f"{out / 'checkpoint.pt'} holds no training state to resume from")
         buffer.load_state_dict(state["replay"])
@@ -111,7 +111,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         else:
             a = agent.act(torch.as_tensor(obs, device=cfg.device).unsqueeze(0))[0].cpu().numpy()
             a = np.clip(a + noise(), -1.0, 1.0)
-        next_obs, r, terminated, truncated, _ = env.step(low + (a + 1.0) * 0.5 * (high - low))
+        next_obs, r, terminated, truncated, _ = env.step(to_env_units(a, low, high))
         buffer.add(obs, a, r, next_obs, terminated, truncated)
         agent.normalizer.update(torch.as_tensor(obs, device=cfg.device))
         obs, ep_return = next_obs, ep_return + float(r)
