@@ -10,24 +10,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ActRequest(_message.Message):
-    __slots__ = ("obs", "seq")
+    __slots__ = ("obs", "seq", "reward", "terminated", "truncated", "applied_action", "final_obs")
     OBS_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    TERMINATED_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_ACTION_FIELD_NUMBER: _ClassVar[int]
+    FINAL_OBS_FIELD_NUMBER: _ClassVar[int]
     obs: _containers.RepeatedScalarFieldContainer[float]
     seq: int
-    def __init__(self, obs: _Optional[_Iterable[float]] = ..., seq: _Optional[int] = ...) -> None: ...
+    reward: float
+    terminated: bool
+    truncated: bool
+    applied_action: _containers.RepeatedScalarFieldContainer[float]
+    final_obs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, obs: _Optional[_Iterable[float]] = ..., seq: _Optional[int] = ..., reward: _Optional[float] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ..., applied_action: _Optional[_Iterable[float]] = ..., final_obs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ActResponse(_message.Message):
-    __slots__ = ("action", "seq", "policy_version", "error")
+    __slots__ = ("action", "seq", "policy_version", "error", "explored")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    EXPLORED_FIELD_NUMBER: _ClassVar[int]
     action: _containers.RepeatedScalarFieldContainer[float]
     seq: int
     policy_version: int
     error: Error
-    def __init__(self, action: _Optional[_Iterable[float]] = ..., seq: _Optional[int] = ..., policy_version: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    explored: bool
+    def __init__(self, action: _Optional[_Iterable[float]] = ..., seq: _Optional[int] = ..., policy_version: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., explored: _Optional[bool] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -129,3 +141,75 @@ class LoadPolicyRequest(_message.Message):
 class RollbackPolicyRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class Transition(_message.Message):
+    __slots__ = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
+    OBS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OBS_FIELD_NUMBER: _ClassVar[int]
+    TERMINATED_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    obs: _containers.RepeatedScalarFieldContainer[float]
+    action: _containers.RepeatedScalarFieldContainer[float]
+    reward: float
+    next_obs: _containers.RepeatedScalarFieldContainer[float]
+    terminated: bool
+    truncated: bool
+    def __init__(self, obs: _Optional[_Iterable[float]] = ..., action: _Optional[_Iterable[float]] = ..., reward: _Optional[float] = ..., next_obs: _Optional[_Iterable[float]] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class ReportTransitionsResponse(_message.Message):
+    __slots__ = ("accepted", "rejected", "dropped", "first_error")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    rejected: int
+    dropped: int
+    first_error: str
+    def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., dropped: _Optional[int] = ..., first_error: _Optional[str] = ...) -> None: ...
+
+class FinetuneControlRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FinetuneStatus(_message.Message):
+    __slots__ = ("paused", "learner_alive", "transitions_received", "transitions_rejected", "transitions_dropped", "updates", "actor_updates", "candidates", "promotions", "refusals", "last_refusal", "rollbacks", "judging_version", "judging_episodes", "current_mean_return", "current_episodes", "explore_std", "versions_dir")
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    LEARNER_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    TRANSITIONS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    TRANSITIONS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    TRANSITIONS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    LAST_REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    JUDGING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    JUDGING_EPISODES_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_MEAN_RETURN_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_EPISODES_FIELD_NUMBER: _ClassVar[int]
+    EXPLORE_STD_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_DIR_FIELD_NUMBER: _ClassVar[int]
+    paused: bool
+    learner_alive: bool
+    transitions_received: int
+    transitions_rejected: int
+    transitions_dropped: int
+    updates: int
+    actor_updates: int
+    candidates: int
+    promotions: int
+    refusals: int
+    last_refusal: str
+    rollbacks: int
+    judging_version: int
+    judging_episodes: int
+    current_mean_return: float
+    current_episodes: int
+    explore_std: float
+    versions_dir: str
+    def __init__(self, paused: _Optional[bool] = ..., learner_alive: _Optional[bool] = ..., transitions_received: _Optional[int] = ..., transitions_rejected: _Optional[int] = ..., transitions_dropped: _Optional[int] = ..., updates: _Optional[int] = ..., actor_updates: _Optional[int] = ..., candidates: _Optional[int] = ..., promotions: _Optional[int] = ..., refusals: _Optional[int] = ..., last_refusal: _Optional[str] = ..., rollbacks: _Optional[int] = ..., judging_version: _Optional[int] = ..., judging_episodes: _Optional[int] = ..., current_mean_return: _Optional[float] = ..., current_episodes: _Optional[int] = ..., explore_std: _Optional[float] = ..., versions_dir: _Optional[str] = ...) -> None: ...

@@ -64,6 +64,26 @@ class ControllerStub:
                 request_serializer=mu_dot_v1_dot_controller__pb2.RollbackPolicyRequest.SerializeToString,
                 response_deserializer=mu_dot_v1_dot_controller__pb2.PolicyInfo.FromString,
                 _registered_method=True)
+        self.ReportTransitions = channel.stream_unary(
+                '/mu.v1.Controller/ReportTransitions',
+                request_serializer=mu_dot_v1_dot_controller__pb2.Transition.SerializeToString,
+                response_deserializer=mu_dot_v1_dot_controller__pb2.ReportTransitionsResponse.FromString,
+                _registered_method=True)
+        self.PauseFinetuning = channel.unary_unary(
+                '/mu.v1.Controller/PauseFinetuning',
+                request_serializer=mu_dot_v1_dot_controller__pb2.FinetuneControlRequest.SerializeToString,
+                response_deserializer=mu_dot_v1_dot_controller__pb2.FinetuneStatus.FromString,
+                _registered_method=True)
+        self.ResumeFinetuning = channel.unary_unary(
+                '/mu.v1.Controller/ResumeFinetuning',
+                request_serializer=mu_dot_v1_dot_controller__pb2.FinetuneControlRequest.SerializeToString,
+                response_deserializer=mu_dot_v1_dot_controller__pb2.FinetuneStatus.FromString,
+                _registered_method=True)
+        self.GetFinetuneStatus = channel.unary_unary(
+                '/mu.v1.Controller/GetFinetuneStatus',
+                request_serializer=mu_dot_v1_dot_controller__pb2.FinetuneControlRequest.SerializeToString,
+                response_deserializer=mu_dot_v1_dot_controller__pb2.FinetuneStatus.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -122,6 +142,40 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportTransitions(self, request_iterator, context):
+        """Online fine-tuning (the server runs with --finetune CHECKPOINT; otherwise these answer
+        FAILED_PRECONDITION). All four need the admin token when the server has one: experience
+        steers what the robot will do, so only trusted callers may report it.
+
+        Transitions logged elsewhere (another process, a log file), in the environment's units. The
+        reply counts what was accepted, rejected (wrong length, non-finite) and dropped (the
+        learner's queue was full: reporting never slows serving down).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseFinetuning(self, request, context):
+        """Stop learning and promoting (serving and experience collection continue).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeFinetuning(self, request, context):
+        """Learn and promote again after PauseFinetuning.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFinetuneStatus(self, request, context):
+        """Counters, the learner's progress, the version being judged and its returns so far.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +208,26 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.RollbackPolicy,
                     request_deserializer=mu_dot_v1_dot_controller__pb2.RollbackPolicyRequest.FromString,
                     response_serializer=mu_dot_v1_dot_controller__pb2.PolicyInfo.SerializeToString,
+            ),
+            'ReportTransitions': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReportTransitions,
+                    request_deserializer=mu_dot_v1_dot_controller__pb2.Transition.FromString,
+                    response_serializer=mu_dot_v1_dot_controller__pb2.ReportTransitionsResponse.SerializeToString,
+            ),
+            'PauseFinetuning': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseFinetuning,
+                    request_deserializer=mu_dot_v1_dot_controller__pb2.FinetuneControlRequest.FromString,
+                    response_serializer=mu_dot_v1_dot_controller__pb2.FinetuneStatus.SerializeToString,
+            ),
+            'ResumeFinetuning': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeFinetuning,
+                    request_deserializer=mu_dot_v1_dot_controller__pb2.FinetuneControlRequest.FromString,
+                    response_serializer=mu_dot_v1_dot_controller__pb2.FinetuneStatus.SerializeToString,
+            ),
+            'GetFinetuneStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFinetuneStatus,
+                    request_deserializer=mu_dot_v1_dot_controller__pb2.FinetuneControlRequest.FromString,
+                    response_serializer=mu_dot_v1_dot_controller__pb2.FinetuneStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -318,6 +392,114 @@ class Controller:
             '/mu.v1.Controller/RollbackPolicy',
             mu_dot_v1_dot_controller__pb2.RollbackPolicyRequest.SerializeToString,
             mu_dot_v1_dot_controller__pb2.PolicyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportTransitions(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/mu.v1.Controller/ReportTransitions',
+            mu_dot_v1_dot_controller__pb2.Transition.SerializeToString,
+            mu_dot_v1_dot_controller__pb2.ReportTransitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseFinetuning(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mu.v1.Controller/PauseFinetuning',
+            mu_dot_v1_dot_controller__pb2.FinetuneControlRequest.SerializeToString,
+            mu_dot_v1_dot_controller__pb2.FinetuneStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeFinetuning(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mu.v1.Controller/ResumeFinetuning',
+            mu_dot_v1_dot_controller__pb2.FinetuneControlRequest.SerializeToString,
+            mu_dot_v1_dot_controller__pb2.FinetuneStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFinetuneStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mu.v1.Controller/GetFinetuneStatus',
+            mu_dot_v1_dot_controller__pb2.FinetuneControlRequest.SerializeToString,
+            mu_dot_v1_dot_controller__pb2.FinetuneStatus.FromString,
             options,
             channel_credentials,
             insecure,
