@@ -110,8 +110,17 @@ class Policy:
         Raises ActError: INVALID_ARGUMENT for a wrong length or non-finite values, INTERNAL when
         the model outputs NaN (it never leaves the server).
         """
+        return np.asarray(self.act_values(obs), np.float32)
+
+    def act_values(self, obs: Sequence[float]) -> list[float]:
+        """`act` as a list of floats (float32 values): what a reply message takes, at least cost.
+
+        Between two requests the server's caches go cold (measured in `mu serve`: two numpy
+        ufuncs for the clamp took 12 µs there against 0.7 µs back to back), so the small
+        vectors are handled in plain Python, which the gRPC code keeps warm anyway.
+        """
         # One C-level copy of a protobuf repeated field: iterating it twice (sum, then numpy)
-        # costs ~3 µs more, a third of the whole call.
+        # costs ~3 µs more.
         obs = list(obs)
         n = len(obs)
         if n != self.obs_dim:
@@ -123,9 +132,14 @@ class Policy:
             raise _non_finite_error(np.asarray(obs, np.float32))
         self._obs[0] = obs
         self.session.run_with_iobinding(self._binding)
-        # maximum/minimum propagate NaN, so the NaN check below also covers the clamped action.
-        action = np.minimum(np.maximum(self._action[0], self.low), self.high)
-        total = float(action.sum())
+        # Comparisons with NaN are false, so a NaN passes the clamp and the check below sees it.
+        action = [
+            high if v > high else low if v < low else v
+            for v, low, high in zip(
+                self._action[0].tolist(), self.low.tolist(), self.high.tolist(), strict=True
+            )
+        ]
+        total = sum(action)
         if total != total:
             raise ActError(grpc.StatusCode.INTERNAL, self._nan_message())
         return action

@@ -91,13 +91,11 @@ class ControllerService(pb_grpc.ControllerServicer):
         t0 = perf_counter()
         policy = self._store.current
         try:
-            action = policy.act(request.obs)
+            action = policy.act_values(request.obs)
         except ActError as e:
             self._metrics.error("Act", e.code, perf_counter() - t0)
             await context.abort(e.code, e.message)
-        reply = pb.ActResponse(
-            action=action.tolist(), seq=request.seq, policy_version=policy.version
-        )
+        reply = pb.ActResponse(action=action, seq=request.seq, policy_version=policy.version)
         self._metrics.ok("Act", perf_counter() - t0)
         return reply
 
@@ -113,9 +111,9 @@ class ControllerService(pb_grpc.ControllerServicer):
                 policy = store.current
                 try:
                     if batcher is not None and self._open_streams > 1:
-                        action = await batcher.submit(policy, request.obs)
+                        action = (await batcher.submit(policy, request.obs)).tolist()
                     else:
-                        action = policy.act(request.obs)
+                        action = policy.act_values(request.obs)
                 except ActError as e:
                     # In-band: this request is refused, the stream stays up for the next one.
                     metrics.error("ActStream", e.code, perf_counter() - t0)
@@ -126,14 +124,18 @@ class ControllerService(pb_grpc.ControllerServicer):
                     )
                     continue
                 if delta is not None:
+                    limited = np.asarray(action, np.float32)
                     if previous is not None:
-                        # Slew limit, then the bounds again: the bounds always win (a swap may have
-                        # narrowed them).
-                        action = np.minimum(np.maximum(action, previous - delta), previous + delta)
-                        action = np.minimum(np.maximum(action, policy.low), policy.high)
-                    previous = action
+                        # Slew limit, then the bounds again: the bounds always win (a swap may
+                        # have narrowed them).
+                        limited = np.minimum(
+                            np.maximum(limited, previous - delta), previous + delta
+                        )
+                        limited = np.minimum(np.maximum(limited, policy.low), policy.high)
+                    previous = limited
+                    action = limited.tolist()
                 reply = pb.ActResponse(
-                    action=action.tolist(), seq=request.seq, policy_version=policy.version
+                    action=action, seq=request.seq, policy_version=policy.version
                 )
                 metrics.ok("ActStream", perf_counter() - t0)
                 yield reply
