@@ -66,6 +66,16 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.from_sb3:
+        from training.sb3_import import SB3ImportConfig, import_sb3
+
+        if not args.env:
+            raise SystemExit("mu export --from-sb3: --env is required")
+        cfg = SB3ImportConfig(model=args.from_sb3, env_id=args.env, vecnormalize=args.vecnormalize)
+        print(f"policy: {import_sb3(cfg, args.out)}")
+        return 0
+    if not args.source:
+        raise SystemExit("mu export: give a run directory or checkpoint (or --from-sb3 MODEL.zip)")
     from training.export import export_checkpoint
 
     print(f"policy: {export_checkpoint(args.source, args.out)}")
@@ -127,8 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("export", help="export a run's actor to the ONNX policy file")
-    p.add_argument("source", help="run directory or checkpoint file")
+    p.add_argument("source", nargs="?", help="run directory or checkpoint file")
     p.add_argument("--out", required=True, help="policy.onnx to write")
+    p.add_argument(
+        "--from-sb3",
+        metavar="MODEL.zip",
+        help="import a Stable-Baselines3 TD3/DDPG/SAC model instead (a pickle: trusted files only)",
+    )
+    p.add_argument(
+        "--vecnormalize", metavar="STATS.pkl", help="with --from-sb3: VecNormalize statistics"
+    )
+    p.add_argument("--env", help="with --from-sb3: the Gymnasium id the model was trained on")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("explain", help="show ∂Q/∂u = ∂Q/∂a · ∂μ/∂u on real states of a policy")
