@@ -1,0 +1,92 @@
+"""FinetuneConfig: every setting of online fine-tuning, documented and validated (torch-free)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class FinetuneConfig:
+    """How the server learns from reported experience and when it may swap policies."""
+
+    #: The training checkpoint (agent.pt / checkpoint.pt from `mu train`): actor, critics,
+    #: targets and normalizer. Its replay buffer, when it has one, seeds the online buffer.
+    checkpoint: Path
+    #: Where every version is kept (candidates, agent snapshots, the `current.json` pointer).
+    #: None = a `versions` directory next to the checkpoint.
+    versions_dir: Path | None = None
+    #: Std of the Gaussian perturbation of ActStream actions, in [-1, 1] units (scaled to the
+    #: bounds, then clamped to them). 0 = no exploration (the default).
+    explore_std: float = 0.0
+    #: Largest perturbation, in [-1, 1] units: the noise is clipped to ±explore_clip.
+    explore_clip: float = 0.3
+    #: Transition chunks the queue to the learner holds; when full, new chunks are dropped
+    #: (and counted) instead of blocking the event loop.
+    queue_chunks: int = 256
+    #: Transitions per chunk sent to the learner (a partial chunk is flushed every 50 ms).
+    chunk_size: int = 32
+    #: Capacity of the learner's replay buffer (transitions).
+    buffer_size: int = 100_000
+    #: Adam learning rates for fine-tuning: lower than training's, so one bad batch moves little.
+    actor_lr: float = 1e-4
+    critic_lr: float = 3e-4
+    #: Transitions per TD3 update.
+    batch_size: int = 128
+    #: Online transitions the critic must have seen before the actor is updated at all: the
+    #: critic first adapts to the new dynamics, then the actor follows its slope.
+    actor_warmup: int = 1000
+    #: Most TD3 updates per received transition (update-to-data ratio); the learner idles once
+    #: it has used its share, so it neither overfits a small buffer nor burns the CPU.
+    updates_per_transition: float = 1.0
+    #: Actor updates between two candidate exports.
+    candidate_every: int = 250
+    #: Gate: largest |candidate - current| action over recent states, as a fraction of the
+    #: action range (high - low), per dimension.
+    gate_max_change: float = 0.5
+    #: Gate: mean |candidate - current| action over recent states and dimensions, same units.
+    gate_mean_change: float = 0.1
+    #: Gate: recent served observations the candidate is compared on (at least this many needed).
+    gate_states: int = 256
+    #: Episodes (reported over ActStream, wholly under one version) that judge a version; a new
+    #: candidate is promoted only once the current version has this many.
+    rollback_window: int = 10
+    #: Roll back when the new version's mean return < previous mean - margin, with
+    #: margin = rollback_margin * |previous mean| + rollback_margin_abs.
+    rollback_margin: float = 0.2
+    rollback_margin_abs: float = 0.0
+    #: Start with updates paused (resume with the ResumeFinetuning RPC).
+    start_paused: bool = False
+    #: Seed of the learner's sampling and of the exploration noise.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.checkpoint = Path(self.checkpoint)
+        if self.versions_dir is None:
+            self.versions_dir = self.checkpoint.parent / "versions"
+        self.versions_dir = Path(self.versions_dir)
+        checks = {
+            f"checkpoint {self.checkpoint} is not a file": self.checkpoint.is_file(),
+            "explore_std must be in [0, 1]": 0 <= self.explore_std <= 1,
+            "explore_clip must be in (0, 2]": 0 < self.explore_clip <= 2,
+            "queue_chunks and chunk_size must be >= 1": min(self.queue_chunks, self.chunk_size)
+            >= 1,
+            "batch_size must be >= 1 and <= buffer_size": 1 <= self.batch_size <= self.buffer_size,
+            "learning rates must be > 0": self.actor_lr > 0 and self.critic_lr > 0,
+            "actor_warmup must be >= 0": self.actor_warmup >= 0,
+            "updates_per_transition must be > 0": math.isfinite(self.updates_per_transition)
+            and self.updates_per_transition > 0,
+            "candidate_every must be >= 1": self.candidate_every >= 1,
+            "gate_max_change and gate_mean_change must be > 0": min(
+                self.gate_max_change, self.gate_mean_change
+            )
+            > 0,
+            "gate_states must be >= 1": self.gate_states >= 1,
+            "rollback_window must be >= 1": self.rollback_window >= 1,
+            "rollback margins must be >= 0": min(self.rollback_margin, self.rollback_margin_abs)
+            >= 0,
+        }
+        failed = [msg for msg, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError("invalid FinetuneConfig: " + "; ".join(failed))

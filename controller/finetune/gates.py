@@ -1,0 +1,69 @@
+"""Promotion gates for a candidate actor, checked in the serving process (onnxruntime, no torch).
+
+The learner's export already refused any candidate whose onnxruntime output differs from torch
+(training.export's parity gate). Here the candidate must also give finite actions inside the
+bounds on recent served states, and stay close to the policy being served: the change of action,
+as a fraction of the action range, is bounded per dimension (max) and on average (mean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from controller.policy import ORT_ERRORS, Policy, load_policy
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    reason: str
+    max_change: float = float("nan")
+    mean_change: float = float("nan")
+
+
+def check_candidate(
+    data: bytes,
+    source: str,
+    current: Policy,
+    states: np.ndarray,
+    max_change: float,
+    mean_change: float,
+    min_states: int,
+) -> GateResult:
+    """Gate the ONNX file `data` against the served `current` policy on `states` [n, obs_dim]."""
+    if len(states) < min_states:
+        return GateResult(False, f"only {len(states)} recent states; the gate needs {min_states}")
+    try:
+        candidate = load_policy(data, source=source, version=0)
+        states = np.ascontiguousarray(states, np.float32)
+        new = candidate.session.run(["action"], {"obs": states})[0]
+        old = current.session.run(["action"], {"obs": states})[0]
+    except (*ORT_ERRORS, OSError) as e:
+        return GateResult(False, f"candidate does not load or run: {e}")
+    if candidate.obs_dim != current.obs_dim or candidate.act_dim != current.act_dim:
+        return GateResult(False, "candidate dimensions differ from the served policy")
+    if not np.isfinite(new).all():
+        return GateResult(False, "candidate gives non-finite actions on recent states")
+    # The served path clamps anyway; a candidate far outside its bounds is broken, not unlucky.
+    span = current.high - current.low
+    if (new < current.low - 1e-3 * span).any() or (new > current.high + 1e-3 * span).any():
+        return GateResult(False, "candidate gives actions outside the bounds")
+    change = np.abs(new - old) / span
+    worst, mean = float(change.max()), float(change.mean())
+    if worst > max_change:
+        return GateResult(
+            False,
+            f"max action change {worst:.3f} of the range exceeds {max_change}",
+            worst,
+            mean,
+        )
+    if mean > mean_change:
+        return GateResult(
+            False,
+            f"mean action change {mean:.3f} of the range exceeds {mean_change}",
+            worst,
+            mean,
+        )
+    return GateResult(True, "passed", worst, mean)

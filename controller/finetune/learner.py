@@ -1,0 +1,235 @@
+"""The learner process: replay buffer, TD3 updates (training.td3.update, the training update
+itself) and candidate export. The only fine-tuning code that imports torch.
+
+It runs at low priority (nice 10) with one torch thread, takes transition chunks from a queue the
+server fills without ever waiting, and reports candidates back; it never touches the serving
+path. It is also the only writer of the versions directory (candidates, snapshots, pointer).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import os
+import queue
+import signal
+import sys
+import time
+from multiprocessing.queues import Queue
+from typing import Any
+
+import numpy as np
+import torch
+
+from controller.finetune.config import FinetuneConfig
+from controller.finetune.experience import split_rows
+from controller.finetune.versions import (
+    Pointer,
+    agent_for,
+    candidate_paths,
+    next_candidate_index,
+    read_pointer,
+    write_pointer,
+)
+from training import checkpoint
+from training.export import ParityError, export_policy
+from training.replay import ReplayBuffer
+from training.td3 import update
+
+log = logging.getLogger(__name__)
+
+STATS_EVERY_S = 1.0
+
+
+class Learner:
+    """TD3 on reported transitions; usable in-process (tests) or as the learner process."""
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        self.cfg = cfg
+        assert cfg.versions_dir is not None
+        cfg.versions_dir.mkdir(parents=True, exist_ok=True)
+        pointer = read_pointer(cfg.versions_dir)
+        source = pointer.agent if pointer is not None and pointer.agent else cfg.checkpoint
+        train_cfg, self.agent, self.meta, state = checkpoint.load(source, "cpu")
+        # Fine-tuning settings on top of the training run's (same network sizes, γ, TD3 noise).
+        self.train_cfg = dataclasses.replace(
+            train_cfg,
+            actor_lr=cfg.actor_lr,
+            critic_lr=cfg.critic_lr,
+            batch_size=cfg.batch_size,
+            buffer_size=cfg.buffer_size,
+            learning_starts=cfg.batch_size,
+        )
+        self._set_learning_rates()
+        # The normalizer stays frozen: it is baked into every exported graph, and moving it
+        # would move every action at once.
+        self.agent.normalizer.eval()
+        obs_dim, act_dim = self.meta["obs_dim"], self.meta["act_dim"]
+        self.buffer = ReplayBuffer(cfg.buffer_size, obs_dim, act_dim)
+        if state is not None and state.get("replay", {}).get("size"):
+            self._seed_offline(state["replay"])
+        self.rng = np.random.default_rng(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.online_seen = 0
+        self.updates = 0
+        self.actor_updates = 0
+        self.candidates = 0
+        self.paused = cfg.start_paused
+        log.info(
+            "learner: %s from %s, buffer %d transitions",
+            self.meta["env_id"],
+            source,
+            self.buffer.size,
+        )
+
+    def _set_learning_rates(self) -> None:
+        for opt, lr in (
+            (self.agent.actor_opt, self.cfg.actor_lr),
+            (self.agent.critic_opt, self.cfg.critic_lr),
+        ):
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def _seed_offline(self, replay: dict[str, Any]) -> None:
+        n = min(int(replay["size"]), self.buffer.capacity // 2)  # leave room for online data
+        for k in ("obs", "action", "reward", "next_obs", "terminal", "episode_end"):
+            self.buffer.data[k][:n] = replay[k][-n:].numpy()
+        self.buffer.pos, self.buffer.size = n % self.buffer.capacity, n
+        log.info("learner: replay seeded with %d offline transitions", n)
+
+    def add(self, rows: np.ndarray) -> None:
+        """Store a chunk of transition rows (see controller.finetune.experience)."""
+        cols = split_rows(rows, self.meta["obs_dim"], self.meta["act_dim"])
+        for i in range(len(rows)):
+            self.buffer.add(
+                cols["obs"][i],
+                cols["action"][i],
+                float(cols["reward"][i]),
+                cols["next_obs"][i],
+                bool(cols["terminated"][i]),
+                bool(cols["truncated"][i]),
+            )
+        self.online_seen += len(rows)
+
+    def can_update(self) -> bool:
+        """Not paused, a batch is available, and the update-to-data budget is not spent."""
+        budget = int(self.online_seen * self.cfg.updates_per_transition)
+        return not self.paused and self.buffer.size >= self.cfg.batch_size and self.updates < budget
+
+    def step(self) -> dict[str, torch.Tensor]:
+        """One TD3 update; the actor follows once the critic has seen `actor_warmup` transitions."""
+        self.updates += 1
+        update_actor = (
+            self.online_seen >= self.cfg.actor_warmup
+            and self.updates % self.train_cfg.policy_delay == 0
+        )
+        batch = self.buffer.sample(
+            self.train_cfg.batch_size, self.rng, self.train_cfg.n_step, self.train_cfg.gamma
+        )
+        losses = update(self.agent, batch, self.train_cfg, update_actor)
+        if update_actor:
+            self.actor_updates += 1
+        return losses
+
+    def candidate_due(self) -> bool:
+        return self.actor_updates >= (self.candidates + 1) * self.cfg.candidate_every
+
+    def export_candidate(self) -> dict[str, Any]:
+        """Write the agent snapshot, then the ONNX actor (refused on a parity failure)."""
+        assert self.cfg.versions_dir is not None
+        self.candidates += 1
+        index = next_candidate_index(self.cfg.versions_dir)
+        onnx_path, agent_path = candidate_paths(self.cfg.versions_dir, index)
+        meta = {
+            **self.meta,
+            "train_steps": int(self.meta.get("train_steps", 0)) + self.online_seen,
+            "finetune_updates": self.updates,
+        }
+        checkpoint.save(agent_path, self.train_cfg, self.agent, meta)
+        try:
+            export_policy(
+                self.agent, meta, self.train_cfg, onnx_path, replay_obs=self.buffer.recent_obs(1000)
+            )
+        except ParityError as e:
+            log.warning("candidate %d refused: %s", index, e)
+            return {"kind": "refused", "index": index, "reason": f"ONNX parity: {e}"}
+        return {
+            "kind": "candidate",
+            "index": index,
+            "path": str(onnx_path),
+            "updates": self.updates,
+        }
+
+    def served(self, version: int, policy: str, sha256: str, rolled_back: bool) -> None:
+        """The server now serves `policy`: commit the pointer; after a rollback, continue from
+        that version's agent (the actor that regressed is abandoned; the replay buffer stays)."""
+        assert self.cfg.versions_dir is not None
+        snapshot = agent_for(policy)
+        if rolled_back:
+            _, self.agent, _, _ = checkpoint.load(snapshot or self.cfg.checkpoint, "cpu")
+            self._set_learning_rates()
+            self.agent.normalizer.eval()
+        write_pointer(
+            self.cfg.versions_dir,
+            Pointer(version, str(policy), sha256, None if snapshot is None else str(snapshot)),
+        )
+        log.info("committed version %d (%s)", version, policy)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the server dies, even by kill -9."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def run(cfg: FinetuneConfig, inbox: Queue, commands: Queue, outbox: Queue, log_level: int) -> None:
+    """The learner process's main loop; ends on a "stop" command."""
+    _die_with_parent()
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(name)s[learner]: %(message)s"
+    )
+    os.nice(10)
+    torch.set_num_threads(1)
+    learner = Learner(cfg)
+    outbox.put({"kind": "ready", "env_id": learner.meta["env_id"]})
+    last_stats = 0.0
+    while True:
+        while True:
+            try:
+                command = commands.get_nowait()
+            except queue.Empty:
+                break
+            kind = command[0]
+            if kind == "stop":
+                return
+            if kind in ("pause", "resume"):
+                learner.paused = kind == "pause"
+            elif kind == "served":
+                learner.served(*command[1:])
+        # Take what arrived; wait briefly only when there is nothing to do.
+        timeout = None if learner.can_update() else 0.05
+        while True:
+            try:
+                chunk = inbox.get_nowait() if timeout is None else inbox.get(timeout=timeout)
+            except queue.Empty:
+                break
+            learner.add(chunk)
+            timeout = None
+        if learner.can_update():
+            learner.step()
+            if learner.candidate_due():
+                outbox.put(learner.export_candidate())
+        now = time.monotonic()
+        if now - last_stats >= STATS_EVERY_S:
+            last_stats = now
+            outbox.put(
+                {
+                    "kind": "stats",
+                    "updates": learner.updates,
+                    "actor_updates": learner.actor_updates,
+                    "online_seen": learner.online_seen,
+                    "paused": learner.paused,
+                }
+            )

@@ -1,0 +1,75 @@
+"""The versions directory: every candidate the learner exported, and the pointer to the policy
+being served (torch-free to read).
+
+    versions/candidate-0007.onnx         the actor (written atomically by training.export)
+    versions/candidate-0007.agent.pt     the learner's agent when it was exported
+    versions/current.json                {"version", "policy", "sha256", "agent"}: what to serve
+                                         after a restart
+
+Only the learner process writes here (one writer, so no two processes race on a file); the
+server tells it what it serves and reads the pointer at start.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+POINTER = "current.json"
+_CANDIDATE = re.compile(r"candidate-(\d+)\.onnx$")
+
+
+@dataclass(frozen=True)
+class Pointer:
+    #: The serving version number the policy had.
+    version: int
+    #: The ONNX file (absolute path).
+    policy: str
+    #: SHA-256 of that file, checked when the server resumes from it.
+    sha256: str
+    #: The learner's agent snapshot for that policy; None for the policy the server started with
+    #: (the learner then starts from the --finetune checkpoint).
+    agent: str | None
+
+
+def candidate_paths(versions_dir: Path, index: int) -> tuple[Path, Path]:
+    """(ONNX file, agent snapshot) of candidate `index`."""
+    stem = versions_dir / f"candidate-{index:04d}"
+    return stem.with_suffix(".onnx"), stem.with_suffix(".agent.pt")
+
+
+def next_candidate_index(versions_dir: Path) -> int:
+    found = [
+        int(m.group(1))
+        for p in versions_dir.glob("candidate-*.onnx")
+        if (m := _CANDIDATE.search(p.name))
+    ]
+    return max(found, default=0) + 1
+
+
+def agent_for(policy_path: str | Path) -> Path | None:
+    """The agent snapshot that belongs to a candidate's ONNX file, if it is one."""
+    path = Path(policy_path)
+    if not _CANDIDATE.search(path.name):
+        return None
+    snapshot = path.with_suffix(".agent.pt")
+    return snapshot if snapshot.is_file() else None
+
+
+def read_pointer(versions_dir: Path) -> Pointer | None:
+    """The last committed pointer, or None when the server never promoted anything here."""
+    path = versions_dir / POINTER
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return Pointer(int(data["version"]), data["policy"], data["sha256"], data.get("agent"))
+
+
+def write_pointer(versions_dir: Path, pointer: Pointer) -> None:
+    """Atomically replace the pointer (learner process only: the atomic writer lives with the
+    torch checkpoint code)."""
+    from training.checkpoint import atomic_write
+
+    atomic_write(versions_dir / POINTER, json.dumps(asdict(pointer), indent=2).encode())
