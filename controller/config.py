@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.finetune.config import FinetuneConfig
+
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -61,6 +63,8 @@ class ServeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: Seconds that in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = 2.0
+    #: Online fine-tuning (`--finetune CHECKPOINT`); None = off, and no torch is ever imported.
+    finetune: FinetuneConfig | None = None
 
     def __post_init__(self) -> None:
         self.policy = Path(self.policy)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import signal
 import threading
@@ -28,6 +30,8 @@ from controller.config import (
     is_local,
     parse_listen,
 )
+from controller.finetune.config import FinetuneConfig
+from controller.finetune.manager import Finetuner, resume_policy
 from controller.inference import INFERENCE_SERVICE_NAME, InferenceService
 from controller.metrics import Metrics
 from controller.policy import Policy
@@ -72,8 +76,10 @@ class ControllerServer:
         metrics: Metrics,
         health_servicer: health.aio.HealthServicer,
         address: str,
+        finetuner: Finetuner | None = None,
     ) -> None:
         self.config = config
+        self.finetuner = finetuner
         self.grpc_server = grpc_server
         self.store = store
         self.metrics = metrics
@@ -86,6 +92,8 @@ class ControllerServer:
 
     async def start(self) -> None:
         await self.grpc_server.start()
+        if self.finetuner is not None:
+            self.finetuner.start()
         for name in ("", SERVICE_NAME, INFERENCE_SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.watch:
@@ -114,6 +122,8 @@ class ControllerServer:
         if self._watch_task is not None:
             self._watch_task.cancel()
         await self.grpc_server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        if self.finetuner is not None:
+            await self.finetuner.stop()
         if self._stop_metrics is not None:
             self._stop_metrics()
         self.store.close()
@@ -131,7 +141,21 @@ async def create_server(config: ServeConfig) -> tuple[ControllerServer, int]:
     when the address cannot be bound.
     """
     metrics = Metrics()
-    store = PolicyStore.from_file(config.policy, on_swap=lambda p: metrics.set_version(p.version))
+    finetuner: Finetuner | None = None
+
+    def on_swap(policy: Policy) -> None:
+        metrics.set_version(policy.version)
+        if finetuner is not None:
+            finetuner.on_swap(policy)
+
+    resumed = None if config.finetune is None else resume_policy(config.finetune)
+    if resumed is None:
+        store = PolicyStore.from_file(config.policy, on_swap=on_swap)
+    else:  # a restart under fine-tuning serves the last committed version, not --policy
+        store = PolicyStore(resumed, on_swap=on_swap)
+        on_swap(resumed)
+    if config.finetune is not None:
+        finetuner = Finetuner(config.finetune, store, logging.getLogger().getEffectiveLevel())
     admin_token = config.read_admin_token()
     server = grpc.aio.server(options=server_options(config))
     pb_grpc.add_ControllerServicer_to_server(
@@ -141,6 +165,7 @@ async def create_server(config: ServeConfig) -> tuple[ControllerServer, int]:
             max_delta=config.max_delta,
             admin_token=admin_token,
             batching=config.batching,
+            finetune=finetuner,
         ),
         server,
     )
@@ -166,7 +191,10 @@ async def create_server(config: ServeConfig) -> tuple[ControllerServer, int]:
         address, bound = f"unix:{host}", 0
     else:
         address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
-    return ControllerServer(config, server, store, metrics, health_servicer, address), bound
+    return (
+        ControllerServer(config, server, store, metrics, health_servicer, address, finetuner),
+        bound,
+    )
 
 
 async def serve(config: ServeConfig, *, handle_signals: bool = True) -> None:
@@ -270,11 +298,59 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_MESSAGE_BYTES,
         help=f"largest request or reply in bytes (default {DEFAULT_MAX_MESSAGE_BYTES})",
     )
+    tune = parser.add_argument_group("online fine-tuning (docs/finetuning.md)")
+    tune.add_argument(
+        "--finetune",
+        type=Path,
+        default=None,
+        metavar="CHECKPOINT",
+        help="learn from reported experience, starting from this training checkpoint (agent.pt)",
+    )
+    tune.add_argument(
+        "--finetune-dir",
+        type=Path,
+        default=None,
+        help="versions directory (default: versions/ next to the checkpoint)",
+    )
+    tune.add_argument(
+        "--explore-std",
+        type=float,
+        default=0.0,
+        help="Gaussian exploration on ActStream actions, in [-1, 1] units (default 0: off)",
+    )
+    tune.add_argument(
+        "--finetune-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other FinetuneConfig field, e.g. rollback_window=20 (repeatable)",
+    )
     parser.add_argument(
         "--log-level",
         default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         help="logging level (default INFO)",
+    )
+
+
+def finetune_from_args(args: argparse.Namespace) -> FinetuneConfig | None:
+    if args.finetune is None:
+        if args.finetune_dir or args.explore_std or args.finetune_set:
+            raise ValueError("--finetune-dir, --explore-std and --finetune-set need --finetune")
+        return None
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    extra: dict[str, Any] = {}
+    for item in args.finetune_set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields or key in ("checkpoint", "versions_dir", "explore_std"):
+            raise ValueError(f"--finetune-set {item!r}: expected FIELD=VALUE, FIELD a setting of "
+                             "FinetuneConfig (docs/finetuning.md)")  # fmt: skip
+        extra[key] = json.loads(value)
+    return FinetuneConfig(
+        checkpoint=args.finetune,
+        versions_dir=args.finetune_dir,
+        explore_std=args.explore_std,
+        **extra,
     )
 
 
@@ -291,6 +367,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         tls_client_ca=args.tls_client_ca,
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_bytes,
+        finetune=finetune_from_args(args),
     )
 
 

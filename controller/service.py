@@ -12,6 +12,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Sequence
 from time import perf_counter
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -22,6 +23,9 @@ from controller.policy import ORT_ERRORS, ActError, Policy
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
 from controller.store import PolicyStore, SwapRefused
+
+if TYPE_CHECKING:
+    from controller.finetune.manager import Finetuner
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +81,10 @@ class ControllerService(pb_grpc.ControllerServicer):
         max_delta: float | None = None,
         admin_token: str | None = None,
         batching: bool = True,
+        finetune: Finetuner | None = None,
     ) -> None:
         self._store = store
+        self._finetune = finetune
         self._metrics = metrics
         self._max_delta = max_delta
         self._batcher = MicroBatcher() if batching else None
@@ -104,6 +110,9 @@ class ControllerService(pb_grpc.ControllerServicer):
     ) -> AsyncIterator[pb.ActResponse]:
         store, metrics, delta, batcher = self._store, self._metrics, self._max_delta, self._batcher
         previous: np.ndarray | None = None  # the last action sent on this stream, for max_delta
+        finetune = self._finetune
+        experience = None if finetune is None else finetune.stream()
+        explorer = None if finetune is None else finetune.explorer
         self._open_streams += 1
         try:
             async for request in request_iterator:
@@ -117,12 +126,19 @@ class ControllerService(pb_grpc.ControllerServicer):
                 except ActError as e:
                     # In-band: this request is refused, the stream stays up for the next one.
                     metrics.error("ActStream", e.code, perf_counter() - t0)
+                    if experience is not None:
+                        experience.interrupted()
                     yield pb.ActResponse(
                         seq=request.seq,
                         policy_version=policy.version,
                         error=pb.Error(code=e.code.value[0], message=e.message),
                     )
                     continue
+                if experience is not None:
+                    experience.report(request.obs, request)
+                explored = explorer is not None and not finetune.paused
+                if explored:
+                    action = explorer.perturb(action, policy.low, policy.high).tolist()
                 if delta is not None:
                     limited = np.asarray(action, np.float32)
                     if previous is not None:
@@ -134,9 +150,13 @@ class ControllerService(pb_grpc.ControllerServicer):
                         limited = np.minimum(np.maximum(limited, policy.low), policy.high)
                     previous = limited
                     action = limited.tolist()
+                if experience is not None:
+                    experience.served(action, policy.version, policy.low, policy.high)
                 reply = pb.ActResponse(
                     action=action, seq=request.seq, policy_version=policy.version
                 )
+                if explored:
+                    reply.explored = True
                 metrics.ok("ActStream", perf_counter() - t0)
                 yield reply
         finally:
@@ -195,10 +215,64 @@ class ControllerService(pb_grpc.ControllerServicer):
     ) -> pb.PolicyInfo:
         await self._authorize(context, "RollbackPolicy")
         try:
-            policy = await self._store.rollback()
+            if self._finetune is not None:  # also stops judging, and moves the restart pointer
+                policy = await self._finetune.rollback()
+            else:
+                policy = await self._store.rollback()
         except SwapRefused as e:
             await context.abort(e.code, e.message)
         return self._info(policy)
+
+    async def ReportTransitions(
+        self, request_iterator: AsyncIterator[pb.Transition], context: grpc.aio.ServicerContext
+    ) -> pb.ReportTransitionsResponse:
+        finetune = await self._finetuning(context, "ReportTransitions")
+        reply = pb.ReportTransitionsResponse()
+        dropped_before = finetune.counters.dropped
+        async for t in request_iterator:
+            error = finetune.report_transition(
+                t.obs, t.action, t.reward, t.next_obs, t.terminated, t.truncated
+            )
+            if error is None:
+                reply.accepted += 1
+            else:
+                reply.rejected += 1
+                if not reply.first_error:
+                    reply.first_error = f"transition {reply.accepted + reply.rejected}: {error}"
+        finetune.sink.flush()
+        # Drops are counted per chunk, so they may include rows other callers reported.
+        reply.dropped = min(finetune.counters.dropped - dropped_before, reply.accepted)
+        return reply
+
+    async def PauseFinetuning(
+        self, request: pb.FinetuneControlRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FinetuneStatus:
+        finetune = await self._finetuning(context, "PauseFinetuning")
+        finetune.pause()
+        return pb.FinetuneStatus(**finetune.status())
+
+    async def ResumeFinetuning(
+        self, request: pb.FinetuneControlRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FinetuneStatus:
+        finetune = await self._finetuning(context, "ResumeFinetuning")
+        finetune.resume()
+        return pb.FinetuneStatus(**finetune.status())
+
+    async def GetFinetuneStatus(
+        self, request: pb.FinetuneControlRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FinetuneStatus:
+        finetune = await self._finetuning(context, "GetFinetuneStatus")
+        return pb.FinetuneStatus(**finetune.status())
+
+    async def _finetuning(self, context: grpc.aio.ServicerContext, method: str) -> Finetuner:
+        """The fine-tuning RPCs: admin token, and the server must run with --finetune."""
+        await self._authorize(context, method)
+        if self._finetune is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{method}: fine-tuning is off; start the server with --finetune CHECKPOINT",
+            )
+        return self._finetune
 
     async def _authorize(self, context: grpc.aio.ServicerContext, method: str) -> None:
         """Admin RPCs need `authorization: Bearer <token>` when the server has a token."""

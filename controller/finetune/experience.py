@@ -39,9 +39,9 @@ def split_rows(rows: np.ndarray, obs_dim: int, act_dim: int) -> dict[str, np.nda
     }
 
 
-def to_unit(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+def to_unit(action: Sequence[float], low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """Environment units -> the [-1, 1] units the actor and critics work in (clipped)."""
-    return np.clip(2.0 * (action - low) / (high - low) - 1.0, -1.0, 1.0)
+    return np.clip(2.0 * (np.asarray(action, np.float32) - low) / (high - low) - 1.0, -1.0, 1.0)
 
 
 @dataclass
@@ -170,7 +170,14 @@ class StreamExperience:
             self._episode_return = 0.0
             self._episode_version = -1  # the next served action starts the episode
 
-    def served(self, action: np.ndarray, version: int, low: np.ndarray, high: np.ndarray) -> None:
+    def interrupted(self) -> None:
+        """A request was refused: the chain of steps (and the episode's return) is broken."""
+        self._obs = self._action = None
+        self._episode_version = None
+
+    def served(
+        self, action: Sequence[float], version: int, low: np.ndarray, high: np.ndarray
+    ) -> None:
         """The action sent for the observation last reported (after exploration and limits)."""
         self._action = to_unit(action, low, high)
         self._bounds = (low, high)

@@ -1,0 +1,173 @@
+"""Fine-tuning inside the real server: exploration flag, automatic rollback on a planted
+regression, admin RPC rules, and kill -9 in the middle of a promotion."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from controller.finetune.config import FinetuneConfig
+from controller.proto import controller_pb2 as pb
+from controller.proto import controller_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY = REPO / "policies" / "panda_reach" / "policy.onnx"
+AGENT = REPO / "policies" / "panda_reach" / "agent.pt"
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+# Small and quick: a candidate every 2 actor updates, judged on 2-3 episodes.
+FAST = dict(actor_warmup=0, candidate_every=2, batch_size=32, gate_states=32, chunk_size=8)
+DEADLINE_S = 120
+
+
+class LockStep:
+    """One ActStream driven one request at a time."""
+
+    def __init__(self, stub: pb_grpc.ControllerStub) -> None:
+        self._requests: queue.Queue[pb.ActRequest | None] = queue.Queue()
+        self._replies = stub.ActStream(iter(self._requests.get, None), timeout=DEADLINE_S)
+
+    def step(self, **fields) -> pb.ActResponse:
+        self._requests.put(pb.ActRequest(**fields))
+        return next(self._replies)
+
+    def close(self) -> None:
+        self._requests.put(None)
+
+
+def episodes(stream: LockStep, rng: np.random.Generator, reward_of) -> Iterator[pb.ActResponse]:
+    """Endless 5-step episodes; `reward_of(version)` is the reward reported for each step."""
+    reply = stream.step(obs=rng.normal(0, 0.1, 12).tolist())
+    while True:
+        for t in range(5):
+            obs = rng.normal(0, 0.1, 12).tolist()
+            done = t == 4
+            reply = stream.step(
+                obs=obs,
+                reward=reward_of(reply.policy_version),
+                truncated=done,
+                final_obs=obs if done else [],
+            )
+            yield reply
+
+
+def test_finetuning_rpcs_need_finetune_and_the_token(server_factory, policy_path, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    server = server_factory(policy_path, admin_token_file=token)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.PauseFinetuning(pb.FinetuneControlRequest(), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetFinetuneStatus(
+                pb.FinetuneControlRequest(),
+                timeout=10,
+                metadata=[("authorization", "Bearer s3cret")],
+            )
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "--finetune" in e.value.details()
+
+
+def test_regression_under_a_promoted_version_rolls_back(server_factory, tmp_path) -> None:
+    cfg = FinetuneConfig(
+        checkpoint=AGENT, versions_dir=tmp_path / "v", explore_std=0.05, rollback_window=3, **FAST
+    )
+    server = server_factory(POLICY, finetune=cfg)
+    rng = np.random.default_rng(0)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        stream = LockStep(stub)
+        seen: list[int] = []
+        # the planted regression: every version after the first earns three times less
+        for reply in episodes(stream, rng, lambda v: -1.0 if v == 1 else -3.0):
+            assert reply.explored and len(reply.action) == 3
+            if not seen or seen[-1] != reply.policy_version:
+                seen.append(reply.policy_version)
+            if len(seen) >= 3:
+                break
+        stream.close()
+        status = stub.GetFinetuneStatus(pb.FinetuneControlRequest(), timeout=10)
+    assert seen == [1, 2, 1], seen
+    assert status.rollbacks == 1 and status.promotions >= 1
+    assert status.transitions_received > 0
+
+
+def _read_lines(process: subprocess.Popen, lines: queue.Queue[str]) -> None:
+    for line in process.stderr:
+        lines.put(line)
+
+
+def _start(args: list[str]) -> tuple[subprocess.Popen, queue.Queue[str], str]:
+    script = (
+        "import argparse, sys\n"
+        "from controller.server import add_serve_arguments, serve_from_args\n"
+        "p = argparse.ArgumentParser(); add_serve_arguments(p)\n"
+        "sys.exit(serve_from_args(p.parse_args(sys.argv[1:])))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *args], env=ENV, stderr=subprocess.PIPE, text=True
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_read_lines, args=(process, lines), daemon=True).start()
+    while True:
+        line = lines.get(timeout=DEADLINE_S)
+        found = re.search(r"serving \S+ version \d+ on (\S+)", line)
+        if found:
+            return process, lines, found.group(1)
+
+
+def test_kill_9_during_a_promotion_resumes_the_last_committed_version(tmp_path: Path) -> None:
+    versions = tmp_path / "versions"
+    args = ["--policy", str(POLICY), "--listen", "127.0.0.1:0", "--finetune", str(AGENT),
+            "--finetune-dir", str(versions), "--finetune-set", "rollback_window=2",
+            *[f"--finetune-set={k}={v}" for k, v in FAST.items()]]  # fmt: skip
+    process, lines, address = _start(args)
+    try:
+        rng = np.random.default_rng(1)
+        committed = 0
+        with grpc.insecure_channel(address) as channel:
+            stream = LockStep(pb_grpc.ControllerStub(channel))
+            for _ in episodes(stream, rng, lambda v: -1.0):
+                try:
+                    line = lines.get_nowait()
+                except queue.Empty:
+                    continue
+                if m := re.search(r"committed version (\d+)", line):
+                    committed = max(committed, int(m.group(1)))
+                elif committed >= 2 and "promoting candidate" in line:
+                    process.send_signal(signal.SIGKILL)  # mid-promotion: gates, swap, commit
+                    break
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+    pointer = json.loads((versions / "current.json").read_text())
+    assert pointer["version"] >= committed >= 2
+    assert hashlib.sha256(Path(pointer["policy"]).read_bytes()).hexdigest() == pointer["sha256"]
+
+    process, lines, address = _start(args)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            info = pb_grpc.ControllerStub(channel).GetPolicy(pb.GetPolicyRequest(), timeout=10)
+        assert (info.version, info.sha256) == (pointer["version"], pointer["sha256"])
+        assert info.source == pointer["policy"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
