@@ -227,7 +227,7 @@ def run_bench(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
             serve_command(cfg.policy, "127.0.0.1:0") + ["--no-batching"]
         )
         results["sweep"] = _sweep(
-            {"ours": addr["ours"], "per-request": servers["ours per-request"].address},
+            {"micro-batched": addr["ours"], "per-request": servers["ours per-request"].address},
             obs_dim,
             cfg,
             log,
@@ -264,7 +264,10 @@ def _sweep(
     try:
         for n in cfg.clients:
             log(f"concurrency {n}: {', '.join(targets)} ...")
-            for name, target in targets.items():
+            order = list(targets.items())
+            if n % 2:  # alternate which variant goes first, so warm-up effects even out
+                order.reverse()
+            for name, target in order:
                 ns, fallbacks, seconds = pool.run(
                     target, obs_dim, n, cfg.sweep_seconds, cfg.sweep_warmup_s
                 )

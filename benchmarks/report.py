@@ -46,7 +46,7 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
             frac <= 0.001,
         )
     )
-    top = r["sweep"]["ours"][-1]
+    top = r["sweep"]["micro-batched"][-1]
     base = r["sweep"]["per-request"][-1]
     gain = top["throughput_rps"] / base["throughput_rps"]
     out.append(
@@ -112,7 +112,7 @@ def table(r: dict[str, Any]) -> str:
     lines.append("resident memory: " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items()))
     lines += ["", f"{'clients':>7} {'batched rps':>12} {'p99 µs':>8} {'per-request rps':>16} "
               f"{'p99 µs':>8} {'gain':>6}"]  # fmt: skip
-    for ours, base in zip(r["sweep"]["ours"], r["sweep"]["per-request"], strict=True):
+    for ours, base in zip(r["sweep"]["micro-batched"], r["sweep"]["per-request"], strict=True):
         lines.append(
             f"{ours['clients']:7d} {ours['throughput_rps']:12.0f} {ours['p99']:8.0f} "
             f"{base['throughput_rps']:16.0f} {base['p99']:8.0f} "

@@ -40,7 +40,7 @@ def test_bench_runs_every_part(tiny: BenchConfig, tmp_path: Path) -> None:
         assert lat[name]["n"] == 40 and 0 < lat[name]["p50"] <= lat[name]["max"]
     assert r["loop"]["ticks"] > 0 and r["loop"]["rate_hz"] == 1000
     assert r["swap"]["swaps"] >= 1 and r["swap"]["failed_swaps"] == []
-    assert [row["clients"] for row in r["sweep"]["ours"]] == [1, 2]
+    assert [row["clients"] for row in r["sweep"]["micro-batched"]] == [1, 2]
     assert all(row["throughput_rps"] > 0 for row in r["sweep"]["per-request"])
     assert 0 < r["rss_mb"]["ours"] and r["machine"]["cores"] >= 1
     text = report.table(r)
