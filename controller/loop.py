@@ -320,17 +320,22 @@ def run_sim_loop(
 
 
 def loop_from_args(args: argparse.Namespace) -> int:
-    """`mu loop`: prints the summary; returns the exit code."""
-    result = run_sim_loop(
-        args.env,
-        args.target,
-        args.rate,
-        episodes=args.episodes,
-        seconds=args.seconds,
-        ticks=args.ticks,
-        deadline_s=None if args.deadline_ms is None else args.deadline_ms / 1e3,
-        seed=args.seed,
-    )
+    """`mu loop`: prints the summary; returns the exit code. Raises ValueError for a policy
+    that does not fit the env (or bad flags)."""
+    try:
+        result = run_sim_loop(
+            args.env,
+            args.target,
+            args.rate,
+            episodes=args.episodes,
+            seconds=args.seconds,
+            ticks=args.ticks,
+            deadline_s=None if args.deadline_ms is None else args.deadline_ms / 1e3,
+            seed=args.seed,
+        )
+    except grpc.RpcError as e:  # GetPolicy before the loop: the server is not there
+        print(f"mu loop: no answer from {args.target}: {e.code().name}", file=sys.stderr)
+        return 1
     summary = summarize(result)
     print(format_summary(summary))
     if args.json is not None:
@@ -358,9 +363,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"mu loop: {e}", file=sys.stderr)
         return 2
-    except grpc.RpcError as e:
-        print(f"mu loop: no answer from the server: {e.code().name}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":
