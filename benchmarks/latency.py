@@ -220,8 +220,6 @@ def run_bench(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
             "failed_requests": swap_loop["misses"]["fallbacks"],
             "loop": swap_loop,
         }
-        rss["ours after load"] = rss_mb(servers["ours"].process.pid)
-        results["rss_mb"] = rss
 
         servers["ours per-request"] = ServerProcess(
             serve_command(cfg.policy, "127.0.0.1:0") + ["--no-batching"]
@@ -232,6 +230,8 @@ def run_bench(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
             cfg,
             log,
         )
+        rss["ours after load"] = rss_mb(servers["ours"].process.pid)
+        results["rss_mb"] = rss
     finally:
         for server in servers.values():
             server.stop()

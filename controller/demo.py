@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from controller.client import PolicyClient
-from controller.loop import SimPlant, check_policy, format_summary, run_loop, summarize
+from controller.loop import (
+    LoopResult,
+    SimPlant,
+    check_policy,
+    format_summary,
+    run_loop,
+    summarize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +132,25 @@ def pick_rate(sim_us: float, rtt_us: float) -> float:
     return next((r for r in RATES_HZ if 1e6 / r >= sim_us + rtt_us), RATES_HZ[-1])
 
 
+def drive(address: str, seconds: float) -> LoopResult:
+    """Check the served policy, pick the rate, run the simulated Panda against it."""
+    plant = SimPlant(ENV_ID, seed=0)
+    try:
+        with PolicyClient(address, deadline_s=5.0, stream=True) as client:
+            check_policy(client, ENV_ID, plant.obs_dim)
+            sim_us, rtt_us = measure_step_us(plant, client)
+            rate = pick_rate(sim_us, rtt_us)
+            print(
+                f"simulator step p99 {sim_us:.0f} µs + round trip p99 {rtt_us:.0f} µs "
+                f"-> {rate:g} Hz; running for {seconds:g} s",
+                flush=True,
+            )
+            client.deadline_s = 1.0 / rate
+            return run_loop(client, plant, rate, seconds=seconds)
+    finally:
+        plant.close()
+
+
 def run_demo(policy: Path, seconds: float) -> int:
     if not policy.is_file():
         print(
@@ -137,22 +163,10 @@ def run_demo(policy: Path, seconds: float) -> int:
         server = ServerProcess(serve_command(policy, f"unix:{tmp}/mu.sock"))
         try:
             print(f"server ready on {server.address}", flush=True)
-            plant = SimPlant(ENV_ID, seed=0)
-            with PolicyClient(server.address, deadline_s=5.0, stream=True) as client:
-                check_policy(client, ENV_ID, plant.obs_dim)
-                sim_us, rtt_us = measure_step_us(plant, client)
-                rate = pick_rate(sim_us, rtt_us)
-                print(
-                    f"simulator step p99 {sim_us:.0f} µs + round trip p99 {rtt_us:.0f} µs "
-                    f"-> {rate:g} Hz; running for {seconds:g} s",
-                    flush=True,
-                )
-                client.deadline_s = 1.0 / rate
-                result = run_loop(client, plant, rate, seconds=seconds)
-            plant.close()
-            print(format_summary(summarize(result)))
+            result = drive(server.address, seconds)
         finally:
             code = server.stop()
+        print(format_summary(summarize(result)))
         print(f"server stopped (exit code {code})")
     return 0
 
