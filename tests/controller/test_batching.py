@@ -1,0 +1,65 @@
+"""Micro-batching across streams: every request gets its own answer, bad rows fail alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from controller.client import PolicyClient
+from controller.policy import ActError, load_policy, read_policy_file
+from controller.service import MicroBatcher
+
+
+def _policy(path: Path):
+    return load_policy(read_policy_file(path), source=str(path), version=1)
+
+
+def test_one_call_answers_each_row_on_its_own(policy_path: Path) -> None:
+    policy = _policy(policy_path)
+    good = np.random.default_rng(3).normal(0, 1, (2, 26)).astype(np.float32).tolist()
+    rows = [good[0], [0.0] * 25, [float("nan")] + [0.0] * 25, good[1]]
+
+    async def submit_all():
+        batcher = MicroBatcher()
+        futures = [batcher.submit(policy, row) for row in rows]  # same loop pass: one batch
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    results = asyncio.run(submit_all())
+    np.testing.assert_allclose(results[0], policy.act(good[0]), atol=1e-6)
+    np.testing.assert_allclose(results[3], policy.act(good[1]), atol=1e-6)
+    assert isinstance(results[1], ActError) and "has 25 values" in results[1].message
+    assert isinstance(results[2], ActError) and "NaN" in results[2].message
+    assert results[1].code == results[2].code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_concurrent_streams_get_their_own_actions(
+    server_factory, policy_path: Path, batching: bool
+) -> None:
+    server = server_factory(policy_path, batching=batching)
+    session = ort.InferenceSession(str(policy_path), providers=["CPUExecutionProvider"])
+    errors: list[str] = []
+
+    def robot(seed: int) -> None:
+        obs = np.random.default_rng(seed).normal(0, 2, (40, 26)).astype(np.float32)
+        want = session.run(["action"], {"obs": obs})[0]
+        with PolicyClient(server.target, deadline_s=5) as client:
+            for row, expected in zip(obs, want, strict=True):
+                got = client.act(row)
+                if not np.allclose(got, expected, atol=1e-6):
+                    errors.append(f"robot {seed}: {got} != {expected}")
+            if client.misses:
+                errors.append(f"robot {seed}: {client.misses} misses ({client.last_error})")
+
+    threads = [threading.Thread(target=robot, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
