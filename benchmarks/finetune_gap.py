@@ -1,0 +1,297 @@
+"""Online fine-tuning across a reality gap: the PandaReach policy trained on the nominal
+simulator serves a "robot" whose motor is weak and miscalibrated (applied action = 0.5 * a +
+bias, clipped to the bounds). One run measures, with the same evaluation seeds:
+
+  nominal   the policy on the nominal simulator (what the gap costs is measured against it)
+  before    the served policy on the gap simulator, server without fine-tuning (learner off)
+  online    N steps of fine-tuning from the robot's reported rewards (learner on, exploring)
+  after     the version the server promoted, evaluated deterministically on the gap simulator
+
+and the ActStream round-trip p99 seen by the loop with the learner off and on. The loop runs at
+a fixed rate (default 100 Hz) like a robot would, so the learner gets the time between steps.
+
+    python -m benchmarks.finetune_gap [--steps 12000] [--seed 0] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import queue
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from controller.config import ServeConfig
+from controller.finetune.config import FinetuneConfig
+from controller.proto import controller_pb2 as pb
+from controller.proto import controller_pb2_grpc as pb_grpc
+from controller.server import start_in_thread
+from training.envs import make_env
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICY = ROOT / "policies" / "panda_reach" / "policy.onnx"
+AGENT = ROOT / "policies" / "panda_reach" / "agent.pt"
+MOTOR_SCALE = 0.5
+MOTOR_BIAS = np.array([0.2, -0.2, 0.2], np.float32)
+EVAL_SEED = 10_000  # evaluation episodes reset with EVAL_SEED + i; online episodes elsewhere
+
+
+class GapEnv:
+    """The simulated robot with the gap, in front of the env (a reset seed per episode)."""
+
+    def __init__(self, gap: bool, seed: int) -> None:
+        self.env = make_env("PandaReachDense-v3", seed)
+        self.gap = gap
+
+    def reset(self, seed: int) -> np.ndarray:
+        return self.env.reset(seed=seed)[0]
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool]:
+        if self.gap:
+            action = np.clip(MOTOR_SCALE * action + MOTOR_BIAS, -1.0, 1.0)
+        obs, r, terminated, truncated, _ = self.env.step(action)
+        return obs, float(r), bool(terminated), bool(truncated)
+
+
+class LockStep:
+    """One ActStream, one request at a time, timed."""
+
+    def __init__(self, stub: pb_grpc.ControllerStub) -> None:
+        self._requests: queue.Queue[pb.ActRequest | None] = queue.Queue()
+        self._replies = stub.ActStream(iter(self._requests.get, None))
+        self.rtt_us: list[float] = []
+        self._first = True
+
+    def step(self, request: pb.ActRequest) -> pb.ActResponse:
+        t0 = time.perf_counter()
+        self._requests.put(request)
+        reply = next(self._replies)
+        if not self._first:  # the first step also opens the stream
+            self.rtt_us.append((time.perf_counter() - t0) * 1e6)
+        self._first = False
+        if reply.HasField("error"):
+            raise RuntimeError(f"server refused step {request.seq}: {reply.error.message}")
+        return reply
+
+    def close(self) -> None:
+        self._requests.put(None)
+
+
+def run_episodes(
+    stream: LockStep,
+    env: GapEnv,
+    seeds: list[int],
+    rate_hz: float,
+    report: bool,
+    max_steps: int | None = None,
+) -> tuple[list[float], list[int]]:
+    """Episodes reset with `seeds` (stopping early after `max_steps`) at a fixed rate; with
+    `report`, rewards go back on the next request (the convention in controller.proto).
+    Returns (returns, version that ended each episode)."""
+    period, next_tick = 1.0 / rate_hz, time.perf_counter()
+    returns, versions = [], []
+    seq = 0
+    obs = env.reset(seeds[0])
+    reply = stream.step(pb.ActRequest(obs=obs.tolist(), seq=seq))
+    for k, _ in enumerate(seeds):
+        total, done = 0.0, False
+        while not done:
+            obs, r, terminated, truncated = env.step(np.asarray(reply.action, np.float32))
+            total += r
+            done = terminated or truncated
+            request = pb.ActRequest(seq=(seq := seq + 1))
+            if done:
+                final = obs
+                obs = env.reset(seeds[k + 1]) if k + 1 < len(seeds) else obs
+                if report:
+                    request.final_obs[:] = final.tolist()
+            if report:
+                request.reward = r
+                request.terminated, request.truncated = terminated, truncated
+            request.obs[:] = obs.tolist()
+            next_tick += period
+            delay = next_tick - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                next_tick = time.perf_counter()
+            reply = stream.step(request)
+        returns.append(total)
+        versions.append(reply.policy_version)
+        if max_steps is not None and seq >= max_steps:
+            break
+    return returns, versions
+
+
+def p99(values: list[float]) -> float:
+    return float(np.percentile(values, 99))
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    eval_seeds = [EVAL_SEED + i for i in range(args.eval_episodes)]
+    results: dict[str, Any] = {
+        "env_id": "PandaReachDense-v3",
+        "gap": {"motor_scale": MOTOR_SCALE, "motor_bias": MOTOR_BIAS.tolist()},
+        "seed": args.seed,
+        "rate_hz": args.rate,
+        "eval_seeds": [eval_seeds[0], eval_seeds[-1]],
+    }
+    tmp = tempfile.TemporaryDirectory(prefix="mu-finetune-")
+    try:
+        # nominal and before: a plain server (no learner process at all)
+        server = start_in_thread(ServeConfig(policy=POLICY, listen="127.0.0.1:0"))
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.ControllerStub(channel)
+            for name, gap in (("nominal", False), ("before", True)):
+                stream = LockStep(stub)
+                rets, _ = run_episodes(stream, GapEnv(gap, args.seed), eval_seeds, args.rate, False)
+                stream.close()
+                results[name] = {"mean_return": float(np.mean(rets)), "returns": rets}
+                if name == "before":
+                    results["p99_us_learner_off"] = p99(stream.rtt_us)
+                    results["p50_us_learner_off"] = float(np.median(stream.rtt_us))
+                log.info("%s: mean return %.3f", name, np.mean(rets))
+        server.stop()
+
+        cfg = FinetuneConfig(
+            checkpoint=AGENT,
+            versions_dir=Path(tmp.name) / "versions",
+            explore_std=args.explore_std,
+            rollback_window=args.window,
+            candidate_every=args.candidate_every,
+            actor_lr=args.actor_lr,
+            seed=args.seed,
+        )
+        server = start_in_thread(ServeConfig(policy=POLICY, listen="127.0.0.1:0", finetune=cfg))
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.ControllerStub(channel)
+            online_seeds = [args.seed * 100_000 + i for i in range(args.steps)]
+            stream = LockStep(stub)
+            t0 = time.perf_counter()
+            rets, versions = run_episodes(
+                stream, GapEnv(True, args.seed), online_seeds, args.rate, True, args.steps
+            )
+            stream.close()
+            results["online"] = {
+                "steps": args.steps,
+                "wall_s": time.perf_counter() - t0,
+                "returns": rets,
+                "versions": versions,
+            }
+            results["p99_us_learner_on"] = p99(stream.rtt_us)
+            results["p50_us_learner_on"] = float(np.median(stream.rtt_us))
+            status = stub.GetFinetuneStatus(pb.FinetuneControlRequest(), timeout=10)
+            stub.PauseFinetuning(pb.FinetuneControlRequest(), timeout=10)  # no exploration
+            results["status"] = {
+                k: getattr(status, k)
+                for k in ("updates", "actor_updates", "candidates", "promotions", "refusals",
+                          "rollbacks", "transitions_received", "transitions_dropped")
+            }  # fmt: skip
+            results["status"]["last_refusal"] = status.last_refusal
+            stream = LockStep(stub)
+            rets, versions = run_episodes(
+                stream, GapEnv(True, args.seed), eval_seeds, args.rate, False
+            )
+            stream.close()
+            results["after"] = {
+                "mean_return": float(np.mean(rets)),
+                "returns": rets,
+                "version": versions[-1],
+            }
+        server.stop()
+    finally:
+        tmp.cleanup()
+    nominal, before, after = (results[k]["mean_return"] for k in ("nominal", "before", "after"))
+    results["recovered_share"] = (after - before) / (nominal - before)
+    results["p99_ratio"] = results["p99_us_learner_on"] / results["p99_us_learner_off"]
+    return results
+
+
+def table(r: dict[str, Any]) -> str:
+    s = r["status"]
+    rows = [
+        ("nominal sim, served policy", f"{r['nominal']['mean_return']:.3f}"),
+        ("gap sim, before fine-tuning", f"{r['before']['mean_return']:.3f}"),
+        (
+            f"gap sim, after {r['online']['steps']} online steps (version {r['after']['version']})",
+            f"{r['after']['mean_return']:.3f}",
+        ),
+        ("share of the gap recovered", f"{100 * r['recovered_share']:.0f}%"),
+        (
+            "ActStream p99 learner off / on",
+            f"{r['p99_us_learner_off']:.0f} / "
+            f"{r['p99_us_learner_on']:.0f} µs ({r['p99_ratio']:.2f}x, target <= 1.25x)",
+        ),  # fmt: skip
+        (
+            "updates / candidates / promoted / refused / rolled back",
+            f"{s['updates']} / {s['candidates']} / {s['promotions']} / {s['refusals']} / "
+            f"{s['rollbacks']}",
+        ),  # fmt: skip
+    ]
+    width = max(len(k) for k, _ in rows)
+    head = (
+        f"PandaReachDense-v3, motor x{MOTOR_SCALE} + bias {MOTOR_BIAS.tolist()}, seed {r['seed']}, "
+        f"{len(r['before']['returns'])} eval episodes (seeds {r['eval_seeds'][0]}..."
+        f"{r['eval_seeds'][1]}), loop at {r['rate_hz']:g} Hz"
+    )
+    return "\n".join([head, *(f"  {k:<{width}}  {v}" for k, v in rows)])
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    rets, versions = np.asarray(r["online"]["returns"]), np.asarray(r["online"]["versions"])
+    steps = np.arange(1, len(rets) + 1)
+    sc = ax.scatter(steps, rets, c=versions, s=8, cmap="viridis", label="online episode")
+    k = min(20, len(rets))
+    ax.plot(steps[k - 1 :], np.convolve(rets, np.ones(k) / k, "valid"), "k", label=f"mean of {k}")
+    for name, style in (("nominal", "g--"), ("before", "r--"), ("after", "b--")):
+        ax.axhline(r[name]["mean_return"], color=style[0], ls="--", label=f"{name} (eval)")
+    ax.set(xlabel="online episodes", ylabel="episode return", title="Fine-tuning across the gap")
+    fig.colorbar(sc, ax=ax, label="policy version")
+    ax.legend(fontsize=7, loc="lower right")
+    bx.bar(["learner off", "learner on"], [r["p99_us_learner_off"], r["p99_us_learner_on"]])
+    bx.set(ylabel="ActStream p99 (µs)", title="Serving p99")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12_000, help="online steps (control ticks)")
+    parser.add_argument("--eval-episodes", type=int, default=20)
+    parser.add_argument("--rate", type=float, default=100.0, help="control loop rate, Hz")
+    parser.add_argument("--explore-std", type=float, default=0.1)
+    parser.add_argument(
+        "--candidate-every", type=int, default=50, help="actor updates between candidates"
+    )
+    parser.add_argument("--actor-lr", type=float, default=2e-5)
+    parser.add_argument("--window", type=int, default=5, help="rollback window, episodes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    r = measure(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "finetune_gap.json").write_text(json.dumps(r, indent=2))
+    plot(r, args.out / "finetune_gap.png")
+    sys.stdout.write(table(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
