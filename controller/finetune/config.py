@@ -30,7 +30,7 @@ class FinetuneConfig:
     #: Capacity of the learner's replay buffer (transitions).
     buffer_size: int = 100_000
     #: Adam learning rates for fine-tuning: lower than training's, so one bad batch moves little.
-    actor_lr: float = 1e-4
+    actor_lr: float = 2e-5
     critic_lr: float = 3e-4
     #: Transitions per TD3 update.
     batch_size: int = 128
@@ -40,8 +40,9 @@ class FinetuneConfig:
     #: Most TD3 updates per received transition (update-to-data ratio); the learner idles once
     #: it has used its share, so it neither overfits a small buffer nor burns the CPU.
     updates_per_transition: float = 1.0
-    #: Actor updates between two candidate exports.
-    candidate_every: int = 250
+    #: Actor updates between two candidate exports. Small, frequent steps pass the change
+    #: gates; with lr 1e-4 and 250 updates every candidate moved too far and was refused.
+    candidate_every: int = 50
     #: Gate: largest |candidate - current| action over recent states, as a fraction of the
     #: action range (high - low), per dimension.
     gate_max_change: float = 0.5
