@@ -6,7 +6,8 @@
 Both are evaluated the same way during training: deterministic actions, `--eval-episodes`
 episodes on an env seeded apart from the training env (episode i reset with seed 10^6 + seed + i),
 every `--eval-every` steps, wall-clock counted from the start of training including evaluation.
-Runs go to worker processes (`--jobs`, one torch thread each). Prints a table, writes JSON and a
+Runs go to worker processes (`--jobs`, one torch thread each); finished runs found in `--out`
+are reused, so an interrupted benchmark can be rerun cheaply. Prints a table, writes JSON and a
 PNG of the learning curves against steps and against wall-clock.
 
 `--updates-only` measures the TD3 update alone (no simulator): updates per second on random
@@ -19,6 +20,7 @@ import argparse
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +50,23 @@ def run_ours(
         }  # fmt: skip
     )
     run = Path(out) / f"mu-{env_id}-s{seed}"
-    train(cfg, run, progress=False)
+    if not _finished(run / "evals.csv", steps):  # a finished run is reused, not retrained
+        train(cfg, run, progress=False)
     rows = [line.split(",") for line in (run / "evals.csv").read_text().splitlines()[1:]]
     return _curve("mu", env_id, seed, [[float(x) if x else None for x in r] for r in rows])
+
+
+def _finished(evals_csv: Path, steps: int) -> bool:
+    lines = evals_csv.read_text().splitlines() if evals_csv.exists() else []
+    return len(lines) > 1 and int(lines[-1].split(",")[0]) == steps
 
 
 def run_sb3(
     env_id: str, seed: int, steps: int, eval_every: int, eval_episodes: int, out: str
 ) -> dict:
+    cached = Path(out) / f"sb3-{env_id}-s{seed}.json"
+    if cached.exists() and json.loads(cached.read_text())["steps"][-1:] == [steps]:
+        return json.loads(cached.read_text())
     import torch
     from stable_baselines3 import TD3
     from stable_baselines3.common.callbacks import BaseCallback
@@ -119,7 +130,9 @@ def run_sb3(
             return True
 
     model.learn(total_timesteps=steps, callback=Evaluate())
-    return _curve("sb3", env_id, seed, rows)
+    curve = _curve("sb3", env_id, seed, rows)
+    cached.write_text(json.dumps(curve))  # a long benchmark that stops can be rerun cheaply
+    return curve
 
 
 def _curve(impl: str, env_id: str, seed: int, rows: list[list]) -> dict:
@@ -281,9 +294,7 @@ def updates_only(args: argparse.Namespace) -> None:
                 "updates_per_s": rate,
             }
         )
-        print(
-            f"{args.device} threads={args.threads} hidden={hidden}: {rate:8.1f} updates/s"
-        )
+        print(f"{args.device} threads={args.threads} hidden={hidden}: {rate:8.1f} updates/s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"updates_{args.device.replace(':', '')}_t{args.threads}.json"
@@ -314,7 +325,10 @@ def main(argv: list[str] | None = None) -> None:
     jobs = [
         (fn, env, seed) for env in args.env for seed in args.seeds for fn in (run_ours, run_sb3)
     ]
-    with ProcessPoolExecutor(args.jobs) as pool:
+    # a fresh spawned process per run: no state, and no stale module, shared between runs
+    with ProcessPoolExecutor(
+        args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1
+    ) as pool:
         futures = [
             pool.submit(fn, env, seed, args.steps, args.eval_every, args.eval_episodes, str(out))
             for fn, env, seed in jobs
