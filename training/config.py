@@ -30,7 +30,7 @@ class TrainConfig:
     # TD3 update
     n_critics: int = _f(2, "Critics in the ensemble; the target takes their minimum.")
     gamma: float = _f(0.99, "Discount factor.")
-    n_step: int = _f(1, "Rewards summed in the TD target before bootstrapping (n-step return).")
+    n_step: int = _f(5, "Rewards summed in the TD target before bootstrapping (n-step return).")
     tau: float = _f(0.005, "Polyak rate of the target networks.")
     actor_lr: float = _f(1e-3, "Adam learning rate of the actor.")
     critic_lr: float = _f(1e-3, "Adam learning rate of the critics.")
