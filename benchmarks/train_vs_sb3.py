@@ -204,7 +204,7 @@ def print_table(rows: list[dict], curves: list[dict]) -> str:
                     for c in by[impl]
                     if i < len(c["return"]) and c["success_rate"][i] is not None
                 ]
-                cell = f"{np.mean(vals):8.1f} ± {np.std(vals):6.1f}"
+                cell = f"{_num(np.mean(vals)):>8} ± {_num(np.std(vals)):>6}"
                 cells.append(cell + (f" ({np.mean(succ):.2f})" if succ else "       "))
             lines.append(f"{step:>8} | {cells[0]:>22} | {cells[1]:>22}")
         head = ["seed", "mu final", "sb3 final", "mu wall", "sb3 wall", "mu t→sb3 final", "ratio"]
@@ -216,12 +216,17 @@ def print_table(rows: list[dict], curves: list[dict]) -> str:
                 else f"{r['mu_time_to_sb3_final_s']:.0f}s"
             )
             ratio = "-" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}"
-            cells = [r["seed"], f"{r['mu_return']:.1f}", f"{r['sb3_return']:.1f}"]
+            cells = [r["seed"], _num(r["mu_return"]), _num(r["sb3_return"])]
             cells += [f"{r['mu_wall_s']:.0f}s", f"{r['sb3_wall_s']:.0f}s", t, ratio]
             lines.append(" ".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS, strict=True)))
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def _num(x: float) -> str:
+    """Returns near zero (PandaReach: about -0.2) need more decimals than locomotion's."""
+    return f"{x:.3f}" if abs(x) < 10 else f"{x:.1f}"
 
 
 def plot(curves: list[dict], path: Path) -> None:
