@@ -82,12 +82,8 @@ def update(
     Returns detached losses (tensors, so no device sync happens here)."""
     s = agent.normalizer(batch["obs"])
     s2 = agent.normalizer(batch["next_obs"])
-    a, r, terminal, discount = (
-        batch["action"],
-        batch["reward"],
-        batch["terminal"],
-        batch["discount"],
-    )
+    a, r = batch["action"], batch["reward"]
+    terminal, discount = batch["terminal"], batch["discount"]
 
     # 1. TD target from the target actor (smoothed by clipped noise) and the smallest target critic
     with torch.no_grad():
