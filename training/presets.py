@@ -1,7 +1,7 @@
 """Per-environment training presets, in one place.
 
 `TrainConfig`'s defaults are a plain, fast-learning TD3 ([256, 256], lr 1e-3, γ 0.99, 1000
-random steps, observation normalization). A preset overrides only what its environment needs.
+random steps, observation normalization, 5-step returns). A preset overrides only what its environment needs.
 `zoo` reproduces RL Zoo's TD3 settings for the Bullet envs (td3.yml), for like-for-like
 comparison with Stable-Baselines3.
 """
@@ -25,6 +25,7 @@ ZOO: dict[str, Any] = {
     "policy_delay": 2,
     "target_noise": 0.2,
     "target_noise_clip": 0.5,
+    "n_step": 1,
 }
 
 # Default preset per env id; ids not listed use TrainConfig's defaults.
