@@ -1,7 +1,8 @@
 """Per-environment training presets, in one place.
 
 `TrainConfig`'s defaults are a plain, fast-learning TD3 ([256, 256], lr 1e-3, γ 0.99, 1000
-random steps, observation normalization, 5-step returns). A preset overrides only what its environment needs.
+random steps, observation normalization, 5-step returns). A preset overrides only what its
+environment needs.
 `zoo` reproduces RL Zoo's TD3 settings for the Bullet envs (td3.yml), for like-for-like
 comparison with Stable-Baselines3.
 """
