@@ -31,9 +31,11 @@ ZOO: dict[str, Any] = {
 
 # Default preset per env id; ids not listed use TrainConfig's defaults.
 BY_ENV: dict[str, dict[str, Any]] = {
-    # Short (50-step) episodes with a dense distance reward: a short horizon learns faster.
-    "PandaReachDense-v3": {"gamma": 0.95, "eval_every": 2000, "eval_episodes": 20},
-    "PandaPushDense-v3": {"gamma": 0.95, "eval_every": 5000, "eval_episodes": 20},
+    # Short (50-step) episodes with a dense distance reward, ended on success: a short horizon
+    # learns faster, and 1-step returns measured better than 5 on Reach (return -0.196 vs -0.226
+    # at 18k steps, seed 0).
+    "PandaReachDense-v3": {"gamma": 0.95, "n_step": 1, "eval_every": 2000, "eval_episodes": 20},
+    "PandaPushDense-v3": {"gamma": 0.95, "n_step": 1, "eval_every": 5000, "eval_episodes": 20},
     # Locomotion: RL Zoo's discount and larger nets; keep our normalization and faster start.
     "HalfCheetahBulletEnv-v0": {
         "gamma": 0.98,
