@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from training.envs import EVAL_SEED_OFFSET
 from training.presets import ZOO
 
-EVAL_SEED_OFFSET = 1_000_000
 WIDTHS = [4, 9, 9, 8, 8, 14, 6]
 
 
@@ -72,7 +72,7 @@ def run_sb3(
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.noise import NormalActionNoise
 
-    from training.envs import is_success, make_env
+    from training.envs import make_env, run_episodes
 
     torch.set_num_threads(1)
     env, eval_env = make_env(env_id, seed), make_env(env_id, seed + EVAL_SEED_OFFSET)
@@ -105,18 +105,12 @@ def run_sb3(
 
         def _on_step(self) -> bool:
             if self.num_timesteps % eval_every == 0:
-                returns, successes = [], []
-                for i in range(eval_episodes):
-                    obs, _ = eval_env.reset(seed=seed + EVAL_SEED_OFFSET + i)
-                    total, done, info = 0.0, False, {}
-                    while not done:
-                        action, _ = self.model.predict(obs, deterministic=True)
-                        obs, r, terminated, truncated, info = eval_env.step(action)
-                        total += float(r)
-                        done = terminated or truncated
-                    returns.append(total)
-                    successes.append(is_success(info))
-                rate = None if successes[0] is None else float(np.mean(successes))
+                returns, rate = run_episodes(
+                    eval_env,
+                    lambda obs: self.model.predict(obs, deterministic=True)[0],
+                    eval_episodes,
+                    seed + EVAL_SEED_OFFSET,
+                )
                 wall = time.perf_counter() - self.t0
                 rows.append(
                     [

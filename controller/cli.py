@@ -7,13 +7,13 @@ Each subcommand imports what it needs when it runs, so a serving install (no tor
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 
 
 def _train(args: argparse.Namespace) -> int:
+    from controller.config import parse_overrides
     from training.config import TrainConfig
     from training.presets import preset
     from training.trainer import train
@@ -29,7 +29,10 @@ def _train(args: argparse.Namespace) -> int:
     else:
         if not args.env:
             raise SystemExit("mu train: --env is required (or --resume RUN)")
-        overrides = {**preset(args.env, args.preset), **_parse_sets(args.set)}
+        overrides = {
+            **preset(args.env, args.preset),
+            **parse_overrides(TrainConfig, args.set, "--set"),
+        }
         cfg = TrainConfig.from_dict(
             {
                 **overrides,
@@ -44,25 +47,6 @@ def _train(args: argparse.Namespace) -> int:
         path = train(cfg, out)
     print(f"policy: {path}")
     return 0
-
-
-def _parse_sets(items: list[str]) -> dict:
-    """--set key=value, value parsed as JSON when it parses (numbers, lists, booleans)."""
-    from training.config import TrainConfig
-
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in names:
-            raise SystemExit(
-                f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(names)}"
-            )
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _export(args: argparse.Namespace) -> int:

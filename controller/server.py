@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import json
 import logging
 import signal
 import threading
@@ -29,6 +27,7 @@ from controller.config import (
     ServeConfig,
     is_local,
     parse_listen,
+    parse_overrides,
 )
 from controller.finetune.config import FinetuneConfig
 from controller.finetune.manager import Finetuner, resume_policy
@@ -338,14 +337,12 @@ def finetune_from_args(args: argparse.Namespace) -> FinetuneConfig | None:
         if args.finetune_dir or args.explore_std or args.finetune_set:
             raise ValueError("--finetune-dir, --explore-std and --finetune-set need --finetune")
         return None
-    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    extra: dict[str, Any] = {}
-    for item in args.finetune_set:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields or key in ("checkpoint", "versions_dir", "explore_std"):
-            raise ValueError(f"--finetune-set {item!r}: expected FIELD=VALUE, FIELD a setting of "
-                             "FinetuneConfig (docs/finetuning.md)")  # fmt: skip
-        extra[key] = json.loads(value)
+    extra = parse_overrides(
+        FinetuneConfig,
+        args.finetune_set,
+        "--finetune-set",
+        exclude=("checkpoint", "versions_dir", "explore_std"),  # they have flags of their own
+    )
     return FinetuneConfig(
         checkpoint=args.finetune,
         versions_dir=args.finetune_dir,

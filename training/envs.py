@@ -10,12 +10,14 @@ import contextlib
 import ctypes
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import gymnasium as gym
 import numpy as np
 
 ObsLayout = list[tuple[str, int]]
+# Evaluation envs are seeded this far from the training seed, so the two never share starts.
+EVAL_SEED_OFFSET = 1_000_000
 _libc = ctypes.CDLL(None)
 
 
@@ -104,3 +106,23 @@ def is_success(info: dict) -> float | None:
     """The env's success flag (panda-gym reports `is_success`), or None when it has none."""
     flag = info.get("is_success")
     return None if flag is None else float(flag)
+
+
+def run_episodes(
+    env: gym.Env, act: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int
+) -> tuple[list[float], float | None]:
+    """Returns of `episodes` episodes, episode i reset with seed + i (the same start states at
+    every evaluation), with `act` mapping an observation to an action in the env's units; and
+    the success rate, None when the env reports none."""
+    returns, successes = [], []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        total, done, info = 0.0, False, {}
+        while not done:
+            obs, r, terminated, truncated, info = env.step(act(obs))
+            total += float(r)
+            done = terminated or truncated
+        returns.append(total)
+        successes.append(is_success(info))
+    rate = None if successes[0] is None else float(np.mean(successes))
+    return returns, rate

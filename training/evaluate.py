@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from training.envs import is_success, make_env
+from training.envs import make_env, run_episodes
 
 
 @dataclass
@@ -31,19 +31,10 @@ def evaluate_onnx(
     sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     env_id = env_id or sess.get_modelmeta().custom_metadata_map["mu.env_id"]
     env = make_env(env_id, seed)
-    returns, successes = [], []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total, done, info = 0.0, False, {}
-        while not done:
-            action = sess.run(["action"], {"obs": obs[None]})[0][0]
-            obs, r, terminated, truncated, info = env.step(action)
-            total += float(r)
-            done = terminated or truncated
-        returns.append(total)
-        successes.append(is_success(info))
+    returns, rate = run_episodes(
+        env, lambda obs: sess.run(["action"], {"obs": obs[None]})[0][0], episodes, seed
+    )
     env.close()
-    rate = None if successes[0] is None else float(np.mean(successes))
     return OnnxEval(env_id, returns, rate)
 
 

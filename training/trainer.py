@@ -19,14 +19,19 @@ from tqdm import tqdm
 
 from training import checkpoint
 from training.config import TrainConfig
-from training.envs import FlatObs, action_bounds, is_success, make_env, to_env_units
+from training.envs import (
+    EVAL_SEED_OFFSET,
+    FlatObs,
+    action_bounds,
+    make_env,
+    run_episodes,
+    to_env_units,
+)
 from training.noise import make_noise
 from training.replay import ReplayBuffer
 from training.td3 import Agent, update
 
 log = logging.getLogger(__name__)
-
-EVAL_SEED_OFFSET = 1_000_000
 
 
 @dataclass
@@ -37,21 +42,14 @@ class EvalResult:
 
 
 def evaluate(agent: Agent, env: FlatObs, episodes: int, seed: int, device: str) -> EvalResult:
-    """Deterministic returns over `episodes`, each reset with seed `seed + i`: the same start
-    states at every evaluation, independent of the training env's history."""
+    """Deterministic returns of the agent over `episodes` (see `run_episodes`)."""
     low, high = action_bounds(env)
-    returns, successes = [], []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total, done, info = 0.0, False, {}
-        while not done:
-            a = agent.act(torch.as_tensor(obs, device=device).unsqueeze(0))[0].cpu().numpy()
-            obs, r, terminated, truncated, info = env.step(to_env_units(a, low, high))
-            total += float(r)
-            done = terminated or truncated
-        returns.append(total)
-        successes.append(is_success(info))
-    rate = None if successes[0] is None else float(np.mean(successes))
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        a = agent.act(torch.as_tensor(obs, device=device).unsqueeze(0))[0].cpu().numpy()
+        return to_env_units(a, low, high)
+
+    returns, rate = run_episodes(env, act, episodes, seed)
     return EvalResult(float(np.mean(returns)), float(np.std(returns)), rate)
 
 
