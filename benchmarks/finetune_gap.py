@@ -3,12 +3,14 @@ simulator serves a "robot" whose motor is weak and miscalibrated (applied action
 bias, clipped to the bounds). One run measures, with the same evaluation seeds:
 
   nominal   the policy on the nominal simulator (what the gap costs is measured against it)
-  before    the served policy on the gap simulator, server without fine-tuning (learner off)
+  before    the served policy on the gap simulator, learner paused
   online    N steps of fine-tuning from the robot's reported rewards (learner on, exploring)
   after     the version the server promoted, evaluated deterministically on the gap simulator
 
-and the ActStream round-trip p99 seen by the loop with the learner off and on. The loop runs at
-a fixed rate (default 100 Hz) like a robot would, so the learner gets the time between steps.
+and the ActStream round-trip p99 seen by the loop with the learner paused and on, over N ticks
+each, in alternating blocks of the same loop (see `online`), against `mu serve` in its own
+process as on a robot computer. The loop runs at a fixed rate (default 100 Hz) like a robot
+would, so the learner gets the time between steps.
 
     python -m benchmarks.finetune_gap [--steps 12000] [--seed 0] [--out benchmarks/results]
 """
@@ -22,17 +24,16 @@ import queue
 import sys
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
-from controller.config import ServeConfig
-from controller.finetune.config import FinetuneConfig
+from controller.demo import ServerProcess, serve_command
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
-from controller.server import start_in_thread
 from training.envs import make_env
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ POLICY = ROOT / "policies" / "panda_reach" / "policy.onnx"
 AGENT = ROOT / "policies" / "panda_reach" / "agent.pt"
 MOTOR_SCALE = 0.5
 MOTOR_BIAS = np.array([0.2, -0.2, 0.2], np.float32)
+SETTLE_S = 3.0  # longer than a candidate export takes the learner
 EVAL_SEED = 10_000  # evaluation episodes reset with EVAL_SEED + i; online episodes elsewhere
 
 
@@ -132,92 +134,109 @@ def run_episodes(
     return returns, versions
 
 
-def p99(values: list[float]) -> float:
-    return float(np.percentile(values, 99))
+def serve(args: argparse.Namespace, versions: Path | None) -> ServerProcess:
+    """`mu serve` in its own process, as on a robot computer; with `versions`, fine-tuning on."""
+    command = serve_command(POLICY, "127.0.0.1:0")
+    if versions is not None:
+        command += ["--finetune", str(AGENT), "--finetune-dir", str(versions),
+                    "--explore-std", str(args.explore_std)]  # fmt: skip
+        for field, value in (("candidate_every", args.candidate_every),
+                             ("actor_lr", args.actor_lr), ("rollback_window", args.window),
+                             ("seed", args.seed)):  # fmt: skip
+            command += ["--finetune-set", f"{field}={value}"]
+    return ServerProcess(command)
+
+
+def evaluate(stub: pb_grpc.ControllerStub, gap: bool, args: argparse.Namespace) -> dict:
+    stream = LockStep(stub)
+    eval_seeds = [EVAL_SEED + i for i in range(args.eval_episodes)]
+    rets, versions = run_episodes(stream, GapEnv(gap, args.seed), eval_seeds, args.rate, False)
+    stream.close()
+    return {"mean_return": float(np.mean(rets)), "returns": rets, "version": versions[-1]}
+
+
+def online(stub: pb_grpc.ControllerStub, args: argparse.Namespace) -> dict[str, Any]:
+    """`args.steps` ticks with the learner on, in blocks of `args.block` that alternate with as
+    many ticks with it paused (no updates, no exploration): the same loop, stream and reported
+    traffic, so the two latency samples differ in the learner alone, and drift on a shared
+    machine falls on both."""
+    env, control = GapEnv(True, args.seed), pb.FinetuneControlRequest()
+    seeds = iter(range(args.seed * 100_000, args.seed * 100_000 + 2 * args.steps))
+    rtt: dict[str, list[float]] = {"off": [], "on": []}
+    returns: list[float] = []
+    versions: list[int] = []
+    t0 = time.perf_counter()
+    while len(rtt["on"]) < args.steps:
+        for side in ("off", "on"):
+            if side == "off":
+                stub.PauseFinetuning(control, timeout=10)
+                time.sleep(SETTLE_S)  # the learner finishes the update or export it is in
+            else:
+                stub.ResumeFinetuning(control, timeout=10)
+            stream = LockStep(stub)
+            block_seeds = list(islice(seeds, args.block))  # episodes end before they run out
+            rets, vers = run_episodes(stream, env, block_seeds, args.rate, True, args.block)
+            stream.close()
+            rtt[side] += stream.rtt_us
+            if side == "on":
+                returns += rets
+                versions += vers
+    stub.PauseFinetuning(control, timeout=10)  # evaluated without exploration from here on
+    return {
+        "steps": len(rtt["on"]),
+        "wall_s": time.perf_counter() - t0,
+        "returns": returns,
+        "versions": versions,
+        "latency": {side: latency(values) for side, values in rtt.items()},
+    }
+
+
+def latency(rtt_us: list[float]) -> dict[str, float]:
+    return {
+        "ticks": len(rtt_us),
+        "p50_us": float(np.percentile(rtt_us, 50)),
+        "p99_us": float(np.percentile(rtt_us, 99)),
+    }
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    eval_seeds = [EVAL_SEED + i for i in range(args.eval_episodes)]
     results: dict[str, Any] = {
         "env_id": "PandaReachDense-v3",
         "gap": {"motor_scale": MOTOR_SCALE, "motor_bias": MOTOR_BIAS.tolist()},
         "seed": args.seed,
         "rate_hz": args.rate,
-        "eval_seeds": [eval_seeds[0], eval_seeds[-1]],
+        "eval_seeds": [EVAL_SEED, EVAL_SEED + args.eval_episodes - 1],
     }
-    tmp = tempfile.TemporaryDirectory(prefix="mu-finetune-")
-    try:
-        # nominal and before: a plain server (no learner process at all)
-        server = start_in_thread(ServeConfig(policy=POLICY, listen="127.0.0.1:0"))
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.ControllerStub(channel)
-            for name, gap in (("nominal", False), ("before", True)):
-                stream = LockStep(stub)
-                rets, _ = run_episodes(stream, GapEnv(gap, args.seed), eval_seeds, args.rate, False)
-                stream.close()
-                results[name] = {"mean_return": float(np.mean(rets)), "returns": rets}
-                if name == "before":
-                    results["p99_us_learner_off"] = p99(stream.rtt_us)
-                    results["p50_us_learner_off"] = float(np.median(stream.rtt_us))
-                log.info("%s: mean return %.3f", name, np.mean(rets))
-        server.stop()
-
-        cfg = FinetuneConfig(
-            checkpoint=AGENT,
-            versions_dir=Path(tmp.name) / "versions",
-            explore_std=args.explore_std,
-            rollback_window=args.window,
-            candidate_every=args.candidate_every,
-            actor_lr=args.actor_lr,
-            seed=args.seed,
-        )
-        server = start_in_thread(ServeConfig(policy=POLICY, listen="127.0.0.1:0", finetune=cfg))
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.ControllerStub(channel)
-            online_seeds = [args.seed * 100_000 + i for i in range(args.steps)]
-            stream = LockStep(stub)
-            t0 = time.perf_counter()
-            rets, versions = run_episodes(
-                stream, GapEnv(True, args.seed), online_seeds, args.rate, True, args.steps
-            )
-            stream.close()
-            results["online"] = {
-                "steps": args.steps,
-                "wall_s": time.perf_counter() - t0,
-                "returns": rets,
-                "versions": versions,
-            }
-            results["p99_us_learner_on"] = p99(stream.rtt_us)
-            results["p50_us_learner_on"] = float(np.median(stream.rtt_us))
-            status = stub.GetFinetuneStatus(pb.FinetuneControlRequest(), timeout=10)
-            stub.PauseFinetuning(pb.FinetuneControlRequest(), timeout=10)  # no exploration
-            results["status"] = {
-                k: getattr(status, k)
-                for k in ("updates", "actor_updates", "candidates", "promotions", "refusals",
-                          "rollbacks", "transitions_received", "transitions_dropped")
-            }  # fmt: skip
-            results["status"]["last_refusal"] = status.last_refusal
-            stream = LockStep(stub)
-            rets, versions = run_episodes(
-                stream, GapEnv(True, args.seed), eval_seeds, args.rate, False
-            )
-            stream.close()
-            results["after"] = {
-                "mean_return": float(np.mean(rets)),
-                "returns": rets,
-                "version": versions[-1],
-            }
-        server.stop()
-    finally:
-        tmp.cleanup()
+    with tempfile.TemporaryDirectory(prefix="mu-finetune-") as tmp:
+        server = serve(args, Path(tmp) / "versions")
+        try:
+            with grpc.insecure_channel(server.address) as channel:
+                stub = pb_grpc.ControllerStub(channel)
+                stub.PauseFinetuning(pb.FinetuneControlRequest(), timeout=10)
+                results["nominal"] = evaluate(stub, False, args)
+                results["before"] = evaluate(stub, True, args)
+                log.info("nominal %.3f, before %.3f", results["nominal"]["mean_return"],
+                         results["before"]["mean_return"])  # fmt: skip
+                results["online"] = online(stub, args)
+                status = stub.GetFinetuneStatus(pb.FinetuneControlRequest(), timeout=10)
+                results["status"] = {
+                    k: getattr(status, k)
+                    for k in ("updates", "actor_updates", "candidates", "promotions", "refusals",
+                              "rollbacks", "transitions_received", "transitions_dropped")
+                }  # fmt: skip
+                results["status"]["last_refusal"] = status.last_refusal
+                results["after"] = evaluate(stub, True, args)
+        finally:
+            server.stop()
     nominal, before, after = (results[k]["mean_return"] for k in ("nominal", "before", "after"))
     results["recovered_share"] = (after - before) / (nominal - before)
-    results["p99_ratio"] = results["p99_us_learner_on"] / results["p99_us_learner_off"]
+    lat = results["online"]["latency"]
+    results["p99_ratio"] = lat["on"]["p99_us"] / lat["off"]["p99_us"]
     return results
 
 
 def table(r: dict[str, Any]) -> str:
-    s = r["status"]
+    s, lat = r["status"], r["online"]["latency"]
     rows = [
         ("nominal sim, served policy", f"{r['nominal']['mean_return']:.3f}"),
         ("gap sim, before fine-tuning", f"{r['before']['mean_return']:.3f}"),
@@ -227,9 +246,9 @@ def table(r: dict[str, Any]) -> str:
         ),
         ("share of the gap recovered", f"{100 * r['recovered_share']:.0f}%"),
         (
-            "ActStream p99 learner off / on",
-            f"{r['p99_us_learner_off']:.0f} / "
-            f"{r['p99_us_learner_on']:.0f} µs ({r['p99_ratio']:.2f}x, target <= 1.25x)",
+            f"ActStream p99 learner paused / on ({lat['on']['ticks']} ticks each)",
+            f"{lat['off']['p99_us']:.0f} / "
+            f"{lat['on']['p99_us']:.0f} µs ({r['p99_ratio']:.2f}x, target <= 1.25x)",
         ),  # fmt: skip
         (
             "updates / candidates / promoted / refused / rolled back",
@@ -263,7 +282,8 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax.set(xlabel="online episodes", ylabel="episode return", title="Fine-tuning across the gap")
     fig.colorbar(sc, ax=ax, label="policy version")
     ax.legend(fontsize=7, loc="lower right")
-    bx.bar(["learner off", "learner on"], [r["p99_us_learner_off"], r["p99_us_learner_on"]])
+    lat = r["online"]["latency"]
+    bx.bar(["learner paused", "learner on"], [lat["off"]["p99_us"], lat["on"]["p99_us"]])
     bx.set(ylabel="ActStream p99 (µs)", title="Serving p99")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -273,6 +293,9 @@ def plot(r: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12_000, help="online steps (control ticks)")
+    parser.add_argument(
+        "--block", type=int, default=1000, help="ticks per block, learner paused and on in turn"
+    )
     parser.add_argument("--eval-episodes", type=int, default=20)
     parser.add_argument("--rate", type=float, default=100.0, help="control loop rate, Hz")
     parser.add_argument("--explore-std", type=float, default=0.1)

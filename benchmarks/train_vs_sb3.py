@@ -1,6 +1,8 @@
 """Our TD3 against Stable-Baselines3 TD3 (RL Zoo settings) on the same env, seeds and budget.
 
     python -m benchmarks.train_vs_sb3 --env InvertedPendulumBulletEnv-v0 --steps 50000 --seeds 0 1 2
+    python -m benchmarks.train_vs_sb3 --env PandaReachDense-v3=20000 \
+        --env HalfCheetahBulletEnv-v0=150000 --eval-every 10000 --out runs/bench_one
     python -m benchmarks.train_vs_sb3 --updates-only [--device cuda]
 
 Both are evaluated the same way during training: deterministic actions, `--eval-episodes`
@@ -303,39 +305,56 @@ def updates_only(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--env", action="append", help="env id (repeat for several)")
-    p.add_argument("--steps", type=int)
+    p.add_argument(
+        "--env",
+        action="append",
+        metavar="ID[=STEPS]",
+        help="env id, optionally with its own step budget (repeat for several)",
+    )
+    p.add_argument("--steps", type=int, help="step budget of the envs given without one")
     p.add_argument("--updates-only", action="store_true", help="time the update loop alone")
     p.add_argument("--device", default="cpu", help="with --updates-only: cpu or cuda")
     p.add_argument("--threads", type=int, default=1, help="with --updates-only: torch threads")
     p.add_argument("--seconds", type=float, default=10.0, help="with --updates-only: per size")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--eval-every", type=int, default=5000)
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=5000,
+        help="steps between evaluations (at least 10 per run)",
+    )
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default="runs/bench_train")
     args = p.parse_args(argv)
     if args.updates_only:
         return updates_only(args)
-    if not args.env or not args.steps:
-        p.error("--env and --steps are required (or --updates-only)")
+    budgets = {}
+    for item in args.env or []:
+        env, _, steps = item.partition("=")
+        budgets[env] = int(steps) if steps else args.steps
+    if not budgets or None in budgets.values():
+        p.error("give --env ID=STEPS, or --env ID with --steps (or --updates-only)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [
-        (fn, env, seed) for env in args.env for seed in args.seeds for fn in (run_ours, run_sb3)
+        (fn, env, seed, steps, min(args.eval_every, steps // 10))
+        for env, steps in budgets.items()
+        for seed in args.seeds
+        for fn in (run_ours, run_sb3)
     ]
     # a fresh spawned process per run: no state, and no stale module, shared between runs
     with ProcessPoolExecutor(
         args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1
     ) as pool:
         futures = [
-            pool.submit(fn, env, seed, args.steps, args.eval_every, args.eval_episodes, str(out))
-            for fn, env, seed in jobs
+            pool.submit(fn, env, seed, steps, eval_every, args.eval_episodes, str(out))
+            for fn, env, seed, steps, eval_every in jobs
         ]
         curves = [f.result() for f in futures]
     rows = summarize(curves)
     table = print_table(rows, curves)
-    tag = "_".join(e.split("-")[0] for e in args.env) + f"_{args.steps}"
+    tag = "_".join(f"{env.split('-')[0]}_{steps}" for env, steps in budgets.items())
     (out / f"train_vs_sb3_{tag}.json").write_text(
         json.dumps({"args": vars(args), "summary": rows, "curves": curves}, indent=1)
     )

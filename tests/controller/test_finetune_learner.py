@@ -58,6 +58,7 @@ def learner(tmp_path: Path) -> Learner:
         checkpoint=tmp_path / "agent.pt",
         batch_size=64,
         actor_warmup=1500,
+        updates_per_transition=1.0,
         actor_lr=1e-3,
         critic_lr=1e-3,
         buffer_size=10_000,
