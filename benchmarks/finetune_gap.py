@@ -246,7 +246,8 @@ def table(r: dict[str, Any]) -> str:
         ),
         ("share of the gap recovered", f"{100 * r['recovered_share']:.0f}%"),
         (
-            f"ActStream p99 learner paused / on ({lat['on']['ticks']} ticks each)",
+            f"ActStream p99 learner paused / on "
+            f"({lat['off']['ticks']} / {lat['on']['ticks']} ticks)",
             f"{lat['off']['p99_us']:.0f} / "
             f"{lat['on']['p99_us']:.0f} µs ({r['p99_ratio']:.2f}x, target <= 1.25x)",
         ),  # fmt: skip
@@ -257,8 +258,9 @@ def table(r: dict[str, Any]) -> str:
         ),  # fmt: skip
     ]
     width = max(len(k) for k, _ in rows)
+    bias = [round(float(b), 3) for b in MOTOR_BIAS]
     head = (
-        f"PandaReachDense-v3, motor x{MOTOR_SCALE} + bias {MOTOR_BIAS.tolist()}, seed {r['seed']}, "
+        f"PandaReachDense-v3, motor x{MOTOR_SCALE} + bias {bias}, seed {r['seed']}, "
         f"{len(r['before']['returns'])} eval episodes (seeds {r['eval_seeds'][0]}..."
         f"{r['eval_seeds'][1]}), loop at {r['rate_hz']:g} Hz"
     )

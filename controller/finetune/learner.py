@@ -186,9 +186,9 @@ def _die_with_parent() -> None:
 
 def _lowest_priority() -> None:
     """SCHED_IDLE, on one CPU: the learner runs only on CPU time nothing else wants, so a waking
-    server thread preempts it at once. Measured on 2 cores with the loop at 100 Hz (ActStream
-    p99, learner off = 1.0): nice 10 gave 2.0x; SCHED_IDLE 1.3-2.8x, its spikes coming from
-    the learner moving between CPUs; SCHED_IDLE pinned to the last allowed CPU, 1.0x."""
+    server thread preempts it at once. On 2 cores with the loop at 100 Hz, nice 10 doubled
+    ActStream p99; a busy SCHED_IDLE TD3 loop tripled it unpinned and left it unchanged pinned
+    (docs/finetuning.md)."""
     if hasattr(os, "sched_setscheduler"):
         # Per thread on Linux: threads started before this call (by the spawn bootstrap and
         # torch's import) keep their policy unless set one by one.
