@@ -40,7 +40,8 @@ class FinetuneConfig:
     #: Most TD3 updates per received transition (update-to-data ratio), so a fast CPU does not
     #: overfit a small buffer; the learner idles once it has used its share. High enough by
     #: default that a robot-class core stays busy: on 2 cores at 100 Hz a learner capped at 1
-    #: (idling half the time) put serving p99 at 2.7x, a busy one at 1.1x (docs/finetuning.md).
+    #: (idling half the time) put serving p99 at 2.6-3.0x, a busy one at 1.1-1.2x
+    #: (docs/finetuning.md).
     updates_per_transition: float = 4.0
     #: Actor updates between two candidate exports. Small, frequent steps pass the change
     #: gates; with lr 1e-4 and 250 updates every candidate moved too far and was refused.

@@ -191,10 +191,11 @@ def _lowest_priority() -> None:
     (docs/finetuning.md)."""
     if hasattr(os, "sched_setscheduler"):
         # Per thread on Linux: threads started before this call (by the spawn bootstrap and
-        # torch's import) keep their policy unless set one by one.
+        # torch's import) keep their policy and CPUs unless set one by one.
+        cpu = max(os.sched_getaffinity(0))  # the server's last CPU: `taskset` on it chooses
         for tid in os.listdir("/proc/self/task"):
             os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
-            os.sched_setaffinity(int(tid), {max(os.sched_getaffinity(0))})
+            os.sched_setaffinity(int(tid), {cpu})
     else:
         os.nice(19)
 
