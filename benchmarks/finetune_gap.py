@@ -134,16 +134,15 @@ def run_episodes(
     return returns, versions
 
 
-def serve(args: argparse.Namespace, versions: Path | None) -> ServerProcess:
-    """`mu serve` in its own process, as on a robot computer; with `versions`, fine-tuning on."""
+def serve(args: argparse.Namespace, versions: Path) -> ServerProcess:
+    """`mu serve --finetune` in its own process, as on a robot computer."""
     command = serve_command(POLICY, "127.0.0.1:0")
-    if versions is not None:
-        command += ["--finetune", str(AGENT), "--finetune-dir", str(versions),
-                    "--explore-std", str(args.explore_std)]  # fmt: skip
-        for field, value in (("candidate_every", args.candidate_every),
-                             ("actor_lr", args.actor_lr), ("rollback_window", args.window),
-                             ("seed", args.seed)):  # fmt: skip
-            command += ["--finetune-set", f"{field}={value}"]
+    command += ["--finetune", str(AGENT), "--finetune-dir", str(versions),
+                "--explore-std", str(args.explore_std)]  # fmt: skip
+    for field, value in (("candidate_every", args.candidate_every),
+                         ("actor_lr", args.actor_lr), ("rollback_window", args.window),
+                         ("seed", args.seed)):  # fmt: skip
+        command += ["--finetune-set", f"{field}={value}"]
     return ServerProcess(command)
 
 
