@@ -1,7 +1,7 @@
 """The learner process: replay buffer, TD3 updates (training.td3.update, the training update
 itself) and candidate export. The only fine-tuning code that imports torch.
 
-It runs at the lowest priority (SCHED_IDLE) with one torch thread, takes transition chunks from
+It runs at the lowest priority (SCHED_IDLE) on one CPU with one torch thread, takes chunks from
 a queue the server fills without ever waiting, and reports candidates back; it never touches the
 serving path. It is also the only writer of the versions directory (candidates, snapshots, pointer).
 """
