@@ -9,7 +9,8 @@ Both are evaluated the same way during training: deterministic actions, `--eval-
 episodes on an env seeded apart from the training env (episode i reset with seed 10^6 + seed + i),
 every `--eval-every` steps, wall-clock counted from the start of training including evaluation.
 Runs go to worker processes (`--jobs`, one torch thread each); finished runs found in `--out`
-are reused, so an interrupted benchmark can be rerun cheaply. Prints a table, writes JSON and a
+are reused (ours only when the config matches), so an interrupted benchmark can be rerun
+cheaply; clear `--out` after changing the training code. Prints a table, writes JSON and a
 PNG of the learning curves against steps and against wall-clock.
 
 `--updates-only` measures the TD3 update alone (no simulator): updates per second on random
@@ -52,7 +53,10 @@ def run_ours(
         }  # fmt: skip
     )
     run = Path(out) / f"mu-{env_id}-s{seed}"
-    if not _finished(run / "evals.csv", steps):  # a finished run is reused, not retrained
+    saved = run / "config.json"
+    # A finished run with the same config is reused, not retrained (training code is not
+    # compared: clear --out after changing it).
+    if not (_finished(run / "evals.csv", steps) and saved.read_text() == cfg.to_json()):
         train(cfg, run, progress=False)
     rows = [line.split(",") for line in (run / "evals.csv").read_text().splitlines()[1:]]
     return _curve("mu", env_id, seed, [[float(x) if x else None for x in r] for r in rows])
