@@ -73,7 +73,8 @@ class Actor(nn.Module):
 
 
 class EnsembleLinear(nn.Module):
-    """`n` independent linear layers evaluated as one batched matmul: [n, B, in] → [n, B, out]."""
+    """`n` independent linear layers evaluated as one batched matmul: [k, B, in] → [k, B, out]
+    for the first k ≤ n members."""
 
     def __init__(self, n: int, d_in: int, d_out: int):
         super().__init__()
@@ -82,13 +83,14 @@ class EnsembleLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(n, 1, d_out).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
+        k = x.shape[0]
+        return torch.baddbmm(self.bias[:k], x, self.weight[:k])
 
 
 class Critics(nn.Module):
     """Q_i(s, a; w_i) for i < n, as one ensemble (twin critics for TD3, one for DDPG).
-    Returns [n, B]. Optional LayerNorm (no affine, so members stay independent) after each
-    hidden layer."""
+    Returns [n, B], or [members, B] for the first `members` critics only. Optional LayerNorm
+    (no affine, so members stay independent) after each hidden layer."""
 
     def __init__(self, n: int, obs_dim: int, act_dim: int, hidden: list[int], layer_norm: bool):
         super().__init__()
@@ -103,8 +105,10 @@ class Critics(nn.Module):
                 layers.append(nn.ReLU())
         self.net = nn.Sequential(*layers)
 
-    def forward(self, obs_norm: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs_norm, action], -1).expand(self.n, -1, -1)
+    def forward(
+        self, obs_norm: torch.Tensor, action: torch.Tensor, members: int | None = None
+    ) -> torch.Tensor:
+        x = torch.cat([obs_norm, action], -1).expand(members or self.n, -1, -1)
         return self.net(x).squeeze(-1)
 
 
