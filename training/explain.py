@@ -28,13 +28,13 @@ def chain_rule_sides(
     params = dict(actor.named_parameters())
 
     # left: autograd through the composition Q(s, μ(s; u))
-    q = critic(s, actor(s))[0].sum()
+    q = critic(s, actor(s), members=1)[0].sum()
     left = torch.autograd.grad(q, list(params.values()))
     left = torch.cat([g.reshape(-1) for g in left])
 
     # right, factor 1: ∂Q/∂a at a = μ(s), the action treated as an independent input
     a = actor(s).detach().requires_grad_(True)
-    dq_da = torch.autograd.grad(critic(s, a)[0].sum(), a)[0][0]  # [act_dim]
+    dq_da = torch.autograd.grad(critic(s, a, members=1)[0].sum(), a)[0][0]  # [act_dim]
 
     # right, factor 2: the Jacobian ∂μ/∂u, [act_dim, n_params]
     def mu(p: dict[str, torch.Tensor]) -> torch.Tensor:
