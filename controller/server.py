@@ -84,6 +84,8 @@ class ControllerServer:
         self.metrics = metrics
         self.address = address
         self.metrics_port: int | None = None
+        #: The Controller servicer (set by create_server; tests read its batcher's counters).
+        self.service: ControllerService | None = None
         self._health = health_servicer
         self._watch_task: asyncio.Task[None] | None = None
         self._stop_metrics: Callable[[], None] | None = None
@@ -157,17 +159,15 @@ async def create_server(config: ServeConfig) -> tuple[ControllerServer, int]:
         finetuner = Finetuner(config.finetune, store, logging.getLogger().getEffectiveLevel())
     admin_token = config.read_admin_token()
     server = grpc.aio.server(options=server_options(config))
-    pb_grpc.add_ControllerServicer_to_server(
-        ControllerService(
-            store,
-            metrics,
-            max_delta=config.max_delta,
-            admin_token=admin_token,
-            batching=config.batching,
-            finetune=finetuner,
-        ),
-        server,
+    service = ControllerService(
+        store,
+        metrics,
+        max_delta=config.max_delta,
+        admin_token=admin_token,
+        batching=config.batching,
+        finetune=finetuner,
     )
+    pb_grpc.add_ControllerServicer_to_server(service, server)
     inference_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceService(store, metrics), server
     )
@@ -190,10 +190,11 @@ async def create_server(config: ServeConfig) -> tuple[ControllerServer, int]:
         address, bound = f"unix:{host}", 0
     else:
         address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
-    return (
-        ControllerServer(config, server, store, metrics, health_servicer, address, finetuner),
-        bound,
+    controller = ControllerServer(
+        config, server, store, metrics, health_servicer, address, finetuner
     )
+    controller.service = service
+    return controller, bound
 
 
 async def serve(config: ServeConfig, *, handle_signals: bool = True) -> None:

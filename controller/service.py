@@ -42,6 +42,10 @@ class MicroBatcher:
 
     def __init__(self) -> None:
         self._pending: list[tuple[Policy, Sequence[float], asyncio.Future[np.ndarray]]] = []
+        #: onnxruntime calls made, and the most rows one of them carried (tests check that
+        #: batches really form).
+        self.calls = 0
+        self.largest_batch = 0
 
     def submit(self, policy: Policy, obs: Sequence[float]) -> asyncio.Future[np.ndarray]:
         loop = asyncio.get_running_loop()
@@ -56,6 +60,8 @@ class MicroBatcher:
         # Requests in flight across a hot swap may name two policies: one call per policy.
         for policy in {id(p): p for p, _, _ in pending}.values():
             group = [(obs, f) for p, obs, f in pending if p is policy]
+            self.calls += 1
+            self.largest_batch = max(self.largest_batch, len(group))
             try:
                 results = policy.act_rows([obs for obs, _ in group])
             except ORT_ERRORS as e:  # the handlers re-raise it, as an inline act() would
@@ -87,7 +93,8 @@ class ControllerService(pb_grpc.ControllerServicer):
         self._finetune = finetune
         self._metrics = metrics
         self._max_delta = max_delta
-        self._batcher = MicroBatcher() if batching else None
+        #: None when batching is off.
+        self.batcher = MicroBatcher() if batching else None
         self._open_streams = 0
         self._expected_auth = None if admin_token is None else f"Bearer {admin_token}".encode()
 
@@ -108,7 +115,7 @@ class ControllerService(pb_grpc.ControllerServicer):
     async def ActStream(
         self, request_iterator: AsyncIterator[pb.ActRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ActResponse]:
-        store, metrics, delta, batcher = self._store, self._metrics, self._max_delta, self._batcher
+        store, metrics, delta, batcher = self._store, self._metrics, self._max_delta, self.batcher
         previous: np.ndarray | None = None  # the last action sent on this stream, for max_delta
         finetune = self._finetune
         experience = None if finetune is None else finetune.stream()

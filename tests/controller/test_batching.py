@@ -38,28 +38,48 @@ def test_one_call_answers_each_row_on_its_own(policy_path: Path) -> None:
     assert results[1].code == results[2].code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+# Lock-step robots on a busy machine do not always land in one loop pass: repeat the rows until a
+# batch of more than one has formed (bounded), so the batched path is known to have run.
+MAX_PASSES = 25
+
+
 @pytest.mark.parametrize("batching", [True, False])
 def test_concurrent_streams_get_their_own_actions(
     server_factory, policy_path: Path, batching: bool
 ) -> None:
     server = server_factory(policy_path, batching=batching)
+    batcher = server.server.service.batcher
+    assert (batcher is not None) == batching
     session = ort.InferenceSession(str(policy_path), providers=["CPUExecutionProvider"])
     errors: list[str] = []
 
+    def batched() -> bool:
+        return batcher is None or batcher.largest_batch > 1
+
     def robot(seed: int) -> None:
-        obs = np.random.default_rng(seed).normal(0, 2, (40, 26)).astype(np.float32)
-        want = session.run(["action"], {"obs": obs})[0]
-        with PolicyClient(server.target, deadline_s=5) as client:
-            for row, expected in zip(obs, want, strict=True):
-                got = client.act(row)
-                if not np.allclose(got, expected, atol=1e-6):
-                    errors.append(f"robot {seed}: {got} != {expected}")
-            if client.misses:
-                errors.append(f"robot {seed}: {client.misses} misses ({client.last_error})")
+        try:
+            obs = np.random.default_rng(seed).normal(0, 2, (40, 26)).astype(np.float32)
+            want = session.run(["action"], {"obs": obs})[0]
+            with PolicyClient(server.target, deadline_s=5) as client:
+                for _ in range(MAX_PASSES):
+                    for row, expected in zip(obs, want, strict=True):
+                        got = client.act(row)
+                        if not np.allclose(got, expected, atol=1e-6):
+                            errors.append(f"robot {seed}: {got} != {expected}")
+                    if batched():
+                        break
+                if client.misses:
+                    errors.append(f"robot {seed}: {client.misses} misses ({client.last_error})")
+        except BaseException as e:  # noqa: BLE001  (a thread's failure must reach the test)
+            errors.append(f"robot {seed}: {e!r}")
 
     threads = [threading.Thread(target=robot, args=(seed,)) for seed in range(4)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a robot thread did not finish"
     assert errors == []
+    if batching:
+        assert batcher.largest_batch > 1, "no batch of more than one row formed"
+        assert batcher.calls > 0
