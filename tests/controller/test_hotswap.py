@@ -1,11 +1,14 @@
 """Hot swap: LoadPolicy under load with zero failed requests, refusals, rollback, file watch."""
 
+import hashlib
+import logging
 import os
 import threading
 from pathlib import Path
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from controller.proto import controller_pb2 as pb
@@ -15,10 +18,19 @@ SWAPS = 8
 STREAMS = 3
 
 
-def test_swaps_under_concurrent_streams_fail_no_request(connected, make_policy) -> None:
-    files = [make_policy(f"p{i}.onnx", seed=i + 1) for i in range(SWAPS)]
+def test_swaps_under_concurrent_streams_fail_no_request(
+    connected, policy_path: Path, make_policy
+) -> None:
+    files = [policy_path] + [make_policy(f"p{i}.onnx", seed=i + 1) for i in range(SWAPS)]
+    obs = {k: np.full((1, 26), 0.1 * k, np.float32) for k in range(STREAMS)}
+    # version v serves files[v - 1]: what each stream must get from it
+    expected = {
+        v: {k: _session(path).run(["action"], {"obs": obs[k]})[0][0] for k in range(STREAMS)}
+        for v, path in enumerate(files, start=1)
+    }
     stop = threading.Event()
-    versions: list[list[int]] = [[] for _ in range(STREAMS)]
+    seen = threading.Condition()
+    replies: list[list[tuple[int, list[float]]]] = [[] for _ in range(STREAMS)]
     errors: list[str] = []
 
     def hammer(k: int) -> None:
@@ -26,32 +38,51 @@ def test_swaps_under_concurrent_streams_fail_no_request(connected, make_policy) 
             seq = 0
             while not stop.is_set():
                 seq += 1
-                yield pb.ActRequest(obs=[0.1 * k] * 26, seq=seq)
+                yield pb.ActRequest(obs=obs[k][0].tolist(), seq=seq)
 
         try:
             for reply in connected.stub.ActStream(requests(), timeout=120):
                 if reply.HasField("error") or len(reply.action) != 6:
                     errors.append(f"stream {k} seq {reply.seq}: {reply.error.message}")
-                versions[k].append(reply.policy_version)
-        except grpc.RpcError as e:
-            errors.append(f"stream {k}: {e.code()} {e.details()}")
+                with seen:
+                    replies[k].append((reply.policy_version, list(reply.action)))
+                    seen.notify_all()
+        except BaseException as e:  # noqa: BLE001  (a thread's failure must reach the test)
+            errors.append(f"stream {k}: {e!r}")
+
+    def every_stream_saw(version: int) -> bool:
+        return all(r and r[-1][0] >= version for r in replies) or bool(errors)
 
     threads = [threading.Thread(target=hammer, args=(k,)) for k in range(STREAMS)]
     for t in threads:
         t.start()
     try:
-        for i, path in enumerate(files):
+        with seen:
+            assert seen.wait_for(lambda: every_stream_saw(1), timeout=60), "streams never started"
+        for i, path in enumerate(files[1:]):
             info = connected.stub.LoadPolicy(pb.LoadPolicyRequest(path=str(path)), timeout=30)
             assert info.version == i + 2 and info.previous_version == i + 1
+            # the streams keep running across each swap: every one gets an answer from it
+            with seen:
+                assert seen.wait_for(lambda v=info.version: every_stream_saw(v), timeout=60)
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a stream did not finish"
     assert errors == []
-    for seen in versions:
-        assert seen, "a stream got no replies"
-        assert seen == sorted(seen), "versions went backwards"
+    for k, got in enumerate(replies):
+        versions = [v for v, _ in got]
+        assert versions == sorted(versions), "versions went backwards"
+        assert len(set(versions)) >= 2, f"stream {k} saw one version: swaps did not overlap it"
+        # each reply was computed by the policy its version names, never a neighbour's
+        for version, action in got:
+            np.testing.assert_allclose(action, expected[version][k], atol=1e-6)
     assert connected.server.policy.version == SWAPS + 1
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def test_loaded_policy_serves_its_own_actions(connected, make_policy) -> None:
@@ -89,7 +120,8 @@ def test_bad_file_is_refused_and_old_version_keeps_serving(
     reply = connected.stub.Act(pb.ActRequest(obs=[0.0] * 26), timeout=5)
     assert reply.policy_version == 1 and len(reply.action) == 6
     # The next good load still gets the next version number.
-    info = connected.stub.LoadPolicy(pb.LoadPolicyRequest(path=str(make_policy("ok.onnx", 3))))
+    ok = pb.LoadPolicyRequest(path=str(make_policy("ok.onnx", 3)))
+    info = connected.stub.LoadPolicy(ok, timeout=30)
     assert info.version == 2
 
 
@@ -114,22 +146,47 @@ def test_rollback(connected, make_policy) -> None:
     assert connected.stub.RollbackPolicy(pb.RollbackPolicyRequest(), timeout=5).version == 2
 
 
+class _LogSeen(logging.Handler):
+    """Sets `event` when a record containing `needle` is logged (from any thread)."""
+
+    def __init__(self, needle: str) -> None:
+        super().__init__(logging.WARNING)
+        self.needle = needle
+        self.event = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.needle in record.getMessage():
+            self.event.set()
+
+
 def test_watch_reloads_a_replaced_file(server_factory, make_policy, tmp_path: Path) -> None:
     served = make_policy("served.onnx", seed=0)
     server = server_factory(served, watch=True, watch_interval_s=0.05)
-    with grpc.insecure_channel(server.target) as channel:
-        stub = pb_grpc.ControllerStub(channel)
-        # Replace atomically, as an exporter should: write aside, then rename over.
-        fresh = make_policy("fresh.onnx", seed=5)
-        os.replace(fresh, served)
-        assert _wait_for_version(stub, 2)
-        # A corrupt replacement is refused; version 2 keeps serving.
-        bad = tmp_path / "bad.onnx"
-        bad.write_bytes(b"not onnx at all")
-        os.replace(bad, served)
-        good = make_policy("good.onnx", seed=6)
-        os.replace(good, served)
-        assert _wait_for_version(stub, 3)
+    refused = _LogSeen("watch: keeping version 2")
+    store_log = logging.getLogger("controller.store")
+    store_log.addHandler(refused)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.ControllerStub(channel)
+            # Replace atomically, as an exporter should: write aside, then rename over.
+            fresh = make_policy("fresh.onnx", seed=5)
+            os.replace(fresh, served)
+            assert _wait_for_version(stub, 2)
+            # A corrupt replacement is refused; version 2 keeps serving.
+            bad = tmp_path / "bad.onnx"
+            bad.write_bytes(b"not onnx at all")
+            os.replace(bad, served)
+            assert refused.event.wait(30), "the watcher never refused the corrupt file"
+            assert stub.GetPolicy(pb.GetPolicyRequest(), timeout=5).version == 2
+            good = make_policy("good.onnx", seed=6)
+            good_sha = hashlib.sha256(good.read_bytes()).hexdigest()
+            os.replace(good, served)
+            assert _wait_for_version(stub, 3)
+            # the refusal took no version number, and the good file is what serves
+            info = stub.GetPolicy(pb.GetPolicyRequest(), timeout=5)
+            assert (info.version, info.sha256) == (3, good_sha)
+    finally:
+        store_log.removeHandler(refused)
 
 
 def _wait_for_version(stub: pb_grpc.ControllerStub, version: int) -> bool:
