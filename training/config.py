@@ -49,6 +49,16 @@ class TrainConfig:
     eval_episodes: int = _f(10, "Episodes per evaluation.")
     checkpoint_every: int = _f(25_000, "Steps between checkpoints (taken at episode ends).")
     torch_threads: int = _f(1, "torch intra-op threads; 1 is fastest for small nets on CPU.")
+    # domain randomization of the training env (training/randomization.py): each a range
+    # [lo, hi] drawn per episode from the run's seeded generator; [] leaves the knob nominal
+    rand_friction: list[float] = _f([], "Multiplier of the robot's lateral friction.")
+    rand_mass: list[float] = _f([], "Multiplier of every robot link's mass.")
+    rand_strength: list[float] = _f([], "Multiplier of motor strength (power, or arm gain).")
+    rand_damping: list[float] = _f([], "Joint damping added to every joint, N·m·s/rad.")
+    rand_latency: list[int] = _f([], "Control steps between the action and the env.")
+    rand_offset: list[float] = _f([], "Action bias per dimension, fraction of half range.")
+    rand_obs_noise: list[float] = _f([], "Observation noise std, fraction of feature std.")
+    rand_push: list[float] = _f([], "Velocity kick on the body on 1% of steps, m/s.")
 
     def __post_init__(self) -> None:
         checks = {
@@ -80,8 +90,20 @@ class TrainConfig:
         failed = [msg for msg, ok in checks.items() if not ok]
         if failed:
             raise ValueError("invalid TrainConfig: " + "; ".join(failed))
+        from training.randomization import check_ranges
+
+        check_ranges(self.randomization)
         if self.algo == "ddpg":  # DDPG is TD3 with these three settings
             self.n_critics, self.target_noise, self.policy_delay = 1, 0.0, 1
+
+    @property
+    def randomization(self) -> dict[str, list[float]]:
+        """The randomized knobs, {knob: [lo, hi]} (`mu.randomization` in the policy file)."""
+        return {
+            f.name.removeprefix("rand_"): getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name.startswith("rand_") and getattr(self, f.name)
+        }
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

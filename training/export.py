@@ -76,6 +76,7 @@ def contract_props(meta: dict[str, Any], algo: str) -> dict[str, str]:
         "mu.train_steps": str(meta.get("train_steps", 0)),
         "mu.eval_return": json.dumps(meta.get("eval_return")),
         "mu.created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "mu.randomization": json.dumps(meta.get("randomization", {})),
     }
 
 

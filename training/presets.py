@@ -51,13 +51,58 @@ BY_ENV: dict[str, dict[str, Any]] = {
     },
 }
 
-NAMED: dict[str, dict[str, Any]] = {"zoo": ZOO, "default": {}}
+# `robust`: the env's default preset plus domain randomization with published-practice ranges
+# (../shared/REFERENCES.md and docs/sim_to_real.md): friction ×[0.5, 1.25] (legged_gym,
+# Minitaur), mass and motor strength ×[0.8, 1.2] (Minitaur), latency 0-2 control steps
+# (Minitaur 0-40 ms; Playground's Panda 1-3 steps), small joint damping, calibration offsets
+# and sensor noise.
+_LOCOMOTION_ROBUST: dict[str, Any] = {
+    "rand_friction": [0.5, 1.25],
+    "rand_mass": [0.8, 1.2],
+    "rand_strength": [0.8, 1.2],
+    "rand_damping": [0.0, 0.1],
+    "rand_latency": [0, 1],
+    "rand_offset": [-0.05, 0.05],
+    "rand_obs_noise": [0.0, 0.05],
+}
+ROBUST: dict[str, dict[str, Any]] = {
+    env_id: _LOCOMOTION_ROBUST
+    for env_id in (
+        "HalfCheetahBulletEnv-v0",
+        "AntBulletEnv-v0",
+        "HopperBulletEnv-v0",
+        "Walker2DBulletEnv-v0",
+    )
+}
+# The panda arms are position-controlled through IK: strength is the gain of the commanded
+# end-effector displacement. Its range reaches 0.5 and the offset 0.25 of the half range because
+# an arm's calibration drifts that far (finetune_gap's weak, biased motor: 0.5·a + 0.2).
+_ARM_ROBUST: dict[str, Any] = {
+    "rand_friction": [0.5, 1.25],
+    "rand_mass": [0.8, 1.2],
+    "rand_strength": [0.5, 1.2],
+    "rand_damping": [0.0, 0.1],
+    "rand_latency": [0, 1],
+    "rand_offset": [-0.25, 0.25],
+    "rand_obs_noise": [0.0, 0.02],
+}
+ROBUST.update({"PandaReachDense-v3": _ARM_ROBUST, "PandaPushDense-v3": _ARM_ROBUST})
+
+NAMED: dict[str, dict[str, Any]] = {"zoo": ZOO, "default": {}, "robust": {}}
 
 
 def preset(env_id: str, name: str | None = None) -> dict[str, Any]:
-    """Overrides for `env_id`: its default preset, or the named one (`zoo`, `default`)."""
+    """Overrides for `env_id`: its default preset, or the named one (`zoo`, `default`,
+    `robust`)."""
     if name is None:
         return dict(BY_ENV.get(env_id, {}))
     if name not in NAMED:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(NAMED)}")
+    if name == "robust":
+        if env_id not in ROBUST:
+            raise ValueError(
+                f"no robust preset for {env_id} (there is one for {sorted(ROBUST)}); "
+                "set the ranges with --set rand_friction=[0.5,1.25] and the like"
+            )
+        return {**BY_ENV.get(env_id, {}), **ROBUST[env_id]}
     return {**BY_ENV.get(env_id, {}), **NAMED[name]} if name == "zoo" else dict(NAMED[name])

@@ -28,10 +28,12 @@ from training.envs import (
     to_env_units,
 )
 from training.noise import make_noise
+from training.randomization import ObsNoise, find, randomize
 from training.replay import ReplayBuffer
 from training.td3 import Agent, update
 
 log = logging.getLogger(__name__)
+RANDOMIZATION_STREAM = 1  # seeds the randomization generator beside the run's seed
 
 
 @dataclass
@@ -60,8 +62,13 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    # randomization draws from a stream of its own, so that runs without it are unchanged
+    rand_rng = np.random.default_rng([cfg.seed, RANDOMIZATION_STREAM])
 
-    env = make_env(cfg.env_id, cfg.seed)
+    flat = make_env(cfg.env_id, cfg.seed)
+    env = randomize(flat, cfg.randomization, rand_rng)
+    obs_noise = find(env, ObsNoise)  # the one randomizer with state beyond the generator
+    # evaluations stay at nominal dynamics: the export rule compares policies there
     eval_env = make_env(cfg.env_id, cfg.seed + EVAL_SEED_OFFSET)
     low, high = action_bounds(env)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
@@ -69,9 +76,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         "env_id": cfg.env_id,
         "obs_dim": obs_dim,
         "act_dim": act_dim,
-        "obs_layout": [list(p) for p in env.layout],
+        "obs_layout": [list(p) for p in flat.layout],
         "action_low": low.tolist(),
         "action_high": high.tolist(),
+        "randomization": cfg.randomization,
     }
     agent = Agent.create(cfg, obs_dim, act_dim)
     buffer = ReplayBuffer(cfg.buffer_size, obs_dim, act_dim, cfg.device)
@@ -84,6 +92,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         buffer.load_state_dict(state["replay"])
         torch.set_rng_state(state["torch_rng"])
         rng.bit_generator.state = state["numpy_rng"]
+        if "randomization_rng" in state:  # absent in checkpoints from before randomization
+            rand_rng.bit_generator.state = state["randomization_rng"]
+        if obs_noise:
+            obs_noise.load_state_dict(state["obs_noise"])
         start, updates, wall_before = state["step"], state["updates"], state["wall_s"]
         evals = state["evals"]
         log.info("resumed %s at step %d", out, start)
@@ -162,6 +174,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                     "replay": buffer.state_dict(),
                     "torch_rng": torch.get_rng_state(),
                     "numpy_rng": rng.bit_generator.state,
+                    "randomization_rng": rand_rng.bit_generator.state,
+                    "obs_noise": obs_noise.state_dict() if obs_noise else None,
                 }
                 checkpoint.save(out / "checkpoint.pt", cfg, agent, meta, state)
             obs, _ = env.reset(seed=int(rng.integers(2**31)))
