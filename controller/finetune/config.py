@@ -64,6 +64,10 @@ class FinetuneConfig:
     start_paused: bool = False
     #: Seed of the learner's sampling and of the exploration noise.
     seed: int = 0
+    #: The learner runs at SCHED_IDLE, pinned to one CPU, so serving always preempts it.
+    #: Test-only: False keeps it at normal priority, so that a test on a saturated machine
+    #: still sees updates within its deadline. Never turn it off on a serving machine.
+    learner_idle_priority: bool = True
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
@@ -90,6 +94,9 @@ class FinetuneConfig:
             "rollback_window must be >= 1": self.rollback_window >= 1,
             "rollback margins must be >= 0": min(self.rollback_margin, self.rollback_margin_abs)
             >= 0,
+            "learner_idle_priority must be true or false": isinstance(
+                self.learner_idle_priority, bool
+            ),
         }
         failed = [msg for msg, ok in checks.items() if not ok]
         if failed:

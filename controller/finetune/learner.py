@@ -206,7 +206,8 @@ def run(cfg: FinetuneConfig, inbox: Queue, commands: Queue, outbox: Queue, log_l
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s[learner]: %(message)s"
     )
-    _lowest_priority()
+    if cfg.learner_idle_priority:
+        _lowest_priority()
     torch.set_num_threads(1)
     learner = Learner(cfg)
     outbox.put({"kind": "ready", "env_id": learner.meta["env_id"]})

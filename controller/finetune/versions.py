@@ -13,11 +13,19 @@ server tells it what it serves and reads the pointer at start.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 POINTER = "current.json"
+#: Test-only: see _fault_point.
+PAUSE_POINTER_ENV = "MU_TEST_PAUSE_POINTER_WRITE"
 _CANDIDATE = re.compile(r"candidate-(\d+)\.onnx$")
 
 
@@ -72,4 +80,28 @@ def write_pointer(versions_dir: Path, pointer: Pointer) -> None:
     torch checkpoint code)."""
     from training.checkpoint import atomic_write
 
-    atomic_write(versions_dir / POINTER, json.dumps(asdict(pointer), indent=2).encode())
+    atomic_write(
+        versions_dir / POINTER,
+        json.dumps(asdict(pointer), indent=2).encode(),
+        before_replace=_fault_point(pointer.version),
+    )
+
+
+def _fault_point(version: int) -> Callable[[Path], None] | None:
+    """Test-only fault injection: with PAUSE_POINTER_ENV=N in the environment, the write of
+    version N's pointer stops between write and rename, logs a line and waits to be killed, so
+    that a test's kill -9 lands there every time. Never set it on a real server."""
+    if os.environ.get(PAUSE_POINTER_ENV) != str(version):
+        return None
+
+    def pause(tmp: Path) -> None:
+        log.warning(
+            "fault injection: pointer of version %d written to %s, not renamed; learner pid %d "
+            "waits to be killed",
+            version,
+            tmp,
+            os.getpid(),
+        )
+        threading.Event().wait()
+
+    return pause
