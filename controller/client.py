@@ -1,9 +1,12 @@
 """PolicyClient: what a robot loop calls to get actions from a mu control server.
 
-`act(obs)` always returns within about `deadline_s`: if the server does not answer in time (or is
-down), it returns a fallback action (hold the last action, or zeros clamped into the bounds) and
-counts a miss, the way ros2_control reuses the previous command when an update overruns.
-Requests the server refuses as invalid raise ActRefused: those are bugs to fix, not to paper over.
+Two lanes (docs/serving.md). The gRPC lane (default): `act(obs)` asks the server and always
+returns within about `deadline_s`: if the server does not answer in time (or is down), it returns
+a fallback action (hold the last action, or zeros clamped into the bounds) and counts a miss, the
+way ros2_control reuses the previous command when an update overruns. The local lane
+(`local=True`): the server ships the policy (WatchPolicy) and `act(obs)` evaluates it in this
+process with the server's own validation and safety code; no tick touches the network.
+Requests the policy refuses as invalid raise ActRefused: those are bugs to fix, not to paper over.
 """
 
 from __future__ import annotations
@@ -11,20 +14,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
+import socket
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 import numpy as np
 
+from controller.finetune.experience import Explorer
+from controller.local import (
+    CHANNEL_OPTIONS,
+    ExperienceQueue,
+    LocalPolicy,
+    PolicyWatcher,
+    make_transition,
+)
+from controller.policy import ORT_ERRORS, ActError
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
+from controller.safety import Fallback, SlewLimiter, fallback_action
 
 log = logging.getLogger(__name__)
-
-Fallback = Literal["hold", "zeros"]
 # A stream that misses this many deadlines in a row is torn down and opened again.
 MAX_STREAM_MISSES = 3
 
@@ -142,11 +155,21 @@ class PolicyClient:
         server_name: str | None = None,
         call_deadline_s: float = 10.0,
         max_message_bytes: int = 4 * 1024 * 1024,
+        local: bool = False,
+        client_id: str | None = None,
+        queue_size: int = 4096,
+        seed: int = 0,
     ) -> None:
         """target: "HOST:PORT" or "unix:PATH". deadline_s bounds every act(); call_deadline_s
         bounds the other calls. TLS is on when root_certificates is given (PEM path or bytes);
         client_cert/client_key add a client certificate (mutual TLS); server_name overrides the
-        name checked against the server certificate. token is sent on admin calls only."""
+        name checked against the server certificate. token is sent on admin calls only (and on
+        WatchPolicy/ReportTransitions in the local lane: a policy file is sensitive).
+
+        local=True: the local lane. The constructor waits (up to call_deadline_s) for the first
+        verified policy; `client_id` names this loop on the server (default host-pid-random);
+        `queue_size` bounds the transitions waiting to be reported; `seed` seeds exploration.
+        """
         if deadline_s <= 0 or call_deadline_s <= 0:
             raise ValueError("deadlines must be positive")
         if fallback not in ("hold", "zeros"):
@@ -163,10 +186,12 @@ class PolicyClient:
         #: What caused the latest miss.
         self.last_error: str | None = None
         self._admin_metadata = (("authorization", f"Bearer {token}"),) if token else None
-        options = [
+        options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
+        if local:
+            options += CHANNEL_OPTIONS
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         self._options = options
@@ -185,11 +210,35 @@ class PolicyClient:
         self._seq = 0
         self._last: np.ndarray | None = None
         self._info: pb.PolicyInfo | None = None
+        #: The policy version that produced the last action.
+        self.version = 0
+        # The local lane.
+        self.local = local
+        self._metadata = self._admin_metadata
+        self._watcher: PolicyWatcher | None = None
+        self._experience: ExperienceQueue | None = None
+        self._queue_size = queue_size
+        self._slew = SlewLimiter(None)
+        self._explorer: Explorer | None = None
+        self._seed = seed
+        self._last_obs: list[float] | None = None
+        self._episode_return = 0.0
+        self._episode_version: int | None = -1  # -1: set by the next action; None: mixed
+        if local:
+            client_id = client_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+            self._watcher = PolicyWatcher(self._channel, client_id, metadata=self._metadata)
+            try:
+                self._watcher.wait(timeout=call_deadline_s)
+            except TimeoutError:
+                self.close()
+                raise
 
     # -- the control path -------------------------------------------------------------------------
 
     def act(self, obs: Sequence[float] | np.ndarray) -> np.ndarray:
         """The action for one observation, or the fallback action if the deadline is missed."""
+        if self._watcher is not None:
+            return self._local_act(obs)
         self._seq += 1
         values = obs.tolist() if isinstance(obs, np.ndarray) else obs
         request = pb.ActRequest(obs=values, seq=self._seq)
@@ -211,7 +260,114 @@ class PolicyClient:
             return self._miss(f"{code.name}: {reply.error.message}")
         action = np.asarray(reply.action, dtype=np.float32)
         self._last = action
+        self.version = reply.policy_version
         return action
+
+    def _local_act(self, obs: Sequence[float] | np.ndarray) -> np.ndarray:
+        """One tick of the local lane: the same code, in the same order, as ActStream on the
+        server (validate, run, clamp, NaN guard; exploration; slew limit). No network."""
+        active = self._watcher.current  # read once: the whole tick uses this version
+        policy = active.policy
+        values = obs.tolist() if isinstance(obs, np.ndarray) else list(obs)
+        try:
+            action = policy.act_values(values)
+        except ActError as e:
+            if e.code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ActRefused(e.code, e.message) from None
+            return self._miss(f"{e.code.name}: {e.message}", active)
+        except ORT_ERRORS as e:
+            return self._miss(f"onnxruntime: {e}", active)
+        if active.explore_std > 0:
+            explorer = self._explorer
+            if explorer is None:
+                explorer = self._explorer = Explorer(
+                    active.explore_std, active.explore_clip, policy.act_dim, self._seed
+                )
+            explorer.std, explorer.clip = active.explore_std, active.explore_clip
+            action = explorer.perturb(action, policy.low, policy.high).tolist()
+        slew = self._slew
+        slew.max_delta = active.max_delta
+        action = slew.limit(action, policy.low, policy.high)
+        result = np.array(action, np.float32)
+        self._last = result
+        self.version = active.version
+        if active.finetune:
+            self._last_obs = values
+            if self._episode_version == -1:
+                self._episode_version = active.version
+            elif self._episode_version != active.version:
+                self._episode_version = None  # a swap mid-episode: it judges no version
+        return result
+
+    def report(
+        self,
+        reward: float,
+        next_obs: Sequence[float] | np.ndarray,
+        *,
+        terminated: bool = False,
+        truncated: bool = False,
+        applied_action: Sequence[float] | np.ndarray | None = None,
+    ) -> bool:
+        """Local lane: what followed the last act() (reward, next observation, episode end), for
+        the server's online fine-tuning. Never blocks: returns False when the transition was not
+        queued (the queue is full: counted in `transitions_dropped`; or the server does not
+        fine-tune). `applied_action`: what the robot applied, when it changed the action."""
+        if self._watcher is None:
+            raise RuntimeError(
+                "report() is the local lane's; on ActStream, send the reward on the next request"
+            )
+        active = self._watcher.current
+        if not active.finetune or self._last_obs is None or self._last is None:
+            return False
+        done = terminated or truncated
+        episode_return = None
+        self._episode_return += float(reward)
+        if done:
+            if self._episode_version not in (None, -1):
+                episode_return = self._episode_return
+            self._episode_return, self._episode_version = 0.0, -1
+        action = self._last if applied_action is None else applied_action
+        if self._experience is None:
+            self._experience = ExperienceQueue(
+                self._channel, maxsize=self._queue_size, metadata=self._metadata
+            )
+        values = next_obs.tolist() if isinstance(next_obs, np.ndarray) else next_obs
+        queued = self._experience.put(
+            make_transition(
+                self._last_obs,
+                np.asarray(action, np.float32).tolist(),
+                reward,
+                values,
+                terminated,
+                truncated,
+                self.version,
+                episode_return,
+            )  # fmt: skip
+        )
+        self._last_obs = None
+        return queued
+
+    @property
+    def transitions_dropped(self) -> int:
+        """Local lane: transitions dropped because the report queue was full."""
+        return 0 if self._experience is None else self._experience.dropped
+
+    @property
+    def experience(self) -> ExperienceQueue | None:
+        """Local lane: the report queue (its counters), once report() has been called."""
+        return self._experience
+
+    @property
+    def watcher(self) -> PolicyWatcher:
+        """Local lane: the policy watcher (applied / refused counts, wait())."""
+        if self._watcher is None:
+            raise RuntimeError("watcher: this client is on the gRPC lane (local=False)")
+        return self._watcher
+
+    @property
+    def policy(self) -> LocalPolicy:
+        """Local lane: what the next tick runs."""
+        return self.watcher.current
 
     def _unary_act(self, request: pb.ActRequest) -> pb.ActResponse:
         return self._stub.Act(request, timeout=self.deadline_s)
@@ -238,17 +394,21 @@ class PolicyClient:
             self._stream.close()
             self._stream = None
 
-    def _miss(self, why: str) -> np.ndarray:
+    def _miss(self, why: str, active: LocalPolicy | None = None) -> np.ndarray:
         self.misses += 1
         if self.last_error != why:
             log.warning("act() fell back to %s: %s", self.fallback, why)
         self.last_error = why
-        if self.fallback == "hold" and self._last is not None:
+        if active is not None:
+            low, high = active.policy.low, active.policy.high
+        elif self.fallback == "hold" and self._last is not None:
             return self._last.copy()
-        return self._zeros()
+        else:
+            low, high = self._bounds()
+        return fallback_action(self.fallback, self._last, low, high)
 
-    def _zeros(self) -> np.ndarray:
-        """Zeros clamped into the bounds. The bounds come from get_policy(): call it before the
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """The bounds for the zeros fallback. They come from get_policy(): call it before the
         control loop starts, so that a fallback never has to ask a server that is not answering."""
         if self._info is None:
             try:
@@ -259,9 +419,7 @@ class PolicyClient:
                     f"answer ({e.code().name}); call get_policy() before the control loop"
                 ) from e
         info = self._info
-        low = np.asarray(info.action_low, np.float32)
-        high = np.asarray(info.action_high, np.float32)
-        return np.clip(np.zeros(info.act_dim, np.float32), low, high)
+        return np.asarray(info.action_low, np.float32), np.asarray(info.action_high, np.float32)
 
     # -- everything else --------------------------------------------------------------------------
 
@@ -310,6 +468,10 @@ class PolicyClient:
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
 
     def close(self) -> None:
+        if self._experience is not None:
+            self._experience.close()
+        if self._watcher is not None:
+            self._watcher.close()
         self._drop_stream()
         self._channel.close()
 

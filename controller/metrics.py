@@ -33,6 +33,11 @@ class Metrics:
         self._version = Gauge(
             "mu_policy_version", "Version of the policy being served", registry=self.registry
         )
+        self._local_loops = Gauge(
+            "mu_local_loops",
+            "Local-lane loops with an open WatchPolicy stream (GetPolicy lists what each runs)",
+            registry=self.registry,
+        )
         self._ok = {
             method: self._latency.labels(method, grpc.StatusCode.OK.name)
             for method in ("Act", "ActStream", "ActBatch", "ModelInfer")
@@ -46,6 +51,9 @@ class Metrics:
 
     def set_version(self, version: int) -> None:
         self._version.set(version)
+
+    def set_local_loops(self, n: int) -> None:
+        self._local_loops.set(n)
 
     def serve_http(self, port: int, addr: str) -> tuple[int, Callable[[], None]]:
         """Expose /metrics on `addr:port` in a daemon thread; returns (bound port, stop)."""

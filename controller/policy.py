@@ -92,6 +92,8 @@ class Policy:
     obs_layout: list[tuple[str, int]]
     metadata: dict[str, str]
     loaded_at: float = field(default_factory=time.time)
+    #: The ONNX file itself: WatchPolicy ships it to local-lane loops.
+    onnx: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         # One observation in a pre-bound input buffer, the action in a pre-bound output buffer:
@@ -272,6 +274,7 @@ def load_policy(data: bytes, *, source: str, version: int) -> Policy:
         high=high,
         obs_layout=layout,
         metadata=meta,
+        onnx=data,
     )
     _probe(policy, source)
     return policy

@@ -29,6 +29,7 @@ from controller.config import (
     parse_listen,
     parse_overrides,
 )
+from controller.decoding import DecodeGuard
 from controller.finetune.config import FinetuneConfig
 from controller.finetune.manager import Finetuner, resume_policy
 from controller.inference import INFERENCE_SERVICE_NAME, InferenceService
@@ -167,9 +168,10 @@ async def create_server(config: ServeConfig) -> tuple[ControllerServer, int]:
         batching=config.batching,
         finetune=finetuner,
     )
-    pb_grpc.add_ControllerServicer_to_server(service, server)
+    # Undecodable request bytes answer INVALID_ARGUMENT (see controller/decoding.py).
+    pb_grpc.add_ControllerServicer_to_server(service, DecodeGuard(server))
     inference_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceService(store, metrics), server
+        InferenceService(store, metrics), DecodeGuard(server)
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -18,11 +18,14 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller.decoding import Undecodable
 from controller.metrics import Metrics
 from controller.policy import ORT_ERRORS, ActError, Policy
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
+from controller.safety import SlewLimiter
 from controller.store import PolicyStore, SwapRefused
+from controller.watch import LocalLoops
 
 if TYPE_CHECKING:
     from controller.finetune.manager import Finetuner
@@ -96,6 +99,8 @@ class ControllerService(pb_grpc.ControllerServicer):
         #: None when batching is off.
         self.batcher = MicroBatcher() if batching else None
         self._open_streams = 0
+        #: The local-lane loops (WatchPolicy) and what each runs.
+        self.local_loops = LocalLoops()
         self._expected_auth = None if admin_token is None else f"Bearer {admin_token}".encode()
 
     async def Act(
@@ -116,7 +121,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         self, request_iterator: AsyncIterator[pb.ActRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ActResponse]:
         store, metrics, delta, batcher = self._store, self._metrics, self._max_delta, self.batcher
-        previous: np.ndarray | None = None  # the last action sent on this stream, for max_delta
+        slew = SlewLimiter(delta)  # the same limiter the local lane runs
         finetune = self._finetune
         experience = None if finetune is None else finetune.stream()
         explorer = None if finetune is None else finetune.explorer
@@ -125,6 +130,15 @@ class ControllerService(pb_grpc.ControllerServicer):
             async for request in request_iterator:
                 t0 = perf_counter()
                 policy = store.current
+                if type(request) is Undecodable:  # in-band, like any refused request
+                    metrics.error("ActStream", grpc.StatusCode.INVALID_ARGUMENT, 0.0)
+                    if experience is not None:
+                        experience.interrupted()
+                    yield pb.ActResponse(
+                        policy_version=policy.version,
+                        error=pb.Error(code=_INVALID, message=request.message),
+                    )
+                    continue
                 try:
                     if batcher is not None and self._open_streams > 1:
                         action = (await batcher.submit(policy, request.obs)).tolist()
@@ -147,16 +161,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                 if explored:
                     action = explorer.perturb(action, policy.low, policy.high).tolist()
                 if delta is not None:
-                    limited = np.asarray(action, np.float32)
-                    if previous is not None:
-                        # Slew limit, then the bounds again: the bounds always win (a swap may
-                        # have narrowed them).
-                        limited = np.minimum(
-                            np.maximum(limited, previous - delta), previous + delta
-                        )
-                        limited = np.minimum(np.maximum(limited, policy.low), policy.high)
-                    previous = limited
-                    action = limited.tolist()
+                    action = slew.limit(action, policy.low, policy.high)
                 if experience is not None:
                     experience.served(action, policy.version, policy.low, policy.high)
                 reply = pb.ActResponse(
@@ -237,9 +242,14 @@ class ControllerService(pb_grpc.ControllerServicer):
         reply = pb.ReportTransitionsResponse()
         dropped_before = finetune.counters.dropped
         async for t in request_iterator:
+            if type(t) is Undecodable:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, t.message)
             error = finetune.report_transition(
                 t.obs, t.action, t.reward, t.next_obs, t.terminated, t.truncated
             )
+            if error is None and t.policy_version and t.HasField("episode_return"):
+                if t.terminated or t.truncated:  # the local lane's episode, for the monitor
+                    finetune.report_episode(t.policy_version, t.episode_return)
             if error is None:
                 reply.accepted += 1
             else:
@@ -270,6 +280,47 @@ class ControllerService(pb_grpc.ControllerServicer):
     ) -> pb.FinetuneStatus:
         finetune = await self._finetuning(context, "GetFinetuneStatus")
         return pb.FinetuneStatus(**finetune.status())
+
+    async def WatchPolicy(
+        self, request: pb.WatchPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PolicyUpdate]:
+        await self._authorize(context, "WatchPolicy")
+        if type(request) is Undecodable:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        if not request.client_id:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "WatchPolicy needs a client_id naming the loop (e.g. host and process id)",
+            )
+        store, loops, finetune = self._store, self.local_loops, self._finetune
+        loops.opened(request, context.peer())
+        self._metrics.set_local_loops(loops.connected())
+        try:
+            seen = -1
+            while True:
+                if store.generation != seen:
+                    seen = store.generation
+                    exploring = finetune is not None and not finetune.paused
+                    yield loops.update(
+                        store.current,
+                        max_delta=self._max_delta,
+                        explore_std=finetune.cfg.explore_std if exploring else 0.0,
+                        explore_clip=finetune.cfg.explore_clip if finetune is not None else 0.0,
+                        finetune=finetune is not None,
+                    )
+                await store.changed(seen)
+        finally:
+            loops.closed(request.client_id)
+            self._metrics.set_local_loops(loops.connected())
+
+    async def AckPolicy(
+        self, request: pb.PolicyAck, context: grpc.aio.ServicerContext
+    ) -> pb.AckPolicyResponse:
+        await self._authorize(context, "AckPolicy")
+        error = self.local_loops.ack(request, context.peer())
+        if error is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+        return pb.AckPolicyResponse()
 
     async def _finetuning(self, context: grpc.aio.ServicerContext, method: str) -> Finetuner:
         """The fine-tuning RPCs: admin token, and the server must run with --finetune."""
@@ -320,7 +371,11 @@ class ControllerService(pb_grpc.ControllerServicer):
             max_delta=self._max_delta or 0.0,
             previous_version=0 if previous is None else previous.version,
             metadata=meta,
+            local_loops=self.local_loops.snapshot(),
         )
+
+
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
 def _to_int(text: str) -> int:

@@ -45,6 +45,9 @@ class PolicyStore:
         self._next_version = initial.version + 1
         self._on_swap = on_swap
         self._lock = asyncio.Lock()
+        #: Bumped by every swap and by notify(): WatchPolicy streams send an update per change.
+        self.generation = 0
+        self._waiters: list[asyncio.Future[None]] = []
         # One loader thread: loads are rare, and serialising them keeps versions in order.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-load")
 
@@ -120,6 +123,23 @@ class PolicyStore:
         self.previous, self.current = self.current, policy
         if self._on_swap is not None:
             self._on_swap(policy)
+        self.notify()
+
+    def notify(self) -> None:
+        """Something a watcher receives changed (the policy, or settings sent with it)."""
+        self.generation += 1
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def changed(self, seen: int) -> int:
+        """Wait until `generation` differs from `seen`; returns the new generation."""
+        while self.generation == seen:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        return self.generation
 
     async def watch(self, path: Path, interval_s: float) -> None:
         """Reload `path` whenever the file is replaced or rewritten; runs until cancelled."""

@@ -285,6 +285,10 @@ class Finetuner:
         source = str(Path(policy.source).resolve())
         self._commands.put(("served", policy.version, source, policy.sha256, self._rolling_back))
 
+    def report_episode(self, version: int, episode_return: float) -> None:
+        """An episode served wholly by `version` (the local lane reports these)."""
+        self._episode(version, episode_return)
+
     def _episode(self, version: int, episode_return: float) -> None:
         verdict = self.monitor.episode(version, episode_return)
         if verdict is None:
@@ -334,10 +338,12 @@ class Finetuner:
     def pause(self) -> None:
         self.paused = True
         self._commands.put(("pause",))
+        self._store.notify()  # local-lane loops stop exploring
 
     def resume(self) -> None:
         self.paused = False
         self._commands.put(("resume",))
+        self._store.notify()
 
     def status(self) -> dict[str, Any]:
         current = self._store.current.version

@@ -86,7 +86,7 @@ class ObsField(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class PolicyInfo(_message.Message):
-    __slots__ = ("version", "env_id", "obs_dim", "act_dim", "action_low", "action_high", "obs_layout", "algo", "train_steps", "eval_return", "created_utc", "loaded_at", "source", "sha256", "max_delta", "previous_version", "metadata")
+    __slots__ = ("version", "env_id", "obs_dim", "act_dim", "action_low", "action_high", "obs_layout", "algo", "train_steps", "eval_return", "created_utc", "loaded_at", "source", "sha256", "max_delta", "previous_version", "metadata", "local_loops")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class PolicyInfo(_message.Message):
     MAX_DELTA_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LOOPS_FIELD_NUMBER: _ClassVar[int]
     version: int
     env_id: str
     obs_dim: int
@@ -128,7 +129,86 @@ class PolicyInfo(_message.Message):
     max_delta: float
     previous_version: int
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, version: _Optional[int] = ..., env_id: _Optional[str] = ..., obs_dim: _Optional[int] = ..., act_dim: _Optional[int] = ..., action_low: _Optional[_Iterable[float]] = ..., action_high: _Optional[_Iterable[float]] = ..., obs_layout: _Optional[_Iterable[_Union[ObsField, _Mapping]]] = ..., algo: _Optional[str] = ..., train_steps: _Optional[int] = ..., eval_return: _Optional[float] = ..., created_utc: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., sha256: _Optional[str] = ..., max_delta: _Optional[float] = ..., previous_version: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    local_loops: _containers.RepeatedCompositeFieldContainer[LocalLoop]
+    def __init__(self, version: _Optional[int] = ..., env_id: _Optional[str] = ..., obs_dim: _Optional[int] = ..., act_dim: _Optional[int] = ..., action_low: _Optional[_Iterable[float]] = ..., action_high: _Optional[_Iterable[float]] = ..., obs_layout: _Optional[_Iterable[_Union[ObsField, _Mapping]]] = ..., algo: _Optional[str] = ..., train_steps: _Optional[int] = ..., eval_return: _Optional[float] = ..., created_utc: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., sha256: _Optional[str] = ..., max_delta: _Optional[float] = ..., previous_version: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., local_loops: _Optional[_Iterable[_Union[LocalLoop, _Mapping]]] = ...) -> None: ...
+
+class LocalLoop(_message.Message):
+    __slots__ = ("client_id", "peer", "connected", "applied_version", "applied_sha256", "refused_version", "refused_error", "acked_at")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SHA256_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_ERROR_FIELD_NUMBER: _ClassVar[int]
+    ACKED_AT_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    peer: str
+    connected: bool
+    applied_version: int
+    applied_sha256: str
+    refused_version: int
+    refused_error: str
+    acked_at: _timestamp_pb2.Timestamp
+    def __init__(self, client_id: _Optional[str] = ..., peer: _Optional[str] = ..., connected: _Optional[bool] = ..., applied_version: _Optional[int] = ..., applied_sha256: _Optional[str] = ..., refused_version: _Optional[int] = ..., refused_error: _Optional[str] = ..., acked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class WatchPolicyRequest(_message.Message):
+    __slots__ = ("client_id", "running_version", "running_sha256")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_SHA256_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    running_version: int
+    running_sha256: str
+    def __init__(self, client_id: _Optional[str] = ..., running_version: _Optional[int] = ..., running_sha256: _Optional[str] = ...) -> None: ...
+
+class PolicyUpdate(_message.Message):
+    __slots__ = ("nonce", "version", "sha256", "onnx", "action_low", "action_high", "max_delta", "explore_std", "explore_clip", "finetune", "source", "server_id")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    ONNX_FIELD_NUMBER: _ClassVar[int]
+    ACTION_LOW_FIELD_NUMBER: _ClassVar[int]
+    ACTION_HIGH_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELTA_FIELD_NUMBER: _ClassVar[int]
+    EXPLORE_STD_FIELD_NUMBER: _ClassVar[int]
+    EXPLORE_CLIP_FIELD_NUMBER: _ClassVar[int]
+    FINETUNE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    nonce: str
+    version: int
+    sha256: str
+    onnx: bytes
+    action_low: _containers.RepeatedScalarFieldContainer[float]
+    action_high: _containers.RepeatedScalarFieldContainer[float]
+    max_delta: float
+    explore_std: float
+    explore_clip: float
+    finetune: bool
+    source: str
+    server_id: str
+    def __init__(self, nonce: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., onnx: _Optional[bytes] = ..., action_low: _Optional[_Iterable[float]] = ..., action_high: _Optional[_Iterable[float]] = ..., max_delta: _Optional[float] = ..., explore_std: _Optional[float] = ..., explore_clip: _Optional[float] = ..., finetune: _Optional[bool] = ..., source: _Optional[str] = ..., server_id: _Optional[str] = ...) -> None: ...
+
+class PolicyAck(_message.Message):
+    __slots__ = ("client_id", "nonce", "version", "sha256", "applied", "error")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    nonce: str
+    version: int
+    sha256: str
+    applied: bool
+    error: str
+    def __init__(self, client_id: _Optional[str] = ..., nonce: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., applied: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class AckPolicyResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class LoadPolicyRequest(_message.Message):
     __slots__ = ("path", "onnx")
@@ -143,20 +223,24 @@ class RollbackPolicyRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Transition(_message.Message):
-    __slots__ = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
+    __slots__ = ("obs", "action", "reward", "next_obs", "terminated", "truncated", "policy_version", "episode_return")
     OBS_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
     NEXT_OBS_FIELD_NUMBER: _ClassVar[int]
     TERMINATED_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EPISODE_RETURN_FIELD_NUMBER: _ClassVar[int]
     obs: _containers.RepeatedScalarFieldContainer[float]
     action: _containers.RepeatedScalarFieldContainer[float]
     reward: float
     next_obs: _containers.RepeatedScalarFieldContainer[float]
     terminated: bool
     truncated: bool
-    def __init__(self, obs: _Optional[_Iterable[float]] = ..., action: _Optional[_Iterable[float]] = ..., reward: _Optional[float] = ..., next_obs: _Optional[_Iterable[float]] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    policy_version: int
+    episode_return: float
+    def __init__(self, obs: _Optional[_Iterable[float]] = ..., action: _Optional[_Iterable[float]] = ..., reward: _Optional[float] = ..., next_obs: _Optional[_Iterable[float]] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ..., policy_version: _Optional[int] = ..., episode_return: _Optional[float] = ...) -> None: ...
 
 class ReportTransitionsResponse(_message.Message):
     __slots__ = ("accepted", "rejected", "dropped", "first_error")

@@ -84,6 +84,16 @@ class ControllerStub:
                 request_serializer=mu_dot_v1_dot_controller__pb2.FinetuneControlRequest.SerializeToString,
                 response_deserializer=mu_dot_v1_dot_controller__pb2.FinetuneStatus.FromString,
                 _registered_method=True)
+        self.WatchPolicy = channel.unary_stream(
+                '/mu.v1.Controller/WatchPolicy',
+                request_serializer=mu_dot_v1_dot_controller__pb2.WatchPolicyRequest.SerializeToString,
+                response_deserializer=mu_dot_v1_dot_controller__pb2.PolicyUpdate.FromString,
+                _registered_method=True)
+        self.AckPolicy = channel.unary_unary(
+                '/mu.v1.Controller/AckPolicy',
+                request_serializer=mu_dot_v1_dot_controller__pb2.PolicyAck.SerializeToString,
+                response_deserializer=mu_dot_v1_dot_controller__pb2.AckPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -176,6 +186,28 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchPolicy(self, request, context):
+        """(RollbackPolicy above also rolls a fine-tuned version back, and the restart pointer with it.)
+
+        The local lane: ship the policy to a robot loop that evaluates it in-process. The stream
+        sends the current policy on open and every later one (hot swap, promotion, rollback,
+        --watch reload, a change of exploration settings): the ONNX file's bytes with its version,
+        sha256, bounds, slew limit and exploration std. The client checks the sha256, loads,
+        validates and warms the file with the server's own code, swaps it in between two ticks, and
+        answers each update with AckPolicy (applied or refused, xDS-style), so GetPolicy shows what
+        every loop runs. A policy file is sensitive: same token rule as LoadPolicy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AckPolicy(self, request, context):
+        """The local lane's acknowledgement of one PolicyUpdate (matched by nonce). Same token rule.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +260,16 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.GetFinetuneStatus,
                     request_deserializer=mu_dot_v1_dot_controller__pb2.FinetuneControlRequest.FromString,
                     response_serializer=mu_dot_v1_dot_controller__pb2.FinetuneStatus.SerializeToString,
+            ),
+            'WatchPolicy': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchPolicy,
+                    request_deserializer=mu_dot_v1_dot_controller__pb2.WatchPolicyRequest.FromString,
+                    response_serializer=mu_dot_v1_dot_controller__pb2.PolicyUpdate.SerializeToString,
+            ),
+            'AckPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.AckPolicy,
+                    request_deserializer=mu_dot_v1_dot_controller__pb2.PolicyAck.FromString,
+                    response_serializer=mu_dot_v1_dot_controller__pb2.AckPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -500,6 +542,60 @@ class Controller:
             '/mu.v1.Controller/GetFinetuneStatus',
             mu_dot_v1_dot_controller__pb2.FinetuneControlRequest.SerializeToString,
             mu_dot_v1_dot_controller__pb2.FinetuneStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mu.v1.Controller/WatchPolicy',
+            mu_dot_v1_dot_controller__pb2.WatchPolicyRequest.SerializeToString,
+            mu_dot_v1_dot_controller__pb2.PolicyUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AckPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mu.v1.Controller/AckPolicy',
+            mu_dot_v1_dot_controller__pb2.PolicyAck.SerializeToString,
+            mu_dot_v1_dot_controller__pb2.AckPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,381 @@
+"""The local lane: the robot's loop evaluates the policy in-process; the server ships it.
+
+`PolicyWatcher` runs one background thread on a WatchPolicy stream. For each PolicyUpdate it
+checks the sha256, loads, validates and warms the file with the server's own code
+(`controller.policy.load_policy`), and swaps it in by replacing one reference (`current`); a
+tick reads that reference once, so it never waits on the network nor sees half a swap. Every
+update is acknowledged (AckPolicy: applied, or refused with the reason). When the stream breaks,
+the loop keeps the last verified policy and the watcher reconnects with exponential backoff
+and jitter, then applies whatever the (possibly restarted) server serves.
+
+`ExperienceQueue` carries transitions from the loop to the server's learner: a bounded queue
+that a tick only `put_nowait`s into (a full queue drops and counts), drained by a background
+thread that sends batches with ReportTransitions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import random
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from controller.policy import Policy, PolicyLoadError, load_policy
+from controller.proto import controller_pb2 as pb
+from controller.proto import controller_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+# Calls of a new policy before it is swapped in: the first ticks then find it warm.
+WARM_CALLS = 20
+# Channel reconnection: gRPC's own defaults (1 s, growing to 120 s) would leave a restarted
+# server unseen for minutes; the watcher adds its own backoff on top.
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+@dataclass(frozen=True)
+class LocalPolicy:
+    """What one tick runs: a verified policy and the server's settings that came with it."""
+
+    policy: Policy
+    version: int
+    sha256: str
+    #: Slew limit per tick in action units; None = off.
+    max_delta: float | None
+    #: Exploration std and clip in [-1, 1] units; std 0 = no exploration.
+    explore_std: float
+    explore_clip: float
+    #: The server fine-tunes: transitions are worth reporting.
+    finetune: bool
+    server_id: str
+
+
+class PolicyWatcher:
+    """Keeps `current` equal to what the server serves. Thread-safe readers: `current` is
+    replaced whole, never mutated."""
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        client_id: str,
+        *,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+        ack_deadline_s: float = 5.0,
+        backoff_s: float = 0.05,
+        max_backoff_s: float = 2.0,
+    ) -> None:
+        self.client_id = client_id
+        self._stub = pb_grpc.ControllerStub(channel)
+        self._metadata = metadata
+        self._ack_deadline_s = ack_deadline_s
+        self._backoff_s, self._max_backoff_s = backoff_s, max_backoff_s
+        #: The policy ticks use; None until the first update is applied.
+        self.current: LocalPolicy | None = None
+        self._previous: LocalPolicy | None = None  # a rollback reuses it without a reload
+        #: Updates applied and refused, reconnections, and what went wrong last.
+        self.applied = 0
+        self.refused = 0
+        self.reconnects = 0
+        self.last_error: str | None = None
+        self.connected = False
+        self._changed = threading.Condition()
+        self._closed = threading.Event()
+        self._call: grpc.Future | None = None
+        self._thread = threading.Thread(target=self._run, name="mu-watch-policy", daemon=True)
+        self._thread.start()
+
+    # -- waiting (outside the ticks) --------------------------------------------------------------
+
+    def wait(self, version: int | None = None, *, timeout: float) -> LocalPolicy:
+        """Block until a policy is applied (with `version`, when given); TimeoutError naming
+        the watcher's last error otherwise."""
+        with self._changed:
+            ok = self._changed.wait_for(
+                lambda: (
+                    self.current is not None
+                    and (version is None or self.current.version == version)
+                ),
+                timeout,
+            )
+        if not ok or self.current is None:
+            want = "a policy" if version is None else f"version {version}"
+            raise TimeoutError(
+                f"no {want} from the server within {timeout:g} s"
+                + (f" (last error: {self.last_error})" if self.last_error else "")
+            )
+        return self.current
+
+    def wait_applied(self, count: int, *, timeout: float) -> None:
+        """Block until `applied + refused` reaches `count` (tests: an update was handled)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.applied + self.refused >= count, timeout):
+                raise TimeoutError(f"fewer than {count} updates handled within {timeout:g} s")
+
+    # -- the watcher thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = self._backoff_s
+        while not self._closed.is_set():
+            current = self.current
+            request = pb.WatchPolicyRequest(
+                client_id=self.client_id,
+                running_version=0 if current is None else current.version,
+                running_sha256="" if current is None else current.sha256,
+            )
+            try:
+                call = self._stub.WatchPolicy(request, metadata=self._metadata)
+                self._call = call
+                for update in call:
+                    self.connected = True
+                    backoff = self._backoff_s
+                    self._handle(update)
+                why = "the server ended the WatchPolicy stream"
+            except grpc.RpcError as e:
+                if self._closed.is_set():
+                    break
+                why = f"WatchPolicy: {e.code().name}: {e.details()}"
+            self.connected = False
+            if why != self.last_error:
+                kept = self.current
+                log.warning(
+                    "%s; keeping %s, reconnecting",
+                    why,
+                    "no policy yet" if kept is None else f"version {kept.version}",
+                )
+            self.last_error = why
+            self.reconnects += 1
+            # Jitter: loops that lost the same server do not all come back at once.
+            self._closed.wait(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, self._max_backoff_s)
+
+    def _handle(self, update: pb.PolicyUpdate) -> None:
+        try:
+            local = self._verify(update)
+        except PolicyLoadError as e:
+            self.refused += 1
+            self.last_error = str(e)
+            kept = "no policy" if self.current is None else f"version {self.current.version}"
+            log.warning("refused version %d (keeping %s): %s", update.version, kept, e)
+            self._ack(update, applied=False, error=str(e))
+            with self._changed:
+                self._changed.notify_all()
+            return
+        current = self.current
+        if current is not None and current.policy is not local.policy:
+            self._previous = current  # also keeps the retired session alive outside a tick
+        self.current = local  # the swap: the next tick reads the new reference
+        self.applied += 1
+        with self._changed:
+            self._changed.notify_all()
+        log.info("applied version %d (sha256 %s)", local.version, local.sha256[:12])
+        self._ack(update, applied=True)
+
+    def _verify(self, update: pb.PolicyUpdate) -> LocalPolicy:
+        """The LocalPolicy for `update`; PolicyLoadError saying why it is refused."""
+        current, previous = self.current, self._previous
+        reuse = next(
+            (p for p in (current, previous) if p is not None and p.sha256 == update.sha256),
+            None,
+        )
+        if reuse is not None:  # the same file (settings changed, or a rollback): no reload
+            policy = reuse.policy
+            policy.version = update.version
+        else:
+            digest = hashlib.sha256(update.onnx).hexdigest()
+            if digest != update.sha256:
+                raise PolicyLoadError(
+                    f"version {update.version}: the received file has sha256 {digest[:16]}, "
+                    f"the update says {update.sha256[:16]}"
+                )
+            policy = load_policy(
+                update.onnx, source=f"version {update.version} ({update.source})",
+                version=update.version,
+            )  # fmt: skip
+            if current is not None:
+                old = current.policy
+                for what, a, b in (("env id", policy.env_id, old.env_id),
+                                   ("obs_dim", policy.obs_dim, old.obs_dim),
+                                   ("act_dim", policy.act_dim, old.act_dim)):  # fmt: skip
+                    if a != b:
+                        raise PolicyLoadError(
+                            f"version {update.version} has {what} {a}; this loop runs {b}"
+                        )
+            zeros = [0.0] * policy.obs_dim
+            for _ in range(WARM_CALLS):
+                policy.act_values(zeros)
+        low = np.asarray(update.action_low, np.float32)
+        high = np.asarray(update.action_high, np.float32)
+        if not (np.array_equal(low, policy.low) and np.array_equal(high, policy.high)):
+            raise PolicyLoadError(
+                f"version {update.version}: the update's bounds differ from the file's metadata"
+            )
+        return LocalPolicy(
+            policy=policy,
+            version=update.version,
+            sha256=update.sha256,
+            max_delta=update.max_delta or None,
+            explore_std=update.explore_std,
+            explore_clip=update.explore_clip,
+            finetune=update.finetune,
+            server_id=update.server_id,
+        )
+
+    def _ack(self, update: pb.PolicyUpdate, *, applied: bool, error: str = "") -> None:
+        ack = pb.PolicyAck(
+            client_id=self.client_id,
+            nonce=update.nonce,
+            version=update.version,
+            sha256=update.sha256,
+            applied=applied,
+            error=error,
+        )
+        try:
+            self._stub.AckPolicy(ack, timeout=self._ack_deadline_s, metadata=self._metadata)
+        except grpc.RpcError as e:  # the next WatchPolicy open reports what runs anyway
+            log.warning("AckPolicy for version %d failed: %s", update.version, e.code().name)
+
+    def close(self) -> None:
+        self._closed.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+        self._thread.join(5.0)
+
+
+@dataclass
+class _Transition:
+    obs: list[float]
+    action: list[float]
+    reward: float
+    next_obs: list[float]
+    terminated: bool
+    truncated: bool
+    version: int
+    episode_return: float | None
+
+
+class ExperienceQueue:
+    """Transitions from the loop to the server: `put` never blocks (a full queue drops the
+    transition and counts it); a background thread sends batches with ReportTransitions."""
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        maxsize: int = 4096,
+        batch: int = 512,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+        deadline_s: float = 10.0,
+        start: bool = True,
+    ) -> None:
+        if maxsize < 1 or batch < 1:
+            raise ValueError("maxsize and batch must be at least 1")
+        self._queue: queue.Queue[_Transition] = queue.Queue(maxsize)
+        self._stub = pb_grpc.ControllerStub(channel)
+        self._batch = batch
+        self._metadata = metadata
+        self._deadline_s = deadline_s
+        #: Dropped here because the queue was full; sent and accepted by the server; refused
+        #: by it (rejected rows, or its own queue full); lost in failed calls.
+        self.dropped = 0
+        self.accepted = 0
+        self.rejected = 0
+        self.server_dropped = 0
+        self.failed = 0
+        self.last_error: str | None = None
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mu-report", daemon=True)
+        if start:
+            self._thread.start()
+
+    def put(self, transition: _Transition) -> bool:
+        """Queue one transition; False (and counted in `dropped`) when the queue is full."""
+        try:
+            self._queue.put_nowait(transition)
+        except queue.Full:
+            self.dropped += 1
+            return False
+        return True
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def _run(self) -> None:
+        while not self._closed.is_set() or not self._queue.empty():
+            try:
+                first = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < self._batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._send(batch)
+
+    def _send(self, batch: list[_Transition]) -> None:
+        messages = []
+        for t in batch:
+            m = pb.Transition(
+                obs=t.obs,
+                action=t.action,
+                reward=t.reward,
+                next_obs=t.next_obs,
+                terminated=t.terminated,
+                truncated=t.truncated,
+                policy_version=t.version,
+            )
+            if t.episode_return is not None:
+                m.episode_return = t.episode_return
+            messages.append(m)
+        try:
+            reply = self._stub.ReportTransitions(
+                iter(messages), timeout=self._deadline_s, metadata=self._metadata
+            )
+        except grpc.RpcError as e:
+            self.failed += len(batch)
+            why = f"ReportTransitions: {e.code().name}: {e.details()}"
+            if why != self.last_error:
+                log.warning("%s; %d transitions lost", why, len(batch))
+            self.last_error = why
+            self._closed.wait(0.5)  # the server is away: do not spin on it
+            return
+        self.accepted += reply.accepted - reply.dropped
+        self.server_dropped += reply.dropped
+        self.rejected += reply.rejected
+        if reply.first_error and reply.first_error != self.last_error:
+            log.warning("server rejected transitions: %s", reply.first_error)
+            self.last_error = reply.first_error
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued (for up to `timeout`), then stop."""
+        self._closed.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
+def make_transition(
+    obs: Sequence[float],
+    action: Sequence[float],
+    reward: float,
+    next_obs: Sequence[float],
+    terminated: bool,
+    truncated: bool,
+    version: int,
+    episode_return: float | None = None,
+) -> _Transition:
+    return _Transition(
+        list(obs), list(action), float(reward), list(next_obs), bool(terminated),
+        bool(truncated), version, episode_return,
+    )  # fmt: skip
