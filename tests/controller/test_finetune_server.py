@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 from controller.finetune.config import FinetuneConfig
+from controller.finetune.versions import PAUSE_POINTER_ENV
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
 
@@ -27,8 +29,16 @@ REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "policies" / "panda_reach" / "policy.onnx"
 AGENT = REPO / "policies" / "panda_reach" / "agent.pt"
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-# Small and quick: a candidate every 2 actor updates, judged on 2-3 episodes.
-FAST = dict(actor_warmup=0, candidate_every=2, batch_size=32, gate_states=32, chunk_size=8)
+# Small and quick: a candidate every 2 actor updates, judged on 2-3 episodes; the learner at
+# normal priority (test-only), so a busy machine cannot starve it past the deadlines below.
+FAST = dict(
+    actor_warmup=0,
+    candidate_every=2,
+    batch_size=32,
+    gate_states=32,
+    chunk_size=8,
+    learner_idle_priority=False,
+)
 DEADLINE_S = 120
 
 
@@ -111,7 +121,9 @@ def _read_lines(process: subprocess.Popen, lines: queue.Queue[str]) -> None:
         lines.put(line)
 
 
-def _start(args: list[str]) -> tuple[subprocess.Popen, queue.Queue[str], str]:
+def _start(
+    args: list[str], env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, queue.Queue[str], str]:
     script = (
         "import argparse, sys\n"
         "from controller.server import add_serve_arguments, serve_from_args\n"
@@ -119,7 +131,7 @@ def _start(args: list[str]) -> tuple[subprocess.Popen, queue.Queue[str], str]:
         "sys.exit(serve_from_args(p.parse_args(sys.argv[1:])))\n"
     )
     process = subprocess.Popen(
-        [sys.executable, "-c", script, *args], env=ENV, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", script, *args], env=env or ENV, stderr=subprocess.PIPE, text=True
     )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=_read_lines, args=(process, lines), daemon=True).start()
@@ -130,12 +142,29 @@ def _start(args: list[str]) -> tuple[subprocess.Popen, queue.Queue[str], str]:
             return process, lines, found.group(1)
 
 
+def _gone(pid: int, timeout: float) -> bool:
+    """Whether process `pid` (not our child) has ended, waiting at most `timeout` seconds."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)  # readable once it has exited
+        return bool(readable)
+    finally:
+        os.close(fd)
+
+
 def test_kill_9_during_a_promotion_resumes_the_last_committed_version(tmp_path: Path) -> None:
+    """The learner stops between writing version 3's pointer and renaming it (the fault point in
+    controller.finetune.versions); kill -9 lands there, every time."""
     versions = tmp_path / "versions"
     args = ["--policy", str(POLICY), "--listen", "127.0.0.1:0", "--finetune", str(AGENT),
             "--finetune-dir", str(versions), "--finetune-set", "rollback_window=2",
-            *[f"--finetune-set={k}={v}" for k, v in FAST.items()]]  # fmt: skip
-    process, lines, address = _start(args)
+            *[f"--finetune-set={k}={json.dumps(v)}" for k, v in FAST.items()]]  # fmt: skip
+    env = {**ENV, PAUSE_POINTER_ENV: "3"}
+    process, lines, address = _start(args, env)
+    learner_pid = None
     try:
         rng = np.random.default_rng(1)
         committed = 0
@@ -148,15 +177,23 @@ def test_kill_9_during_a_promotion_resumes_the_last_committed_version(tmp_path: 
                     continue
                 if m := re.search(r"committed version (\d+)", line):
                     committed = max(committed, int(m.group(1)))
-                elif committed >= 2 and "promoting candidate" in line:
-                    process.send_signal(signal.SIGKILL)  # mid-promotion: gates, swap, commit
+                elif m := re.search(r"fault injection: pointer of version 3 .* pid (\d+)", line):
+                    learner_pid = int(m.group(1))
+                    process.send_signal(signal.SIGKILL)  # between write and rename
                     break
         assert process.wait(timeout=30) == -signal.SIGKILL
     finally:
         if process.poll() is None:
             process.kill()
+    assert committed == 2 and learner_pid is not None
+    gone = _gone(learner_pid, timeout=30)
+    if not gone:
+        os.kill(learner_pid, signal.SIGKILL)  # do not leave it behind for the next tests
+    assert gone, "the learner outlived the server"
+    # the new pointer reached the disk but was never renamed: the old one is intact
+    assert json.loads((versions / ".current.json.tmp").read_text())["version"] == 3
     pointer = json.loads((versions / "current.json").read_text())
-    assert pointer["version"] >= committed >= 2
+    assert pointer["version"] == 2
     assert hashlib.sha256(Path(pointer["policy"]).read_bytes()).hexdigest() == pointer["sha256"]
 
     process, lines, address = _start(args)
