@@ -74,9 +74,21 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from controller.config import parse_shifts
     from training.evaluate import evaluate_onnx, report
 
-    print(report(evaluate_onnx(args.policy, args.episodes, args.seed)))
+    if args.sweep:
+        if args.shift:
+            raise SystemExit("mu eval: --sweep covers every knob; drop --shift")
+        from training.robustness import run_sweep
+
+        _, text = run_sweep(args.policy, args.out, args.episodes, args.seed)
+        print(text)
+        print(f"sweep: {args.out}/sweep.json, {args.out}/sweep.png")
+        return 0
+    shifts = parse_shifts(args.shift)
+    for policy in args.policy:
+        print(report(evaluate_onnx(policy, args.episodes, args.seed, shifts=shifts)))
     return 0
 
 
@@ -140,9 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_explain)
 
     p = sub.add_parser("eval", help="deterministic return of a policy file in onnxruntime")
-    p.add_argument("policy", help="policy.onnx")
+    p.add_argument("policy", nargs="+", help="policy.onnx (two to compare them)")
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--shift",
+        action="append",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="hold a knob at a shifted value: friction, mass, strength (multipliers), damping, "
+        "latency (steps), offset, obs_noise, push (docs/sim_to_real.md)",
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="sweep every knob and a friction × mass grid: table, sweep.json, sweep.png",
+    )
+    p.add_argument("--out", default="sweep", help="with --sweep: output directory")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("serve", help="serve a policy file over gRPC")

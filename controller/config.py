@@ -36,6 +36,18 @@ def parse_overrides(
     return out
 
 
+def parse_shifts(items: list[str]) -> dict[str, float]:
+    """`KNOB=VALUE` flags of `mu eval --shift` onto {knob: value}. Raises ValueError."""
+    out: dict[str, float] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--shift {item!r}: expected KNOB=NUMBER, e.g. friction=0.5") from None
+    return out
+
+
 def parse_listen(listen: str) -> tuple[str, int | None]:
     """'HOST:PORT' -> (host, port); 'unix:PATH' -> (path, None). Raises ValueError."""
     if listen.startswith("unix:"):

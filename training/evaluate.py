@@ -1,14 +1,19 @@
-"""Evaluate a policy file alone: onnxruntime and the simulator, no torch."""
+"""Evaluate a policy file alone: onnxruntime and the simulator, no torch.
+
+`shifts` evaluates under fixed shifted dynamics, latency, offset or noise
+(training/randomization.py's knobs, each held at one value)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 
+import gymnasium as gym
 import numpy as np
 import onnxruntime as ort
 
 from training.envs import make_env, run_episodes
+from training.randomization import randomize
 
 
 @dataclass
@@ -16,26 +21,57 @@ class OnnxEval:
     env_id: str
     returns: list[float]
     success_rate: float | None
+    shifts: dict[str, float]
 
     @property
     def mean_return(self) -> float:
         return float(np.mean(self.returns))
 
 
-def evaluate_onnx(
-    path: str, episodes: int = 10, seed: int = 0, env_id: str | None = None
-) -> OnnxEval:
-    """Deterministic returns of the ONNX policy at `path`; episode i is reset with seed + i."""
+def load_session(path: str) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    env_id = env_id or sess.get_modelmeta().custom_metadata_map["mu.env_id"]
-    env = make_env(env_id, seed)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def policy_env_id(sess: ort.InferenceSession) -> str:
+    return sess.get_modelmeta().custom_metadata_map["mu.env_id"]
+
+
+def shifted_env(env_id: str, seed: int, shifts: dict[str, float]) -> gym.Env:
+    """`env_id` with every knob in `shifts` held at its value (noise seeded with `seed`)."""
+    ranges = {k: [v, v] for k, v in shifts.items()}
+    return randomize(make_env(env_id, seed), ranges, np.random.default_rng(seed))
+
+
+def evaluate_session(
+    sess: ort.InferenceSession,
+    env_id: str,
+    episodes: int,
+    seed: int,
+    shifts: dict[str, float] | None = None,
+) -> OnnxEval:
+    """Deterministic returns of `sess` on `env_id` under `shifts` ({knob: value}); episode i
+    is reset with seed + i, and noise draws come from a generator seeded with `seed`."""
+    shifts = dict(shifts or {})
+    env = shifted_env(env_id, seed, shifts)
     returns, rate = run_episodes(
         env, lambda obs: sess.run(["action"], {"obs": obs[None]})[0][0], episodes, seed
     )
     env.close()
-    return OnnxEval(env_id, returns, rate)
+    return OnnxEval(env_id, returns, rate, shifts)
+
+
+def evaluate_onnx(
+    path: str,
+    episodes: int = 10,
+    seed: int = 0,
+    env_id: str | None = None,
+    shifts: dict[str, float] | None = None,
+) -> OnnxEval:
+    """Deterministic returns of the ONNX policy at `path` (see `evaluate_session`)."""
+    sess = load_session(path)
+    return evaluate_session(sess, env_id or policy_env_id(sess), episodes, seed, shifts)
 
 
 def report(result: OnnxEval) -> str:
@@ -46,5 +82,6 @@ def report(result: OnnxEval) -> str:
             "mean_return": round(result.mean_return, 3),
             "min_return": round(min(result.returns), 3),
             "success_rate": result.success_rate,
+            **({"shifts": result.shifts} if result.shifts else {}),
         }
     )

@@ -1,0 +1,204 @@
+"""Nominal against robust training: the same env, seeds and step budget, trained once with the
+env's default preset and once with `--preset robust` (domain randomization), then every policy
+evaluated on the same grid of shifted dynamics (training/robustness.py) with onnxruntime.
+
+    python -m benchmarks.robustness --env PandaReachDense-v3=20000 \
+        --env HalfCheetahBulletEnv-v0=150000 --seeds 0 1 2 [--runs runs/robustness]
+
+Per policy: return at nominal dynamics; the share of grid cells where it holds, inside and
+outside the robust preset's training ranges; its mean and worst cell. A cell holds when the
+return is ≥ 80% of the *nominal-trained* policy's nominal return of the same seed, or, on envs
+that report success (PandaReach), when the success rate is ≥ 0.9. "Kept at nominal" is
+1 − (R_nominal − R_robust) / |R_nominal|, which reads as R_robust / R_nominal for positive
+returns and stays meaningful for negative ones.
+
+The runs are exactly what `mu train --env ENV --steps N --seed S [--preset robust]
+--out RUNS/ENV-VARIANT-sS` writes; finished runs with the same config are reused, as are
+finished sweeps, so an interrupted benchmark reruns cheaply. Prints a table and writes JSON and
+a PNG to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VARIANTS = ("nominal", "robust")
+HOLD_FRACTION = 0.8
+HOLD_SUCCESS = 0.9
+
+
+def train_run(env_id: str, variant: str, seed: int, steps: int, runs: str) -> str:
+    """Train (or reuse) one run; returns the path of its policy.onnx."""
+    from training.config import TrainConfig
+    from training.presets import preset
+    from training.trainer import train
+
+    overrides = preset(env_id, "robust" if variant == "robust" else None)
+    cfg = TrainConfig.from_dict({**overrides, "env_id": env_id, "seed": seed, "steps": steps})
+    run = Path(runs) / f"{env_id}-{variant}-s{seed}"
+    saved = run / "config.json"
+    policy = run / "policy.onnx"
+    if not (policy.exists() and saved.exists() and saved.read_text() == cfg.to_json()):
+        train(cfg, run, progress=False)
+    return str(policy)
+
+
+def sweep_pair(env_id: str, seed: int, runs: str, episodes: int) -> str:
+    """Sweep the nominal and the robust policy of one seed together; returns the JSON path."""
+    from training.robustness import SweepResult, sweep
+
+    policies = [str(Path(runs) / f"{env_id}-{v}-s{seed}" / "policy.onnx") for v in VARIANTS]
+    path = Path(runs) / f"sweep-{env_id}-s{seed}.json"
+    if path.exists():
+        cached = SweepResult.load(path)
+        if cached.policies == policies and cached.episodes == episodes:
+            return str(path)
+    result = sweep(policies, episodes, seed=10_000, progress=False)
+    path.write_text(result.to_json())
+    return str(path)
+
+
+def summarize(path: str) -> dict[str, Any]:
+    """Per policy of one seed's sweep: nominal return, kept share, cells held in/out."""
+    from training.robustness import SweepResult, inside
+
+    result = SweepResult.load(path)
+    ranges = result.ranges[VARIANTS.index("robust")]
+    nominal = result.cell({})
+    success = nominal.success[0] is not None
+    ref = nominal.returns[0]  # the nominal-trained policy at nominal dynamics
+    out: dict[str, Any] = {"ref_return": ref}
+    for i, variant in enumerate(VARIANTS):
+
+        def holds(c, i=i) -> bool:
+            if success:
+                return c.success[i] >= HOLD_SUCCESS
+            return c.returns[i] >= HOLD_FRACTION * ref
+
+        cells_in = [c for c in result.cells if inside(c.shifts, ranges)]
+        cells_out = [c for c in result.cells if not inside(c.shifts, ranges)]
+        returns = [c.returns[i] for c in result.cells]
+        out[variant] = {
+            "nominal_return": nominal.returns[i],
+            "nominal_success": nominal.success[i],
+            "kept": 1 - (ref - nominal.returns[i]) / abs(ref),
+            "held_inside": sum(map(holds, cells_in)) / len(cells_in),
+            "held_outside": sum(map(holds, cells_out)) / len(cells_out),
+            "cells_inside": len(cells_in),
+            "cells_outside": len(cells_out),
+            "mean_cell": float(np.mean(returns)),
+            "worst_cell": float(np.min(returns)),
+        }
+    return out
+
+
+def report(summaries: dict[str, list[dict[str, Any]]]) -> str:
+    head = (
+        "| env | policy | nominal return | kept at nominal | held inside | held outside "
+        "| mean cell | worst cell |"
+    )
+    lines = [head, "|" + " --- |" * 8]
+    for env_id, per_seed in summaries.items():
+        for variant in VARIANTS:
+            rows = [s[variant] for s in per_seed]
+
+            def stat(key: str, fmt: str, rows=rows) -> str:
+                values = [r[key] for r in rows]
+                return f"{np.mean(values):{fmt}} ± {np.std(values):{fmt}}"
+
+            fmt = ".3f" if abs(rows[0]["nominal_return"]) < 10 else ".0f"
+            lines.append(
+                f"| {env_id} | {variant} | {stat('nominal_return', fmt)} | {stat('kept', '.2f')} "
+                f"| {stat('held_inside', '.2f')} | {stat('held_outside', '.2f')} "
+                f"| {stat('mean_cell', fmt)} | {stat('worst_cell', fmt)} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(summaries: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summaries), figsize=(5 * len(summaries), 3.6), squeeze=False)
+    keys = [
+        ("kept", "kept at nominal"),
+        ("held_inside", "held inside"),
+        ("held_outside", "held outside"),
+    ]
+    for ax, (env_id, per_seed) in zip(axes.flat, summaries.items(), strict=True):
+        x = np.arange(len(keys))
+        for j, variant in enumerate(VARIANTS):
+            vals = [[s[variant][k] for s in per_seed] for k, _ in keys]
+            ax.bar(
+                x + (j - 0.5) * 0.38,
+                [np.mean(v) for v in vals],
+                0.38,
+                yerr=[np.std(v) for v in vals],
+                label=variant,
+            )
+        ax.set_xticks(x, [label for _, label in keys])
+        ax.axhline(0.9, color="grey", lw=0.8, ls=":")
+        ax.set_ylim(0, 1.1)
+        ax.set_title(f"{env_id} (seeds: {len(per_seed)})", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--env", action="append", required=True, metavar="ID=STEPS")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--episodes", type=int, default=10, help="evaluation episodes per cell")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes")
+    p.add_argument("--runs", default="runs/robustness", help="run directories and sweeps")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    envs = {}
+    for item in args.env:
+        env_id, _, steps = item.partition("=")
+        if not steps.isdigit():
+            raise SystemExit(f"--env {item!r}: expected ID=STEPS")
+        envs[env_id] = int(steps)
+    Path(args.runs).mkdir(parents=True, exist_ok=True)
+    jobs = [(e, v, s, n) for e, n in envs.items() for s in args.seeds for v in VARIANTS]
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        for policy in pool.map(train_run, *zip(*jobs, strict=True), [args.runs] * len(jobs)):
+            print(f"trained {policy}", flush=True)
+        pairs = [(e, s) for e in envs for s in args.seeds]
+        sweeps = list(
+            pool.map(
+                sweep_pair,
+                *zip(*pairs, strict=True),
+                [args.runs] * len(pairs),
+                [args.episodes] * len(pairs),
+            )
+        )
+    summaries: dict[str, list[dict[str, Any]]] = {e: [] for e in envs}
+    for (env_id, _), path in zip(pairs, sweeps, strict=True):
+        summaries[env_id].append(summarize(path))
+    text = report(summaries)
+    print(text)
+    name = "robustness_" + "_".join(f"{e.split('-')[0]}_{n}" for e, n in envs.items())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.txt").write_text(text + "\n")
+    (out / f"{name}.json").write_text(
+        json.dumps({"envs": envs, "seeds": args.seeds, "summaries": summaries}, indent=1)
+    )
+    plot(summaries, out / f"{name}.png")
+    print(f"wrote {out / name}.{{txt,json,png}}")
+
+
+if __name__ == "__main__":
+    main()
