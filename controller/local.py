@@ -85,6 +85,8 @@ class PolicyWatcher:
         #: Updates applied and refused, reconnections, and what went wrong last.
         self.applied = 0
         self.refused = 0
+        #: Updates applied or refused whose acknowledgement was sent (or failed).
+        self.handled = 0
         self.reconnects = 0
         self.last_error: str | None = None
         self.connected = False
@@ -96,17 +98,22 @@ class PolicyWatcher:
 
     # -- waiting (outside the ticks) --------------------------------------------------------------
 
-    def wait(self, version: int | None = None, *, timeout: float) -> LocalPolicy:
-        """Block until a policy is applied (with `version`, when given); TimeoutError naming
-        the watcher's last error otherwise."""
-        with self._changed:
-            ok = self._changed.wait_for(
-                lambda: (
-                    self.current is not None
-                    and (version is None or self.current.version == version)
-                ),
-                timeout,
+    def wait(
+        self, version: int | None = None, *, sha256: str | None = None, timeout: float
+    ) -> LocalPolicy:
+        """Block until a policy is applied (with `version` and `sha256`, when given);
+        TimeoutError naming the watcher's last error otherwise."""
+
+        def ready() -> bool:
+            current = self.current
+            return (
+                current is not None
+                and (version is None or current.version == version)
+                and (sha256 is None or current.sha256 == sha256)
             )
+
+        with self._changed:
+            ok = self._changed.wait_for(ready, timeout)
         if not ok or self.current is None:
             want = "a policy" if version is None else f"version {version}"
             raise TimeoutError(
@@ -115,10 +122,10 @@ class PolicyWatcher:
             )
         return self.current
 
-    def wait_applied(self, count: int, *, timeout: float) -> None:
-        """Block until `applied + refused` reaches `count` (tests: an update was handled)."""
+    def wait_handled(self, count: int, *, timeout: float) -> None:
+        """Block until `count` updates were applied or refused and acknowledged."""
         with self._changed:
-            if not self._changed.wait_for(lambda: self.applied + self.refused >= count, timeout):
+            if not self._changed.wait_for(lambda: self.handled >= count, timeout):
                 raise TimeoutError(f"fewer than {count} updates handled within {timeout:g} s")
 
     # -- the watcher thread -----------------------------------------------------------------------
@@ -167,8 +174,7 @@ class PolicyWatcher:
             kept = "no policy" if self.current is None else f"version {self.current.version}"
             log.warning("refused version %d (keeping %s): %s", update.version, kept, e)
             self._ack(update, applied=False, error=str(e))
-            with self._changed:
-                self._changed.notify_all()
+            self._handled()
             return
         current = self.current
         if current is not None and current.policy is not local.policy:
@@ -179,24 +185,27 @@ class PolicyWatcher:
             self._changed.notify_all()
         log.info("applied version %d (sha256 %s)", local.version, local.sha256[:12])
         self._ack(update, applied=True)
+        self._handled()
+
+    def _handled(self) -> None:
+        with self._changed:
+            self.handled += 1
+            self._changed.notify_all()
 
     def _verify(self, update: pb.PolicyUpdate) -> LocalPolicy:
         """The LocalPolicy for `update`; PolicyLoadError saying why it is refused."""
         current, previous = self.current, self._previous
-        reuse = next(
-            (p for p in (current, previous) if p is not None and p.sha256 == update.sha256),
-            None,
-        )
+        # Always hash what arrived: a matching claim alone must not select a cached policy.
+        digest = hashlib.sha256(update.onnx).hexdigest()
+        if digest != update.sha256:
+            raise PolicyLoadError(
+                f"version {update.version}: the received file has sha256 {digest[:16]}, "
+                f"the update says {update.sha256[:16]}"
+            )
+        reuse = next((p for p in (current, previous) if p is not None and p.sha256 == digest), None)
         if reuse is not None:  # the same file (settings changed, or a rollback): no reload
             policy = reuse.policy
-            policy.version = update.version
         else:
-            digest = hashlib.sha256(update.onnx).hexdigest()
-            if digest != update.sha256:
-                raise PolicyLoadError(
-                    f"version {update.version}: the received file has sha256 {digest[:16]}, "
-                    f"the update says {update.sha256[:16]}"
-                )
             policy = load_policy(
                 update.onnx, source=f"version {update.version} ({update.source})",
                 version=update.version,
@@ -219,6 +228,7 @@ class PolicyWatcher:
             raise PolicyLoadError(
                 f"version {update.version}: the update's bounds differ from the file's metadata"
             )
+        policy.version = update.version  # named in its NaN refusals
         return LocalPolicy(
             policy=policy,
             version=update.version,

@@ -1,15 +1,22 @@
-"""`mu loop`: a simulated robot calls the control service at a fixed rate and reports timing.
+"""`mu loop`: a simulated robot gets its actions from the control service at a fixed rate and
+reports timing.
 
-Each tick: send the observation over ActStream, apply the action to the plant (PyBullet, or a
-synthetic plant for benchmarks), then sleep to the next tick boundary on a monotonic clock. A tick
-that overruns is not caught up with a burst: the loop skips to the next boundary, as
-ros2_control does. Simulator time is measured apart from the round trip, so a simulator too slow
-for the rate is reported as such instead of as a service miss.
+Each tick: get the action (gRPC lane: a round trip over ActStream; local lane, `--local`: the
+policy the service shipped, evaluated in this process), apply it to the plant (PyBullet, or a
+synthetic plant for benchmarks), then sleep to the next tick boundary, an absolute deadline on a
+monotonic clock. A tick that overruns is not caught up with a burst: the loop skips to the next
+boundary, as ros2_control does. Simulator time is measured apart from the action's, so a
+simulator too slow for the rate is reported as such instead of as a service miss.
+
+Real-time hygiene (controller/realtime.py): no garbage collection inside ticks (what warm-up left
+is frozen; young objects are collected in a tick's slack, everything between episodes),
+`--cpu N` pins the loop's thread, `--rt-priority P` runs it SCHED_FIFO where permitted.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -23,10 +30,13 @@ import grpc
 import numpy as np
 
 from controller.client import PolicyClient
+from controller.realtime import collect_young, quiet_gc, realtime, sleep_until
 
 log = logging.getLogger(__name__)
 
 PERCENTILES = (50, 90, 99, 99.9)
+# Local lane: untimed calls before the loop (the policy's first calls fill the caches).
+WARM_TICKS = 200
 
 
 class Plant(Protocol):
@@ -49,6 +59,8 @@ class SimPlant:
         self._is_success = is_success
         self._seed = seed
         self.obs_dim = int(self.env.observation_space.shape[0])
+        #: Whether the last step ended the episode by a time limit (not a real termination).
+        self.truncated = False
 
     def reset(self) -> np.ndarray:
         obs, _ = self.env.reset(seed=self._seed)
@@ -57,6 +69,7 @@ class SimPlant:
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, float | None]:
         obs, reward, terminated, truncated, info = self.env.step(action)
+        self.truncated = bool(truncated) and not terminated
         return obs, float(reward), bool(terminated or truncated), self._is_success(info)
 
     def close(self) -> None:
@@ -85,15 +98,27 @@ class LoopResult:
     rate_hz: float
     start_ns: int = 0
     end_ns: int = 0
-    tick_ns: list[int] = field(default_factory=list)  # tick start, relative to start_ns
-    rtt_ns: list[int] = field(default_factory=list)  # round trip of act()
-    sim_ns: list[int] = field(default_factory=list)  # plant.step
-    wake_ns: list[int] = field(default_factory=list)  # how late the tick started (OS wake-up)
+    # Per tick (numpy int64, filled without allocating inside the loop):
+    tick_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # from start_ns
+    rtt_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # act()
+    sim_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # plant.step
+    wake_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # late start
+    version: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # policy version
     skipped_ticks: int = 0
     fallbacks: int = 0  # act() answered by the client's fallback (deadline passed, server error)
     returns: list[float] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     successes: list[float] = field(default_factory=list)
+    #: Real-time settings that took effect (controller.realtime.realtime).
+    realtime: dict[str, Any] = field(default_factory=dict)
+    #: "grpc" (ActStream round trips) or "local" (the shipped policy, in this process).
+    lane: str = "grpc"
+    #: Local lane: transitions reported, and dropped because the queue was full.
+    reported: int = 0
+    dropped: int = 0
+
+
+_COLUMNS = ("tick_ns", "rtt_ns", "sim_ns", "wake_ns", "version")
 
 
 def run_loop(
@@ -104,53 +129,87 @@ def run_loop(
     episodes: int | None = None,
     seconds: float | None = None,
     ticks: int | None = None,
+    cpu: int | None = None,
+    rt_priority: int | None = None,
 ) -> LoopResult:
-    """Drive `plant` at `rate_hz` until any of episodes / seconds / ticks is reached."""
+    """Drive `plant` at `rate_hz` until any of episodes / seconds / ticks is reached.
+
+    `cpu` / `rt_priority` apply to this thread for the loop's duration (controller.realtime).
+    On the local lane, when the server fine-tunes, each step is reported (client.report).
+    """
     if episodes is None and seconds is None and ticks is None:
         raise ValueError("give at least one of episodes, seconds, ticks")
     period = round(1e9 / rate_hz)
     end_by = None if seconds is None else round(seconds * 1e9)
+    if ticks is not None:
+        capacity = ticks
+    elif seconds is not None:
+        capacity = math.ceil(seconds * rate_hz) + 2
+    else:
+        capacity = 1 << 16
+    columns = np.zeros((len(_COLUMNS), capacity), np.int64)  # touched now, not in a tick
     clock = time.perf_counter_ns  # monotonic, ns resolution
-    result = LoopResult(rate_hz)
+    result = LoopResult(rate_hz, lane="local" if client.local else "grpc")
+    report = client.report if client.local else None
+    truncated_of = getattr(plant, "truncated", None) is not None
     obs = plant.reset()
-    ret, length = 0.0, 0
-    start = next_tick = clock()
-    result.start_ns = start
+    ret, length, n = 0.0, 0, 0
     misses_before = client.misses
-    while True:
-        t0 = clock()
-        result.wake_ns.append(t0 - next_tick)
-        action = client.act(obs)
-        t1 = clock()
-        obs, reward, done, success = plant.step(action)
-        t2 = clock()
-        result.tick_ns.append(t0 - start)
-        result.rtt_ns.append(t1 - t0)
-        result.sim_ns.append(t2 - t1)
-        ret += reward
-        length += 1
-        if done:
-            result.returns.append(ret)
-            result.lengths.append(length)
-            if success is not None:
-                result.successes.append(success)
-            ret, length = 0.0, 0
-            obs = plant.reset()
-        if (
-            (episodes is not None and len(result.returns) >= episodes)
-            or (ticks is not None and len(result.rtt_ns) >= ticks)
-            or (end_by is not None and t2 - start >= end_by)
-        ):
-            break
-        next_tick += period
-        now = clock()
-        if now > next_tick:  # overran: skip to the next boundary instead of bursting
-            behind = (now - next_tick) // period + 1
-            result.skipped_ticks += behind
-            next_tick += behind * period
-        time.sleep(max(next_tick - clock(), 0) / 1e9)
-    result.end_ns = clock()
+    with realtime(cpu, rt_priority) as applied, quiet_gc():
+        result.realtime = applied
+        start = next_tick = clock()
+        result.start_ns = start
+        while True:
+            t0 = clock()
+            action = client.act(obs)
+            t1 = clock()
+            next_obs, reward, done, success = plant.step(action)
+            t2 = clock()
+            if n == capacity:  # episodes-bounded runs only: grow outside the common path
+                columns = np.concatenate([columns, np.zeros_like(columns)], axis=1)
+                capacity *= 2
+            columns[0, n] = t0 - start
+            columns[1, n] = t1 - t0
+            columns[2, n] = t2 - t1
+            columns[3, n] = t0 - next_tick
+            columns[4, n] = client.version
+            n += 1
+            if report is not None:
+                truncated = done and truncated_of and plant.truncated  # type: ignore[attr-defined]
+                if report(reward, next_obs, terminated=done and not truncated, truncated=truncated):
+                    result.reported += 1
+            obs = next_obs
+            ret += reward
+            length += 1
+            if done:
+                result.returns.append(ret)
+                result.lengths.append(length)
+                if success is not None:
+                    result.successes.append(success)
+                ret, length = 0.0, 0
+                obs = plant.reset()
+                gc.collect()  # between episodes, never inside a tick
+            if (
+                (episodes is not None and len(result.returns) >= episodes)
+                or (ticks is not None and n >= ticks)
+                or (end_by is not None and t2 - start >= end_by)
+            ):
+                break
+            next_tick += period
+            now = clock()
+            if now > next_tick:  # overran: skip to the next boundary instead of bursting
+                behind = (now - next_tick) // period + 1
+                result.skipped_ticks += behind
+                next_tick += behind * period
+            elif next_tick - now > period // 2:
+                collect_young()  # in the slack, when at least half a period is left
+            sleep_until(next_tick, clock)
+        result.end_ns = clock()
+    for i, name in enumerate(_COLUMNS):
+        setattr(result, name, columns[i, :n].copy())
     result.fallbacks = client.misses - misses_before
+    if client.local:
+        result.dropped = client.transitions_dropped
     return result
 
 
@@ -178,7 +237,9 @@ def summarize(result: LoopResult) -> dict[str, Any]:
     wakeup = overran & ~simulator & ~service
     elapsed = (result.end_ns - result.start_ns) / 1e9
     n = len(rtt)
+    versions = np.unique(np.asarray(result.version))
     return {
+        "lane": result.lane,
         "rate_hz": result.rate_hz,
         "ticks": n,
         "seconds": elapsed,
@@ -201,6 +262,9 @@ def summarize(result: LoopResult) -> dict[str, Any]:
         "mean_return": float(np.mean(result.returns)) if result.returns else None,
         "returns": result.returns,
         "success_rate": float(np.mean(result.successes)) if result.successes else None,
+        "versions": [int(v) for v in versions[:20]],
+        "realtime": result.realtime,
+        "transitions": {"reported": result.reported, "dropped": result.dropped},
     }
 
 
@@ -210,7 +274,7 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"rate: {s['achieved_rate_hz']:.1f} Hz achieved of {s['rate_hz']:g} Hz "
         f"({s['ticks']} ticks in {s['seconds']:.2f} s, {s['skipped_ticks']} skipped)",
-        "round trip µs: "
+        ("policy in-process µs: " if s.get("lane") == "local" else "round trip µs: ")
         + "  ".join(f"{k} {rt[k]:.0f}" for k in ("p50", "p90", "p99", "p99.9", "max")),
         f"simulator step µs: p50 {sim['p50']:.0f}  p99 {sim['p99']:.0f}  max {sim['max']:.0f}",
         f"wake-up delay µs: p50 {wake['p50']:.0f}  p99 {wake['p99']:.0f}  max {wake['max']:.0f}",
@@ -223,6 +287,18 @@ def format_summary(s: dict[str, Any]) -> str:
             f"note: the simulator alone takes {sim['p50']:.0f} µs per step (p50), more than the "
             f"{1e6 / s['rate_hz']:.0f} µs period: this rate is out of the simulator's reach; "
             "those misses are the simulator's, not the service's"
+        )
+    rt_applied = {k: v for k, v in s.get("realtime", {}).items() if v is not None}
+    if rt_applied.get("cpu") is not None or rt_applied.get("rt_priority") is not None:
+        lines.append(
+            "real time: "
+            + ", ".join(f"{k} {rt_applied[k]}" for k in ("cpu", "rt_priority") if k in rt_applied)
+        )
+    reported = s.get("transitions", {})
+    if reported.get("reported") or reported.get("dropped"):
+        lines.append(
+            f"transitions reported {reported['reported']}, dropped (queue full) "
+            f"{reported['dropped']}"
         )
     if s["episodes"]:
         success = "n/a" if s["success_rate"] is None else f"{s['success_rate']:.0%}"
@@ -257,8 +333,9 @@ def write_plot(result: LoopResult, path: Path) -> None:
 
 
 def check_policy(client: PolicyClient, env_id: str, obs_dim: int) -> None:
-    """The served policy must be for this env (GetPolicy); ValueError otherwise."""
-    info = client.get_policy()
+    """The served policy must be for this env (GetPolicy, or the shipped policy on the local
+    lane); ValueError otherwise."""
+    info = client.policy.policy if client.local else client.get_policy()
     if info.env_id != env_id:
         raise ValueError(
             f"the server at {client.target} serves a policy for {info.env_id!r}, "
@@ -284,6 +361,24 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="per-step client deadline; after it the last action is held (default: the period)",
     )
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="local lane: the server ships the policy (WatchPolicy), this process evaluates it",
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="admin token for WatchPolicy/ReportTransitions (--local; when the server has one)",
+    )
+    parser.add_argument("--cpu", type=int, default=None, help="pin the loop's thread to CPU N")
+    parser.add_argument(
+        "--rt-priority",
+        type=int,
+        default=None,
+        help="run the loop's thread SCHED_FIFO at this priority (1-99) where permitted",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of latency (matplotlib)")
@@ -299,6 +394,10 @@ def run_sim_loop(
     ticks: int | None = None,
     deadline_s: float | None = None,
     seed: int = 0,
+    local: bool = False,
+    token: str | None = None,
+    cpu: int | None = None,
+    rt_priority: int | None = None,
 ) -> LoopResult:
     """Connect, check the policy against the env, warm the stream up, run the loop."""
     if rate_hz <= 0 or not math.isfinite(rate_hz):
@@ -308,13 +407,19 @@ def run_sim_loop(
     plant = SimPlant(env_id, seed)
     try:
         deadline = deadline_s if deadline_s is not None else 1.0 / rate_hz
-        with PolicyClient(target, deadline_s=deadline, stream=True) as client:
+        with PolicyClient(
+            target, deadline_s=deadline, stream=True, local=local, token=token, seed=seed
+        ) as client:
             check_policy(client, env_id, plant.obs_dim)
             warm = plant.reset()
             client.deadline_s = 5.0  # the first call opens the stream: not a control tick
-            client.act(warm)
+            for _ in range(WARM_TICKS if local else 1):
+                client.act(warm)
             client.deadline_s = deadline
-            return run_loop(client, plant, rate_hz, episodes=episodes, seconds=seconds, ticks=ticks)
+            return run_loop(
+                client, plant, rate_hz, episodes=episodes, seconds=seconds, ticks=ticks,
+                cpu=cpu, rt_priority=rt_priority,
+            )  # fmt: skip
     finally:
         plant.close()
 
@@ -332,7 +437,14 @@ def loop_from_args(args: argparse.Namespace) -> int:
             ticks=args.ticks,
             deadline_s=None if args.deadline_ms is None else args.deadline_ms / 1e3,
             seed=args.seed,
+            local=args.local,
+            token=None if args.token_file is None else args.token_file.read_text().strip(),
+            cpu=args.cpu,
+            rt_priority=args.rt_priority,
         )
+    except TimeoutError as e:  # --local: no policy arrived
+        print(f"mu loop: {e}", file=sys.stderr)
+        return 1
     except grpc.RpcError as e:  # GetPolicy before the loop: the server is not there
         print(f"mu loop: no answer from {args.target}: {e.code().name}", file=sys.stderr)
         return 1
