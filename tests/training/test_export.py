@@ -7,9 +7,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 
 from training import checkpoint, export
 from training.config import TrainConfig
+from training.envs import make_env
 from training.td3 import Agent
 
 KEYS = [
@@ -89,22 +91,60 @@ def test_batch_of_one_and_many(exported):
 
 
 def test_export_refuses_when_parity_fails(tmp_path, monkeypatch):
+    """One weight of the written graph nudged by 1e-3: the real 1e-5 tolerance refuses it."""
     cfg, agent, meta = make_agent()
-    monkeypatch.setattr(export, "PARITY_TOL", -1.0)  # no file can pass a negative tolerance
+    to_onnx = export.to_onnx
+
+    def nudged(policy, obs_dim, props):
+        model = onnx.ModelProto.FromString(to_onnx(policy, obs_dim, props))
+        (w,) = [t for t in model.graph.initializer if t.name == "actor.net.0.weight"]
+        array = numpy_helper.to_array(w).copy()
+        array[0, 0] += 1e-3
+        w.CopyFrom(numpy_helper.from_array(array, w.name))
+        return model.SerializeToString()
+
+    monkeypatch.setattr(export, "to_onnx", nudged)
+    assert export.PARITY_TOL == 1e-5
     path = tmp_path / "policy.onnx"
     with pytest.raises(export.ParityError, match="not writing"):
         export.export_policy(agent, meta, cfg, path, replay_obs=np.zeros((10, 12), np.float32))
     assert not path.exists()
 
 
-def test_export_from_agent_file_rolls_out_for_parity(tmp_path):
+def test_export_from_agent_file_rolls_out_for_parity(tmp_path, monkeypatch):
     """`mu export` on an agent file (no replay buffer) still checks parity, on states the
     policy visits in the real env."""
     cfg, agent, meta = make_agent(obs_dim=12, act_dim=3)
     meta = {**meta, "action_low": [-1.0] * 3, "action_high": [1.0] * 3}
     checkpoint.save(tmp_path / "agent.pt", cfg, agent, meta)
+    # spies around the real functions: which states were rolled out, which ones were compared
+    rolled: list[np.ndarray] = []
+    probed: list[np.ndarray] = []
+    rollout, parity = export.rollout_observations, export.parity_error
+
+    def rollout_spy(*args, **kwargs):
+        rolled.append(rollout(*args, **kwargs))
+        return rolled[-1]
+
+    def parity_spy(policy, onnx_bytes, obs):
+        probed.append(np.asarray(obs))
+        return parity(policy, onnx_bytes, obs)
+
+    monkeypatch.setattr(export, "rollout_observations", rollout_spy)
+    monkeypatch.setattr(export, "parity_error", parity_spy)
     out = export.export_checkpoint(tmp_path / "agent.pt", tmp_path / "p.onnx")
     assert (
         ort.InferenceSession(str(out)).get_modelmeta().custom_metadata_map["mu.env_id"]
         == meta["env_id"]
     )
+    (states,), (probes,) = rolled, probed
+    assert states.shape == (export.PARITY_SAMPLES, 12)
+    # the rollout is in the real env: it starts where PandaReach resets with that seed ...
+    env = make_env(meta["env_id"], 0)
+    first, _ = env.reset(seed=0)
+    env.close()
+    np.testing.assert_array_equal(states[0], first)
+    assert len(np.unique(states, axis=0)) > 100  # ... and moves on from there
+    # parity was checked on those states, plus as many random ones around them
+    np.testing.assert_array_equal(probes[: len(states)], states)
+    assert len(probes) == 2 * export.PARITY_SAMPLES
