@@ -100,6 +100,95 @@ def test_missed_deadline_returns_zeros_clamped_into_bounds(
             assert client.misses == i + 1
 
 
+class ScriptedStreams:
+    """A stand-in robot-facing server for the client's stream logic (the client is under test).
+
+    Every ActStream it accepts gets a number (1, 2, ...); `received` records (stream, seq) for
+    each request. Requests with a seq in `hold` are answered only once `release` is set; the
+    others at once, with action [seq, 0]. With answer=False nothing is ever answered.
+    """
+
+    def __init__(self, hold: tuple[int, ...] = (), answer: bool = True) -> None:
+        self.hold, self.answer = hold, answer
+        self.release = threading.Event()
+        self.changed = threading.Condition()
+        self.received: list[tuple[int, int]] = []
+        self._streams = 0
+        info = pb.PolicyInfo(version=1, obs_dim=26, act_dim=2, action_low=[-1, -1],
+                             action_high=[1, 1])  # fmt: skip
+
+        def act_stream(requests, context):
+            with self.changed:
+                self._streams += 1
+                stream = self._streams
+            for request in requests:
+                with self.changed:
+                    self.received.append((stream, request.seq))
+                    self.changed.notify_all()
+                if not self.answer:
+                    continue
+                if request.seq in self.hold:
+                    self.release.wait(30)
+                yield pb.ActResponse(action=[float(request.seq), 0.0], seq=request.seq)
+
+        handlers = {
+            "GetPolicy": grpc.unary_unary_rpc_method_handler(
+                lambda request, context: info,
+                pb.GetPolicyRequest.FromString,
+                pb.PolicyInfo.SerializeToString,
+            ),
+            "ActStream": grpc.stream_stream_rpc_method_handler(
+                act_stream, pb.ActRequest.FromString, pb.ActResponse.SerializeToString
+            ),
+        }
+        self.server = grpc.server(futures.ThreadPoolExecutor(8))
+        self.server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("mu.v1.Controller", handlers)]
+        )
+        self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def wait_received(self, n: int) -> list[tuple[int, int]]:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.received) >= n, timeout=30)
+            return list(self.received)
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.stop(0)
+
+
+def test_a_late_reply_is_matched_by_seq_and_dropped() -> None:
+    server = ScriptedStreams(hold=(1,))
+    try:
+        with PolicyClient(server.target, deadline_s=0.05, fallback="zeros") as client:
+            client.get_policy()
+            np.testing.assert_array_equal(client.act([0.0] * 26), [0.0, 0.0])  # seq 1: held
+            assert client.misses == 1
+            server.release.set()  # seq 1's reply now goes out, late, ahead of seq 2's
+            client.deadline_s = 30.0
+            for seq in (2, 3):
+                np.testing.assert_array_equal(client.act([0.0] * 26), [float(seq), 0.0])
+            assert client.misses == 1
+        assert [stream for stream, _ in server.received] == [1, 1, 1]  # one stream throughout
+    finally:
+        server.stop()
+
+
+def test_three_misses_in_a_row_reopen_the_stream() -> None:
+    server = ScriptedStreams(answer=False)
+    try:
+        with PolicyClient(server.target, deadline_s=0.05, fallback="zeros") as client:
+            client.get_policy()
+            for _ in range(4):
+                client.act([0.0] * 26)
+            assert client.misses == 4
+            # seqs 1-3 went out on the first stream; after the third miss, seq 4 on a new one
+            assert server.wait_received(4) == [(1, 1), (1, 2), (1, 3), (2, 4)]
+    finally:
+        server.stop()
+
+
 def test_server_restart_holds_then_reconnects(
     server_factory, policy_path: Path, tmp_path: Path
 ) -> None:
