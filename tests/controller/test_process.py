@@ -1,10 +1,12 @@
 """The server as a process: no torch on the serving path, the CLI hook, signals, metrics."""
 
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -51,6 +53,12 @@ def test_serving_imports_no_torch(policy_path: Path) -> None:
     assert done.stdout.split() == ["False", "False"]
 
 
+def _read_lines(process: subprocess.Popen, lines: queue.Queue[str | None]) -> None:
+    for line in process.stderr:
+        lines.put(line)
+    lines.put(None)  # the process closed stderr
+
+
 def test_serve_from_args_logs_readiness_and_stops_on_sigterm(policy_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-c", SERVE, "--policy", str(policy_path), "--listen", "127.0.0.1:0"],
@@ -58,9 +66,13 @@ def test_serve_from_args_logs_readiness_and_stops_on_sigterm(policy_path: Path) 
         stderr=subprocess.PIPE,
         text=True,
     )
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader = threading.Thread(target=_read_lines, args=(process, lines), daemon=True)
+    reader.start()
     try:
         address = None
-        for line in process.stderr:
+        # bounded: a server that hangs before its readiness line fails the test, not the suite
+        while (line := lines.get(timeout=60)) is not None:
             found = re.search(r"serving (\S+) version 1 on (\S+)", line)
             if found:
                 assert found.group(1) == str(policy_path)
@@ -75,6 +87,7 @@ def test_serve_from_args_logs_readiness_and_stops_on_sigterm(policy_path: Path) 
     finally:
         if process.poll() is None:
             process.kill()
+        reader.join(30)  # it ends at the dead process's end of stderr
         process.stderr.close()
 
 
