@@ -12,7 +12,12 @@ each, in alternating blocks of the same loop (see `online`), against `mu serve` 
 process as on a robot computer. The loop runs at a fixed rate (default 100 Hz) like a robot
 would, so the learner gets the time between steps.
 
-    python -m benchmarks.finetune_gap [--steps 12000] [--seed 0] [--out benchmarks/results]
+    python -m benchmarks.finetune_gap [--policy policies/panda_reach] [--steps 12000] [--seed 0]
+                                      [--out benchmarks/results]
+
+`--policy DIR` starts from DIR/policy.onnx and fine-tunes DIR/agent.pt (e.g. the bundled
+policies/panda_reach_robust, trained with domain randomization); results are named after DIR
+unless it is the default.
 """
 
 from __future__ import annotations
@@ -39,8 +44,7 @@ from training.envs import make_env
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICY = ROOT / "policies" / "panda_reach" / "policy.onnx"
-AGENT = ROOT / "policies" / "panda_reach" / "agent.pt"
+POLICY_DIR = ROOT / "policies" / "panda_reach"
 MOTOR_SCALE = 0.5
 MOTOR_BIAS = np.array([0.2, -0.2, 0.2], np.float32)
 SETTLE_S = 3.0  # longer than a candidate export takes the learner
@@ -136,8 +140,8 @@ def run_episodes(
 
 def serve(args: argparse.Namespace, versions: Path) -> ServerProcess:
     """`mu serve --finetune` in its own process, as on a robot computer."""
-    command = serve_command(POLICY, "127.0.0.1:0")
-    command += ["--finetune", str(AGENT), "--finetune-dir", str(versions),
+    command = serve_command(args.policy / "policy.onnx", "127.0.0.1:0")
+    command += ["--finetune", str(args.policy / "agent.pt"), "--finetune-dir", str(versions),
                 "--explore-std", str(args.explore_std)]  # fmt: skip
     for field, value in (("candidate_every", args.candidate_every),
                          ("actor_lr", args.actor_lr), ("rollback_window", args.window),
@@ -201,6 +205,7 @@ def latency(rtt_us: list[float]) -> dict[str, float]:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "env_id": "PandaReachDense-v3",
+        "policy": str(args.policy),
         "gap": {"motor_scale": MOTOR_SCALE, "motor_bias": MOTOR_BIAS.tolist()},
         "seed": args.seed,
         "rate_hz": args.rate,
@@ -306,13 +311,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--actor-lr", type=float, default=2e-5)
     parser.add_argument("--window", type=int, default=5, help="rollback window, episodes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--policy", type=Path, default=POLICY_DIR, help="directory with policy.onnx and agent.pt"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     r = measure(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "finetune_gap.json").write_text(json.dumps(r, indent=2))
-    plot(r, args.out / "finetune_gap.png")
+    name = (
+        "finetune_gap"
+        if args.policy.resolve() == POLICY_DIR
+        else f"finetune_gap_{args.policy.name}"
+    )
+    (args.out / f"{name}.json").write_text(json.dumps(r, indent=2))
+    plot(r, args.out / f"{name}.png")
     sys.stdout.write(table(r) + "\n")
     return 0
 
