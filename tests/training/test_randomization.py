@@ -14,7 +14,14 @@ from training.config import TrainConfig
 from training.envs import make_env
 from training.evaluate import shifted_env
 from training.presets import preset
-from training.randomization import ActionLatency, ActionOffset, Dynamics, find, randomize
+from training.randomization import (
+    ActionLatency,
+    ActionOffset,
+    Dynamics,
+    Pushes,
+    find,
+    randomize,
+)
 from training.trainer import train
 
 CHEETAH = "HalfCheetahBulletEnv-v0"
@@ -183,3 +190,17 @@ def test_eval_cli_shift_and_sweep(tmp_path, capsys):
     assert len(result["heatmap"]["friction"]) * len(result["heatmap"]["mass"]) == 25
     same = [c["returns"][0] == c["returns"][1] for c in result["cells"]]
     assert all(same)  # one policy twice: every cell meets the same seeds and draws
+
+
+def test_pushes_move_the_robot():
+    def run(ranges):
+        env = randomize(make_env(CHEETAH, 0), ranges, np.random.default_rng(0))
+        obs, _ = env.reset(seed=0)
+        for _ in range(300):
+            obs, *_ = env.step(np.zeros(6, np.float32))
+        return env, obs
+
+    env, pushed = run({"push": [2.0, 2.0]})
+    _, still = run({})
+    assert find(env, Pushes).pushes > 0
+    assert not np.allclose(pushed, still)
