@@ -3,6 +3,7 @@ actor's first step follows the sign of ∂Q/∂a and later steps approach the op
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,16 @@ def bandit_rows(n: int, rng: np.random.Generator) -> np.ndarray:
     rows[:, 4:6] = obs
     rows[:, 6] = 1.0  # terminated
     return rows
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread, as in the learner process, restored afterwards: the setting is
+    process-wide and would otherwise carry into the tests that follow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -66,9 +77,8 @@ def learner(tmp_path: Path) -> Learner:
     return Learner(ft)
 
 
-def test_actor_follows_dq_da_towards_the_known_optimum(learner: Learner) -> None:
+def test_actor_follows_dq_da_towards_the_known_optimum(learner: Learner, one_torch_thread) -> None:
     rng = np.random.default_rng(0)
-    torch.set_num_threads(1)
     # critic only until actor_warmup transitions have been seen
     learner.add(bandit_rows(1000, rng))
     while learner.can_update():
