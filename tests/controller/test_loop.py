@@ -4,7 +4,6 @@ PyBullet). No timing thresholds: only that the counts add up and the outputs are
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -57,8 +56,7 @@ def test_loop_runs_an_episode_and_writes_json_and_plot(
     rt = s["round_trip_us"]
     assert 0 < rt["p50"] <= rt["p90"] <= rt["p99"] <= rt["p99.9"] <= rt["max"]
     assert s["achieved_rate_hz"] > 0 and s["skipped_ticks"] >= 0
-    if importlib.util.find_spec("matplotlib") is not None:
-        assert png.stat().st_size > 0
+    assert png.stat().st_size > 0  # matplotlib is in the sim and dev extras
     assert "round trip µs: p50" in capsys.readouterr().out
 
 
