@@ -45,7 +45,8 @@ def train_run(env_id: str, variant: str, seed: int, steps: int, runs: str) -> st
     run = Path(runs) / f"{env_id}-{variant}-s{seed}"
     saved = run / "config.json"
     policy = run / "policy.onnx"
-    if not (policy.exists() and saved.exists() and saved.read_text() == cfg.to_json()):
+    # a finished run is reused when its config matches (fields added since take defaults)
+    if not (policy.exists() and saved.exists() and TrainConfig.load(saved) == cfg):
         train(cfg, run, progress=False)
     return str(policy)
 

@@ -40,6 +40,7 @@ def _train(args: argparse.Namespace) -> int:
                 "algo": args.algo,
                 "seed": args.seed,
                 "device": args.device,
+                "export": args.export,
                 **({"steps": args.steps} if args.steps else {}),
             }
         )
@@ -92,6 +93,13 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from training.plots import plot_runs
+
+    print(f"curves: {plot_runs(args.runs, args.out)}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from controller.server import serve_from_args
 
@@ -130,7 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="run directory (default runs/ENV-ALGO-sSEED)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its checkpoint")
+    p.add_argument(
+        "--export",
+        choices=["best", "last"],
+        default="best",
+        help="actor in policy.onnx: the best evaluated (default) or the last; "
+        "policy.last.onnx always holds the last",
+    )
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("plot", help="learning curves of runs, mean ± std over seeds")
+    p.add_argument("runs", nargs="+", help="run directories of mu train")
+    p.add_argument("--out", default="curves.png", help="PNG to write")
+    p.set_defaults(func=_plot)
 
     p = sub.add_parser("export", help="export a run's actor to the ONNX policy file")
     p.add_argument("source", nargs="?", help="run directory or checkpoint file")

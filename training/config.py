@@ -49,6 +49,7 @@ class TrainConfig:
     eval_episodes: int = _f(10, "Episodes per evaluation.")
     checkpoint_every: int = _f(25_000, "Steps between checkpoints (taken at episode ends).")
     torch_threads: int = _f(1, "torch intra-op threads; 1 is fastest for small nets on CPU.")
+    export: str = _f("best", "Actor in policy.onnx: best (best evaluation) or last.")
     # domain randomization of the training env (training/randomization.py): each a range
     # [lo, hi] drawn per episode from the run's seeded generator; [] leaves the knob nominal
     rand_friction: list[float] = _f([], "Multiplier of the robot's lateral friction.")
@@ -64,6 +65,7 @@ class TrainConfig:
         checks = {
             "algo must be td3 or ddpg": self.algo in ("td3", "ddpg"),
             "noise must be gaussian or ou": self.noise in ("gaussian", "ou"),
+            "export must be best or last": self.export in ("best", "last"),
             "device must be cpu or cuda[:N]": self.device == "cpu"
             or self.device.startswith("cuda"),
             "steps must be > 0": self.steps > 0,

@@ -77,6 +77,7 @@ def contract_props(meta: dict[str, Any], algo: str) -> dict[str, str]:
         "mu.eval_return": json.dumps(meta.get("eval_return")),
         "mu.created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mu.randomization": json.dumps(meta.get("randomization", {})),
+        "mu.export_rule": meta.get("export_rule", "last"),
     }
 
 

@@ -1,5 +1,7 @@
 """The training loop: collect with exploration noise, update with `td3.update`, evaluate on a
-separately seeded env, log, checkpoint, and export the actor at the end.
+separately seeded env, log, checkpoint, and export at the end the actor with the best
+evaluation (`policy.onnx`, or the last with `export="last"`) and the last one
+(`policy.last.onnx`).
 
 Every episode starts with `env.reset(seed=...)` drawn from the trainer's generator and
 checkpoints are taken at episode ends, so a resumed run continues exactly where it stopped.
@@ -7,7 +9,9 @@ checkpoints are taken at episode ends, so a resumed run continues exactly where 
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -85,6 +89,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     buffer = ReplayBuffer(cfg.buffer_size, obs_dim, act_dim, cfg.device)
     noise = make_noise(cfg.noise, act_dim, cfg.noise_std, rng)
     start, updates, wall_before, evals = 0, 0, 0.0, []
+    best: dict | None = None  # the best evaluated actor so far (`_snapshot`)
     if resume:
         _, agent, _, state = checkpoint.load(out / "checkpoint.pt", cfg.device)
         if state is None:
@@ -97,7 +102,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         if obs_noise:
             obs_noise.load_state_dict(state["obs_noise"])
         start, updates, wall_before = state["step"], state["updates"], state["wall_s"]
-        evals = state["evals"]
+        evals, best = state["evals"], state.get("best")
         log.info("resumed %s at step %d", out, start)
     (out / "config.json").write_text(cfg.to_json())
 
@@ -155,6 +160,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             )
             with open(csv_path, "a", newline="") as f:
                 csv.writer(f).writerow(evals[-1])
+            if best is None or res.mean_return > best["eval_return"]:
+                best = _snapshot(agent, res, step + 1)
             writer.add_scalar("eval/return", res.mean_return, step + 1)
             if res.success_rate is not None:
                 writer.add_scalar("eval/success_rate", res.success_rate, step + 1)
@@ -171,6 +178,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                     "updates": updates,
                     "wall_s": time.perf_counter() - t0,
                     "evals": evals,
+                    "best": best,
                     "replay": buffer.state_dict(),
                     "torch_rng": torch.get_rng_state(),
                     "numpy_rng": rng.bit_generator.state,
@@ -185,21 +193,71 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     bar.close()
     writer.close()
 
-    final = evaluate(agent, eval_env, cfg.eval_episodes, cfg.seed + EVAL_SEED_OFFSET, cfg.device)
-    meta = {
+    last_eval = evals[-1] if evals and evals[-1][0] == cfg.steps else None
+    final = (
+        EvalResult(*last_eval[2:5])  # just evaluated at the last step
+        if last_eval
+        else evaluate(agent, eval_env, cfg.eval_episodes, cfg.seed + EVAL_SEED_OFFSET, cfg.device)
+    )
+    meta = {**meta, "train_steps": cfg.steps}
+    last_meta = {
         **meta,
-        "train_steps": cfg.steps,
         "eval_return": final.mean_return,
         "eval_success_rate": final.success_rate,
+        "export_rule": "last",
     }
-    checkpoint.save(out / "agent.pt", cfg, agent, meta)
+    exported, export_meta = agent, {**last_meta, "export_rule": cfg.export}
+    if cfg.export == "best" and best is not None and best["eval_return"] > final.mean_return:
+        exported = _restore(agent, best)
+        export_meta = {
+            **meta,
+            "eval_return": best["eval_return"],
+            "eval_success_rate": best["eval_success_rate"],
+            "eval_step": best["step"],
+            "export_rule": "best",
+        }
+    # agent.pt holds the exported actor (what fine-tuning starts from) with the last critics
+    checkpoint.save(out / "agent.pt", cfg, exported, export_meta)
     from training.export import export_policy
 
+    replay_obs = buffer.recent_obs(1000)
+    export_policy(agent, last_meta, cfg, out / "policy.last.onnx", replay_obs=replay_obs)
     policy_path = export_policy(
-        agent, meta, cfg, out / "policy.onnx", replay_obs=buffer.recent_obs(1000)
+        exported, export_meta, cfg, out / "policy.onnx", replay_obs=replay_obs
     )
-    log.info("final evaluation %s; policy written to %s", _describe(final), policy_path)
+    log.info(
+        "exported the %s actor (eval return %.1f%s) to %s; the last (eval return %.1f) to %s",
+        export_meta["export_rule"],
+        export_meta["eval_return"],
+        f" at step {export_meta['eval_step']}" if "eval_step" in export_meta else "",
+        policy_path,
+        final.mean_return,
+        out / "policy.last.onnx",
+    )
+    from training.plots import plot_runs
+
+    plot_runs([out], out / "curve.png")
     return policy_path
+
+
+def _snapshot(agent: Agent, res: EvalResult, step: int) -> dict:
+    """The actor and normalizer weights behind an evaluation, copied (plain tensors, so the
+    training checkpoint keeps loading with weights_only)."""
+    return {
+        "eval_return": res.mean_return,
+        "eval_success_rate": res.success_rate,
+        "step": step,
+        "actor": copy.deepcopy(agent.actor.state_dict()),
+        "normalizer": copy.deepcopy(agent.normalizer.state_dict()),
+    }
+
+
+def _restore(agent: Agent, snap: dict) -> Agent:
+    """`agent` with the actor and normalizer of `snap` (copies; `agent` is left as it is)."""
+    actor, normalizer = copy.deepcopy(agent.actor), copy.deepcopy(agent.normalizer)
+    actor.load_state_dict(snap["actor"])
+    normalizer.load_state_dict(snap["normalizer"])
+    return dataclasses.replace(agent, actor=actor, normalizer=normalizer)
 
 
 def _describe(res: EvalResult) -> str:

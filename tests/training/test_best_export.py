@@ -1,0 +1,78 @@
+"""The trainer exports the actor with the best evaluation, not the last (and the last beside it)."""
+
+import csv
+import json
+
+import onnxruntime as ort
+import pytest
+
+from controller.cli import main
+from training.config import TrainConfig
+from training.envs import EVAL_SEED_OFFSET
+from training.evaluate import evaluate_onnx
+from training.trainer import train
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(
+        env_id="InvertedPendulumBulletEnv-v0",
+        steps=1800,
+        learning_starts=300,
+        batch_size=32,
+        actor_hidden=[32],
+        critic_hidden=[32],
+        eval_every=300,
+        eval_episodes=2,
+        checkpoint_every=900,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def props(path) -> dict[str, str]:
+    return ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
+
+
+def remeasured(path, c: TrainConfig) -> float:
+    """The file's return on the evaluation episodes the trainer used."""
+    return evaluate_onnx(str(path), c.eval_episodes, c.seed + EVAL_SEED_OFFSET).mean_return
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("best")
+    train(cfg(), out, progress=False)
+    return out
+
+
+def test_policy_onnx_is_the_best_evaluated_actor(run):
+    rows = [
+        (int(r["step"]), float(r["return_mean"])) for r in csv.DictReader(open(run / "evals.csv"))
+    ]
+    best_step, best = max(rows, key=lambda r: r[1])
+    last_step, last = rows[-1]
+    assert best > last, f"this run must peak before its end to show the rule: {rows}"
+
+    meta = props(run / "policy.onnx")
+    assert meta["mu.export_rule"] == "best"
+    assert json.loads(meta["mu.eval_return"]) == pytest.approx(best)
+    assert remeasured(run / "policy.onnx", cfg()) == pytest.approx(best, abs=1e-3)
+
+    last_meta = props(run / "policy.last.onnx")
+    assert last_meta["mu.export_rule"] == "last"
+    assert remeasured(run / "policy.last.onnx", cfg()) == pytest.approx(last, abs=1e-3)
+    assert (run / "curve.png").stat().st_size > 0
+
+
+def test_export_last_restores_the_last_actor(run, tmp_path):
+    train(cfg(export="last"), tmp_path, progress=False)  # same seed: the same run
+    meta = props(tmp_path / "policy.onnx")
+    assert meta["mu.export_rule"] == "last"
+    last = float(list(csv.DictReader(open(run / "evals.csv")))[-1]["return_mean"])
+    assert json.loads(meta["mu.eval_return"]) == pytest.approx(last)
+
+
+def test_plot_overlays_runs(run, tmp_path, capsys):
+    assert main(["plot", str(run), str(run), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no evals.csv" in capsys.readouterr().err
