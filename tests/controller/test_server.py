@@ -1,11 +1,14 @@
 """The control RPCs against a real server: correct actions, streaming, batch, bad input."""
 
+import queue
+import threading
 from pathlib import Path
 
 import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
@@ -154,3 +157,103 @@ def test_stream_slew_limit(server_factory, policy_path: Path) -> None:
     assert steps.max() <= 0.05 + 1e-6
     assert (steps > 0.05 - 1e-6).any()  # the limit was actually needed
     assert (actions >= server.policy.low).all() and (actions <= server.policy.high).all()
+
+
+def test_health_turns_not_serving_during_shutdown(server_factory, policy_path: Path) -> None:
+    server = server_factory(policy_path)
+    with grpc.insecure_channel(server.target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=60
+        )
+        statuses = [next(watch).status]
+        # stop() waits for in-flight RPCs (this watch) up to its grace: run it beside the watch
+        stopper = threading.Thread(target=server.stop, kwargs={"grace": 10})
+        stopper.start()
+        try:
+            for reply in watch:
+                statuses.append(reply.status)
+                if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                    break
+        except grpc.RpcError:
+            pass  # the server ended the watch without a NOT_SERVING: the assert below says so
+        watch.cancel()  # the watch ends, so stop() need not wait out its grace
+        stopper.join(60)
+    assert not stopper.is_alive()
+    assert statuses == [
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    ]
+
+
+def test_a_second_server_on_the_same_port_fails_to_bind(server_factory, policy_path: Path) -> None:
+    first = server_factory(policy_path)
+    with pytest.raises(RuntimeError):
+        server_factory(policy_path, listen=f"127.0.0.1:{first.port}")
+    _assert_serving(pb_grpc.ControllerStub(grpc.insecure_channel(first.target)))
+
+
+def test_oversized_message_ends_a_stream_with_resource_exhausted(
+    server_factory, policy_path: Path
+) -> None:
+    server = server_factory(policy_path, max_message_bytes=4096)
+    requests = [pb.ActRequest(obs=[0.0] * 26, seq=1), pb.ActRequest(obs=[0.0] * 2000, seq=2)]
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        replies = stub.ActStream(iter(requests), timeout=10)
+        assert next(replies).seq == 1
+        with pytest.raises(grpc.RpcError) as refused:
+            next(replies)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        _assert_serving(stub)
+
+
+def test_act_and_act_batch_are_not_slew_limited(server_factory, policy_path: Path) -> None:
+    server = server_factory(policy_path, max_delta=0.01)
+    expected = _expected(policy_path, OBS)
+    assert np.abs(np.diff(expected, axis=0)).max() > 0.5  # a limit of 0.01 would show
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        for row, want in zip(OBS, expected, strict=True):
+            reply = stub.Act(pb.ActRequest(obs=row.tolist()), timeout=5)
+            np.testing.assert_allclose(reply.action, want, atol=1e-6)
+        batch = pb.ActBatchRequest(obs=OBS.ravel().tolist(), batch_size=len(OBS))
+        actions = np.asarray(stub.ActBatch(batch, timeout=5).actions).reshape(len(OBS), 6)
+        np.testing.assert_allclose(actions, expected, atol=1e-6)
+        # the same server does limit its streams
+        requests = (pb.ActRequest(obs=row.tolist(), seq=i) for i, row in enumerate(OBS))
+        streamed = np.array([list(r.action) for r in stub.ActStream(requests, timeout=10)])
+    assert np.abs(np.diff(streamed, axis=0)).max() <= 0.01 + 1e-6
+
+
+def test_slew_limit_yields_to_bounds_narrowed_by_a_swap(
+    server_factory, policy_path: Path, make_policy
+) -> None:
+    """After a swap to tighter bounds the next action jumps inside them, further than max_delta:
+    the bounds always win over the slew limit."""
+    delta = 0.01
+    low = np.array([-0.1, -0.2, -0.05, -0.1, 0.0, -0.3])
+    high = np.array([0.1, 0.2, 0.05, 0.3, 0.1, 0.3])
+    narrow = make_policy("narrow.onnx", seed=0, low=low.tolist(), high=high.tolist())
+    server = server_factory(policy_path, max_delta=delta)
+    obs = np.full(26, 3.0)  # saturates the test policy: actions near the wide bounds
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        requests: queue.Queue[pb.ActRequest | None] = queue.Queue()
+        replies = stub.ActStream(iter(requests.get, None), timeout=30)
+
+        def step(seq: int) -> pb.ActResponse:
+            requests.put(pb.ActRequest(obs=obs.tolist(), seq=seq))
+            return next(replies)
+
+        for seq in range(1, 300):  # walk, delta per step, towards where the wide policy points
+            before = step(seq)
+            if (np.array(before.action) > high + delta).any():
+                break
+        assert (np.array(before.action) > high + delta).any(), "never left the narrow bounds"
+        stub.LoadPolicy(pb.LoadPolicyRequest(path=str(narrow)), timeout=30)
+        after = step(1000)
+        requests.put(None)
+    assert after.policy_version == 2
+    action = np.array(after.action)
+    assert (action >= low - 1e-6).all() and (action <= high + 1e-6).all()
+    assert (np.abs(action - np.array(before.action)) > delta + 1e-6).any()
