@@ -3,8 +3,11 @@
 from pathlib import Path
 
 import grpc
+import numpy as np
+import onnxruntime as ort
 import pytest
 
+from controller.client import PolicyClient
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
 
@@ -74,3 +77,63 @@ def test_mutual_tls_refuses_a_client_without_certificate(
         with pytest.raises(grpc.RpcError) as refused:
             pb_grpc.ControllerStub(channel).Act(pb.ActRequest(obs=[0.0] * 26), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.fixture
+def mtls_server(server_factory, policy_path: Path, certs):
+    return server_factory(
+        policy_path,
+        tls_cert=certs.server_cert,
+        tls_key=certs.server_key,
+        tls_client_ca=certs.ca,
+    )
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_client_tls_with_client_certificate_and_server_name(
+    mtls_server, policy_path: Path, certs, as_bytes: bool
+) -> None:
+    """PolicyClient's TLS options: CA, client certificate and key (paths or PEM bytes), and a
+    server_name the certificate holds (localhost) other than the host dialled (127.0.0.1)."""
+    pem = (lambda p: p.read_bytes()) if as_bytes else (lambda p: p)
+    want = ort.InferenceSession(str(policy_path), providers=["CPUExecutionProvider"]).run(
+        ["action"], {"obs": np.zeros((1, 26), np.float32)}
+    )[0][0]
+    with PolicyClient(
+        mtls_server.target,
+        deadline_s=10,
+        root_certificates=pem(certs.ca),
+        client_cert=pem(certs.client_cert),
+        client_key=pem(certs.client_key),
+        server_name="localhost",
+    ) as client:
+        assert client.get_policy().obs_dim == 26
+        np.testing.assert_allclose(client.act([0.0] * 26), want, atol=1e-6)  # the stream path
+        assert client.misses == 0
+
+
+@pytest.mark.parametrize(
+    "refused",
+    ["no client certificate", "server name not in the certificate", "plaintext"],
+)
+def test_client_tls_refusals(mtls_server, certs, refused: str) -> None:
+    options = {
+        "root_certificates": certs.ca,
+        "client_cert": certs.client_cert,
+        "client_key": certs.client_key,
+    }
+    if refused == "no client certificate":
+        del options["client_cert"], options["client_key"]
+    elif refused == "server name not in the certificate":
+        options["server_name"] = "robot.example"
+    else:
+        options = {}
+    with PolicyClient(mtls_server.target, deadline_s=5, **options) as client:
+        with pytest.raises(grpc.RpcError) as e:
+            client.get_policy()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_client_cert_needs_its_key(certs) -> None:
+    with pytest.raises(ValueError, match="client_cert and client_key go together"):
+        PolicyClient("unix:unused.sock", root_certificates=certs.ca, client_cert=certs.client_cert)
