@@ -13,6 +13,7 @@ import torch
 from controller.finetune.config import FinetuneConfig
 from controller.finetune.experience import row_width
 from controller.finetune.learner import Learner
+from controller.finetune.versions import Pointer, candidate_paths, read_pointer
 from training import checkpoint
 from training.config import TrainConfig
 from training.explain import chain_rule_sides
@@ -43,19 +44,21 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def learner(tmp_path: Path) -> Learner:
+def make_learner(tmp_path: Path, *, normalize_obs: bool = False, **finetune) -> Learner:
+    """A learner on the bandit, from a checkpoint written to tmp_path (normalizer statistics
+    set from observations around 3 when `normalize_obs`)."""
     torch.manual_seed(0)
     cfg = TrainConfig(
         env_id="Bandit-v0",
         actor_hidden=[32, 32],
         critic_hidden=[64, 64],
-        normalize_obs=False,
+        normalize_obs=normalize_obs,
         batch_size=64,
         learning_starts=64,
         buffer_size=10_000,
     )
     agent = Agent.create(cfg, 2, 1)
+    agent.normalizer.update(torch.randn(500, 2) + 3.0)
     meta = {
         "env_id": "Bandit-v0",
         "obs_dim": 2,
@@ -65,8 +68,7 @@ def learner(tmp_path: Path) -> Learner:
         "action_high": [1.0],
     }
     checkpoint.save(tmp_path / "agent.pt", cfg, agent, meta)
-    ft = FinetuneConfig(
-        checkpoint=tmp_path / "agent.pt",
+    settings = dict(
         batch_size=64,
         actor_warmup=1500,
         updates_per_transition=1.0,
@@ -74,7 +76,26 @@ def learner(tmp_path: Path) -> Learner:
         critic_lr=1e-3,
         buffer_size=10_000,
     )
-    return Learner(ft)
+    return Learner(FinetuneConfig(checkpoint=tmp_path / "agent.pt", **{**settings, **finetune}))
+
+
+@pytest.fixture
+def learner(tmp_path: Path) -> Learner:
+    return make_learner(tmp_path)
+
+
+def weights(learner: Learner) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{k}": v.clone()
+        for name, module in learner.agent.modules().items()
+        for k, v in module.state_dict().items()
+    }
+
+
+def train(learner: Learner, rng: np.random.Generator, rows: int = 200) -> None:
+    learner.add(bandit_rows(rows, rng))
+    while learner.can_update():
+        learner.step()
 
 
 def test_actor_follows_dq_da_towards_the_known_optimum(learner: Learner, one_torch_thread) -> None:
@@ -106,3 +127,72 @@ def test_actor_follows_dq_da_towards_the_known_optimum(learner: Learner, one_tor
         learner.step()
     after = agent.act(probe)[:, 0]
     assert (after - BEST).abs().mean() < 0.5 * (before - BEST).abs().mean()
+
+
+def test_the_normalizer_stays_frozen_while_fine_tuning(tmp_path: Path, one_torch_thread) -> None:
+    learner = make_learner(tmp_path, normalize_obs=True, actor_warmup=0)
+    normalizer = learner.agent.normalizer
+    before = {k: v.clone() for k, v in normalizer.state_dict().items()}
+    rng = np.random.default_rng(1)
+    rows = bandit_rows(300, rng)
+    rows[:, :2] += 40.0  # observations far from what the statistics were built on
+    rows[:, 4:6] += 40.0
+    learner.add(rows)
+    while learner.can_update():
+        learner.step()
+    assert learner.actor_updates > 0
+    assert not normalizer.training
+    for k, v in normalizer.state_dict().items():
+        assert torch.equal(v, before[k]), f"normalizer {k} moved"
+
+
+def test_after_a_rollback_the_learner_continues_from_that_versions_agent(
+    tmp_path: Path, one_torch_thread
+) -> None:
+    learner = make_learner(tmp_path, actor_warmup=0)
+    versions = learner.cfg.versions_dir
+    rng = np.random.default_rng(2)
+
+    def candidate(index: int) -> Path:
+        """What export_candidate leaves on disk, minus the ONNX export (served() reads only the
+        agent snapshot next to the file)."""
+        onnx_path, agent_path = candidate_paths(versions, index)
+        checkpoint.save(agent_path, learner.train_cfg, learner.agent, learner.meta)
+        onnx_path.write_bytes(b"stand-in")
+        return onnx_path
+
+    train(learner, rng)
+    v2, at_v2 = candidate(1), weights(learner)
+    learner.served(2, str(v2), "sha-2", False)
+    assert read_pointer(versions).agent == str(candidate_paths(versions, 1)[1])
+    train(learner, rng)
+    v3 = candidate(2)
+    learner.served(3, str(v3), "sha-3", False)
+    train(learner, rng)
+    assert weights(learner).keys() == at_v2.keys()
+    assert any(not torch.equal(v, at_v2[k]) for k, v in weights(learner).items())
+
+    learner.served(2, str(v2), "sha-2", True)  # version 3 regressed: back to version 2
+    for k, v in weights(learner).items():
+        assert torch.equal(v, at_v2[k]), f"{k} is not version 2's"
+    assert read_pointer(versions) == Pointer(
+        2, str(v2), "sha-2", str(candidate_paths(versions, 1)[1])
+    )
+    assert [g["lr"] for g in learner.agent.actor_opt.param_groups] == [learner.cfg.actor_lr]
+    assert not learner.agent.normalizer.training
+
+    # back to the policy the server started with (no snapshot): the --finetune checkpoint
+    learner.served(1, str(tmp_path / "policy.onnx"), "sha-1", True)
+    _, original, _, _ = checkpoint.load(learner.cfg.checkpoint)
+    for name, module in original.modules().items():
+        for k, v in module.state_dict().items():
+            assert torch.equal(learner.agent.modules()[name].state_dict()[k], v)
+    assert read_pointer(versions).agent is None
+
+
+def test_start_paused_holds_updates_until_resumed(tmp_path: Path) -> None:
+    learner = make_learner(tmp_path, start_paused=True)
+    learner.add(bandit_rows(200, np.random.default_rng(3)))
+    assert learner.paused and not learner.can_update()
+    learner.paused = False  # what the "resume" command sets
+    assert learner.can_update()
