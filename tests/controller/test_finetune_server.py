@@ -9,6 +9,7 @@ import os
 import queue
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +19,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from controller.finetune.config import FinetuneConfig
-from controller.finetune.versions import PAUSE_POINTER_ENV
+from controller.finetune.manager import resume_policy
+from controller.finetune.versions import PAUSE_POINTER_ENV, Pointer, write_pointer
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
 
@@ -114,6 +117,103 @@ def test_regression_under_a_promoted_version_rolls_back(server_factory, tmp_path
     assert seen == [1, 2, 1], seen
     assert status.rollbacks == 1 and status.promotions >= 1
     assert status.transitions_received > 0
+
+
+def _ort_action(obs: list[float]) -> np.ndarray:
+    session = ort.InferenceSession(str(POLICY), providers=["CPUExecutionProvider"])
+    return session.run(["action"], {"obs": np.asarray([obs], np.float32)})[0][0]
+
+
+def test_report_transitions_counts_accepted_rejected_and_dropped(server_factory, tmp_path):
+    # a queue of one one-row chunk, sent to before the learner (still importing torch) takes
+    # anything from it: the first row fits, the rest are dropped and counted
+    cfg = FinetuneConfig(checkpoint=AGENT, versions_dir=tmp_path / "v",
+                         **{**FAST, "chunk_size": 1, "queue_chunks": 1})  # fmt: skip
+    server = server_factory(POLICY, finetune=cfg)
+    rng = np.random.default_rng(3)
+
+    def good() -> pb.Transition:
+        o, o2 = rng.normal(0, 0.1, (2, 12)).tolist()
+        return pb.Transition(obs=o, action=[0.1, -0.2, 0.3], reward=-1.0, next_obs=o2)
+
+    bad_obs = good()
+    del bad_obs.obs[-1]
+    bad_reward = good()
+    bad_reward.reward = float("nan")
+    sent = [good(), good(), good(), bad_obs, good(), good(), good(), bad_reward]
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        reply = stub.ReportTransitions(iter(sent), timeout=DEADLINE_S)
+        status = stub.GetFinetuneStatus(pb.FinetuneControlRequest(), timeout=10)
+    assert (reply.accepted, reply.rejected) == (6, 2)
+    assert reply.first_error == "transition 4: obs has 11 values; the policy expects 12"
+    assert 1 <= reply.dropped <= 5
+    assert (status.transitions_received, status.transitions_rejected) == (6, 2)
+    assert status.transitions_dropped == reply.dropped
+
+
+def test_start_paused_pause_resume_and_where_exploration_applies(server_factory, tmp_path):
+    """Exploration perturbs ActStream actions (slew-limited like any other), never Act, and
+    stops while paused; the learner starts paused and updates once resumed."""
+    delta = 0.05
+    cfg = FinetuneConfig(checkpoint=AGENT, versions_dir=tmp_path / "v", explore_std=0.2,
+                         start_paused=True, **FAST)  # fmt: skip
+    server = server_factory(POLICY, finetune=cfg, max_delta=delta)
+    obs = np.random.default_rng(4).normal(0, 0.1, 12).tolist()
+    want = _ort_action(obs)
+    control = pb.FinetuneControlRequest()
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        stream = LockStep(stub)
+
+        def stream_actions(n: int, explored: bool) -> np.ndarray:
+            replies = [stream.step(obs=obs) for _ in range(n)]
+            assert [r.explored for r in replies] == [explored] * n
+            actions = np.array([list(r.action) for r in replies])
+            assert (np.abs(actions) <= 1.0).all()  # the bounds
+            return actions
+
+        def act_is_unexplored() -> None:
+            reply = stub.Act(pb.ActRequest(obs=obs), timeout=10)
+            assert not reply.explored
+            np.testing.assert_allclose(reply.action, want, atol=1e-6)
+
+        assert stub.GetFinetuneStatus(control, timeout=10).paused
+        paused = stream_actions(5, explored=False)
+        np.testing.assert_allclose(paused, np.tile(want, (5, 1)), atol=1e-6)
+        act_is_unexplored()
+
+        assert not stub.ResumeFinetuning(control, timeout=10).paused
+        explored = stream_actions(30, explored=True)
+        steps = np.abs(np.diff(np.vstack([paused[-1:], explored]), axis=0))
+        assert steps.max() <= delta + 1e-6  # the slew limit holds over the noise
+        assert np.ptp(explored, axis=0).max() > 0  # and the noise moves the actions
+        act_is_unexplored()
+
+        # the learner, started paused, learns once resumed (bounded by the stream deadline)
+        rng = np.random.default_rng(5)
+        for i, _ in enumerate(episodes(stream, rng, lambda v: -1.0)):
+            if i % 25 == 0 and stub.GetFinetuneStatus(control, timeout=10).updates > 0:
+                break
+
+        assert stub.PauseFinetuning(control, timeout=10).paused
+        stream_actions(5, explored=False)
+        act_is_unexplored()
+        stream.close()
+
+
+def test_a_restart_refuses_a_pointer_whose_sha256_differs(server_factory, tmp_path) -> None:
+    versions = tmp_path / "v"
+    versions.mkdir()
+    served = versions / "candidate-0001.onnx"
+    shutil.copy(POLICY, served)
+    sha = hashlib.sha256(served.read_bytes()).hexdigest()
+    cfg = FinetuneConfig(checkpoint=AGENT, versions_dir=versions, **FAST)
+    write_pointer(versions, Pointer(2, str(served), sha, None))
+    assert resume_policy(cfg).version == 2  # the recorded file: resumed
+    write_pointer(versions, Pointer(2, str(served), "0" * 64, None))
+    with pytest.raises(ValueError, match="refusing to guess what to serve"):
+        server_factory(POLICY, finetune=cfg)
 
 
 def _read_lines(process: subprocess.Popen, lines: queue.Queue[str]) -> None:
