@@ -76,6 +76,10 @@ def randomize(env: gym.Env, ranges: dict[str, Any], rng: np.random.Generator) ->
     """`env` wrapped with the knobs in `ranges` ({} returns `env` unchanged). All draws come
     from `rng`, in a fixed order, so a seeded run is reproducible."""
     ranges = check_ranges(ranges)
+    # innermost first: the offset is added last, after the motor gain (applied = m·a + b, as a
+    # miscalibrated actuator), and the latency FIFO delays what the policy chose
+    if "offset" in ranges:
+        env = ActionOffset(env, ranges["offset"], rng)
     dynamics = {k: v for k, v in ranges.items() if k in DYNAMICS}
     if dynamics:
         env = Dynamics(env, dynamics, rng)
@@ -83,8 +87,6 @@ def randomize(env: gym.Env, ranges: dict[str, Any], rng: np.random.Generator) ->
         env = Pushes(env, ranges["push"], rng)
     if "latency" in ranges:
         env = ActionLatency(env, ranges["latency"], rng)
-    if "offset" in ranges:
-        env = ActionOffset(env, ranges["offset"], rng)
     if "obs_noise" in ranges:
         env = ObsNoise(env, ranges["obs_noise"], rng)
     return env
