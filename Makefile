@@ -18,7 +18,7 @@ $(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
 # everything: torch's CPU build first, so nothing below pulls a CUDA build
 $(VENV)/.all-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[serve,sim,train,dev]'
+	$(BIN)/pip install -q -e '.[serve,sim,train,cluster,dev]'
 	touch $@ $(VENV)/.serve-installed
 
 setup-serve: $(VENV)/.serve-installed
