@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from training.td3 import Agent, update
 
 log = logging.getLogger(__name__)
 RANDOMIZATION_STREAM = 1  # seeds the randomization generator beside the run's seed
+EVAL_COLUMNS = ("step", "wall_s", "return_mean", "return_std", "success_rate")
 
 
 @dataclass
@@ -59,8 +61,16 @@ def evaluate(agent: Agent, env: FlatObs, episodes: int, seed: int, device: str) 
     return EvalResult(float(np.mean(returns)), float(np.std(returns)), rate)
 
 
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    """Train per `cfg` into directory `out`; returns the path of the exported policy.onnx."""
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_eval: Callable[[dict], None] | None = None,
+) -> Path:
+    """Train per `cfg` into directory `out`; returns the path of the exported policy.onnx.
+    `on_eval` gets each evaluation as a row of evals.csv ({column: value}): how a sweep
+    reports to Ray Tune."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.torch_threads)
@@ -109,7 +119,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     writer = _tensorboard(out)
     csv_path = out / "evals.csv"
     if not resume:
-        csv_path.write_text("step,wall_s,return_mean,return_std,success_rate\n")
+        csv_path.write_text(",".join(EVAL_COLUMNS) + "\n")
     t0 = time.perf_counter() - wall_before
     next_eval = (start // cfg.eval_every + 1) * cfg.eval_every
     next_ckpt = (start // cfg.checkpoint_every + 1) * cfg.checkpoint_every
@@ -160,6 +170,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             )
             with open(csv_path, "a", newline="") as f:
                 csv.writer(f).writerow(evals[-1])
+            if on_eval is not None:
+                on_eval(dict(zip(EVAL_COLUMNS, evals[-1], strict=True)))
             if best is None or res.mean_return > best["eval_return"]:
                 best = _snapshot(agent, res, step + 1)
             writer.add_scalar("eval/return", res.mean_return, step + 1)
