@@ -92,6 +92,12 @@ def randomize(env: gym.Env, ranges: dict[str, Any], rng: np.random.Generator) ->
     return env
 
 
+def supported_knobs(env: gym.Env) -> list[str]:
+    """The knobs `env` can honour, in `NOMINAL`'s order."""
+    robot = _Robot(env)
+    return [k for k in NOMINAL if robot.supports(k)]
+
+
 def find(env: gym.Env, cls: type) -> Any:
     """The first wrapper of type `cls` around `env`, or None."""
     while isinstance(env, gym.Wrapper):

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from training.envs import make_env
 from training.evaluate import evaluate_session, load_session, policy_env_id
-from training.randomization import NOMINAL, _Robot
+from training.randomization import NOMINAL, supported_knobs
 
 # Points of each 1-D sweep: they reach past the robust presets' ranges to show generalization.
 # Latency is whole control steps, so its seven points run 0-6.
@@ -78,9 +78,9 @@ def grid(env_id: str) -> tuple[dict[str, list[float]], list[dict[str, float]]]:
     """The knobs `env_id` supports with their sweep points, and the unique cells (1-D sweeps
     and the heatmap; nominal once)."""
     env = make_env(env_id, 0)
-    robot = _Robot(env)
+    knobs = supported_knobs(env)
     env.close()
-    sweeps = {k: v for k, v in SWEEPS.items() if robot.supports(k)}
+    sweeps = {k: v for k, v in SWEEPS.items() if k in knobs}
     cells = [{k: v} for k, points in sweeps.items() for v in points]
     if all(k in sweeps for k in HEATMAP):
         (a, xs), (b, ys) = HEATMAP.items()
