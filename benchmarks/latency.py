@@ -1,12 +1,15 @@
 """`mu bench`: serving latency against its floors, on this machine, in one run.
 
-Measures back to back: in-process onnxruntime (the compute floor); a gRPC echo servicer on the
-same server settings (the transport floor), unary and stream; `mu serve`, unary and stream; a
-naive sync server with a torch model (if torch is installed); a 1 kHz loop's deadline misses; a
-concurrency sweep (micro-batching on vs one inference per request); latency while LoadPolicy
-swaps every 100 ms; resident memory of the servers. Servers and load generators run in separate
-processes; every variant gets the same number of requests, in interleaved rounds so that a
-change in machine load hits all variants alike.
+Measures back to back: in-process onnxruntime (the compute floor); the bare gRPC echo (bytes
+in, pre-serialized bytes out: the transport floor) and an echo servicer (the same plus proto
+decoding and encoding) on the same server settings; `mu serve`, unary and stream; a naive sync
+server with a torch model (if torch is installed); a 1 kHz loop's deadline misses; latency while
+LoadPolicy swaps every 100 ms; the local lane (benchmarks/local_lane.py: 1 kHz and 5 kHz loops,
+hot swaps under the loop, the server SIGKILLed under the loop); a concurrency sweep
+(micro-batching on vs one inference per request); resident memory of the servers. Servers and
+load generators run in separate processes; every variant gets the same number of requests, in
+interleaved rounds so that a change in machine load hits all variants alike.
+`--soak SECONDS` runs only the soak (both lanes, memory and misses per minute).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import report
+from benchmarks import local_lane, report
 from benchmarks.load import LoadPool, Swapper
 from controller.client import PolicyClient
 from controller.demo import POLICY, ServerProcess, serve_command
@@ -56,6 +60,16 @@ class BenchConfig:
     out_dir: Path = Path("benchmarks/results")
     #: Include the naive torch server (skipped with a note when torch is missing).
     naive: bool = True
+    #: The local lane: the 1 kHz loop's duration, the fast loop's rate and duration, and the
+    #: SIGKILL run's duration (the server is killed after a third of it).
+    local_seconds: float = 60.0
+    fast_rate_hz: float = 5000.0
+    fast_seconds: float = 10.0
+    kill_seconds: float = 8.0
+    #: Real-time settings for the timed loops (both lanes): CPU to pin the loop's thread to,
+    #: SCHED_FIFO priority (None = leave as is).
+    cpu: int | None = None
+    rt_priority: int | None = None
 
     def __post_init__(self) -> None:
         self.policy = Path(self.policy)
@@ -81,6 +95,9 @@ class BenchConfig:
             sweep_seconds=0.5,
             sweep_warmup_s=0.5,
             swap_seconds=1.0,
+            local_seconds=2.0,
+            fast_seconds=1.0,
+            kill_seconds=4.0,
         )
         return cls(**{**base, **overrides})
 
@@ -161,10 +178,10 @@ def run_bench(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
     latency = {"in-process onnxruntime": _in_process(cfg.policy, rows, cfg)}
 
     py = sys.executable
+    echo = [py, "-m", "benchmarks.echo", "--listen", "127.0.0.1:0", "--act-dim", str(act_dim)]
     servers = {
-        "echo": ServerProcess(
-            [py, "-m", "benchmarks.echo", "--listen", "127.0.0.1:0", "--act-dim", str(act_dim)]
-        ),
+        "bare": ServerProcess([*echo, "--bare"]),
+        "echo": ServerProcess(echo),
         "ours": ServerProcess(serve_command(cfg.policy, "127.0.0.1:0")),
     }
     has_torch = importlib.util.find_spec("torch") is not None
@@ -189,6 +206,7 @@ def run_bench(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
         clients = {
             "echo unary": PolicyClient(addr["echo"], deadline_s=1.0, stream=False),
             "ours unary": PolicyClient(addr["ours"], deadline_s=1.0, stream=False),
+            "bare echo stream": PolicyClient(addr["bare"], deadline_s=1.0, stream=True),
             "echo stream": PolicyClient(addr["echo"], deadline_s=1.0, stream=True),
             "ours stream": PolicyClient(addr["ours"], deadline_s=1.0, stream=True),
         }
@@ -204,6 +222,7 @@ def run_bench(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
             rss["naive torch"] = rss_mb(servers["naive"].process.pid)
             servers.pop("naive").stop()  # frees its threads before the timing-sensitive parts
         servers.pop("echo").stop()
+        servers.pop("bare").stop()
 
         log(f"{cfg.loop_rate_hz:g} Hz loop for {cfg.loop_seconds:g} s ...")
         results["loop"] = _loop(addr["ours"], obs_dim, cfg, cfg.loop_seconds)
@@ -220,6 +239,7 @@ def run_bench(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
             "failed_requests": swap_loop["misses"]["fallbacks"],
             "loop": swap_loop,
         }
+        results["local"] = _local(cfg, addr["ours"], obs_dim, log)
 
         servers["ours per-request"] = ServerProcess(
             serve_command(cfg.policy, "127.0.0.1:0") + ["--no-batching"]
@@ -241,6 +261,31 @@ def run_bench(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
     return results
 
 
+def _rt(cfg: BenchConfig) -> dict[str, Any]:
+    return {"cpu": cfg.cpu, "rt_priority": cfg.rt_priority}
+
+
+def _local(cfg: BenchConfig, target: str, obs_dim: int, log: Any) -> dict[str, Any]:
+    """The local lane's measurements (benchmarks/local_lane.py)."""
+    rt, rate = _rt(cfg), cfg.loop_rate_hz
+    out: dict[str, Any] = {}
+    log(f"local lane: {rate:g} Hz loop for {cfg.local_seconds:g} s ...")
+    out["loop"] = local_lane.loop(target, obs_dim, rate, cfg.local_seconds, rt)
+    log(f"local lane: {cfg.fast_rate_hz:g} Hz loop for {cfg.fast_seconds:g} s ...")
+    out["fast"] = local_lane.loop(target, obs_dim, cfg.fast_rate_hz, cfg.fast_seconds, rt)
+    with tempfile.TemporaryDirectory(prefix="mu-bench-") as tmp:
+        other = local_lane.variant_policy(cfg.policy, Path(tmp) / "variant.onnx")
+        log(f"local lane: hot swap every {cfg.swap_interval_s * 1e3:g} ms under the loop ...")
+        out["swap"] = local_lane.hot_swap(
+            target, obs_dim, [other, cfg.policy], rate, cfg.swap_interval_s, cfg.swap_seconds, rt
+        )
+        log("local lane: SIGKILL of the server under the loop, restart ...")
+        out["kill"] = local_lane.kill_restart(
+            cfg.policy, other, obs_dim, rate, cfg.kill_seconds, cfg.kill_seconds / 3, rt
+        )
+    return out
+
+
 def _loop(
     target: str, obs_dim: int, cfg: BenchConfig, seconds: float, deadline_s: float | None = None
 ) -> dict[str, Any]:
@@ -251,7 +296,7 @@ def _loop(
         for _ in range(cfg.warmup):
             client.act(plant.reset())
         client.deadline_s = deadline_s or 1.0 / cfg.loop_rate_hz
-        summary = summarize(run_loop(client, plant, cfg.loop_rate_hz, seconds=seconds))
+        summary = summarize(run_loop(client, plant, cfg.loop_rate_hz, seconds=seconds, **_rt(cfg)))
     summary.pop("returns")
     return summary
 
@@ -292,6 +337,17 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loop-seconds", type=float, default=None, help="1 kHz loop duration")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output dir")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive torch server")
+    parser.add_argument("--cpu", type=int, default=None, help="pin the timed loops to CPU N")
+    parser.add_argument(
+        "--rt-priority", type=int, default=None, help="SCHED_FIFO priority for the timed loops"
+    )
+    parser.add_argument(
+        "--soak",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="run only the soak: both lanes for SECONDS (memory at start and end, misses/minute)",
+    )
 
 
 def bench_from_args(args: argparse.Namespace) -> int:
@@ -302,7 +358,10 @@ def bench_from_args(args: argparse.Namespace) -> int:
         overrides["requests"] = args.requests
     if args.loop_seconds is not None:
         overrides["loop_seconds"] = args.loop_seconds
+    overrides.update(cpu=args.cpu, rt_priority=args.rt_priority)
     cfg = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
+    if args.soak is not None:
+        return _soak_from_args(cfg, args.soak)
     results = run_bench(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     table = report.table(results)
@@ -318,6 +377,26 @@ def bench_from_args(args: argparse.Namespace) -> int:
     json_path = cfg.out_dir / "latency.json"
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {json_path}")
+    return 0
+
+
+def _soak_from_args(cfg: BenchConfig, seconds: float) -> int:
+    if seconds <= 0:
+        raise ValueError("--soak needs a positive number of seconds")
+    probe = load_policy(read_policy_file(cfg.policy), source=str(cfg.policy), version=1)
+    load_start = os.getloadavg()[0]
+    result = local_lane.soak(
+        cfg.policy, probe.obs_dim, seconds, _rt(cfg), segment_s=min(60.0, seconds),
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )  # fmt: skip
+    result["machine"] = {**machine(), "load_avg_1m_start": load_start,
+                         "load_avg_1m_end": os.getloadavg()[0]}  # fmt: skip
+    text = report.soak_table(result)
+    print(text)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.out_dir / "soak.json"
+    path.write_text(json.dumps({**result, "table": text}, indent=1) + "\n")
+    print(f"wrote {path}")
     return 0
 
 

@@ -86,38 +86,48 @@ class LoadPool:
             proc.join(10)
 
 
-def _swapper(target: str, policy: str, interval_s: float, seconds: float, out: mp.Queue) -> None:
-    swaps, failed = 0, []
+def _swapper(
+    target: str, policies: list[str], interval_s: float, seconds: float, out: mp.Queue
+) -> None:
+    swaps, failed, returned = 0, [], []
     with PolicyClient(target, call_deadline_s=5.0) as admin:
         end = time.monotonic() + seconds
         next_at = time.monotonic()
         while next_at < end:
             try:
-                admin.load_policy(policy)
+                info = admin.load_policy(policies[swaps % len(policies)])
+                # CLOCK_MONOTONIC: comparable with the loop process's perf_counter_ns on Linux
+                returned.append((info.version, time.perf_counter_ns()))
                 swaps += 1
             except grpc.RpcError as e:
                 failed.append(f"{e.code().name}: {e.details()}")
             next_at += interval_s
             time.sleep(max(next_at - time.monotonic(), 0.0))
-    out.put((swaps, failed))
+    out.put((swaps, failed, returned))
 
 
 class Swapper:
-    """A process that calls LoadPolicy(policy) every interval_s for `seconds`."""
+    """A process that calls LoadPolicy every interval_s for `seconds`, cycling through
+    `policy` (one path or several)."""
 
-    def __init__(self, target: str, policy: Path, interval_s: float, seconds: float) -> None:
+    def __init__(
+        self, target: str, policy: Path | list[Path], interval_s: float, seconds: float
+    ) -> None:
         ctx = mp.get_context("spawn")
         self._out: mp.Queue = ctx.Queue()
+        policies = [str(p) for p in (policy if isinstance(policy, list) else [policy])]
         self._proc = ctx.Process(
             target=_swapper,
-            args=(target, str(policy), interval_s, seconds, self._out),
+            args=(target, policies, interval_s, seconds, self._out),
             name="mu-swapper",
             daemon=True,
         )
         self._proc.start()
+        #: (version, perf_counter_ns when LoadPolicy returned) per successful swap.
+        self.returned: list[tuple[int, int]] = []
 
     def result(self, timeout: float) -> tuple[int, list[str]]:
         """(successful swaps, errors of the failed ones)."""
-        swaps, failed = self._out.get(timeout=timeout)
+        swaps, failed, self.returned = self._out.get(timeout=timeout)
         self._proc.join(10)
         return swaps, failed

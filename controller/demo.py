@@ -1,8 +1,12 @@
-"""`make demo`: serve the bundled Panda policy in a subprocess and drive it with the simulated arm.
+"""`make demo`: serve the bundled Panda policy in a subprocess and drive the simulated arm with
+it through both lanes.
 
 Starts `mu serve` on a Unix socket, waits for its readiness line, measures how long one simulator
-step and one round trip take, picks the highest control rate whose tick fits both at p99, runs a
-few seconds, prints the loop summary and stops the server with SIGINT. Needs no torch.
+step and one round trip take, picks the highest control rate whose tick fits both at p99, then
+runs the arm at that rate for a few seconds over the gRPC lane (ActStream: the server evaluates
+the policy) and as long over the local lane (WatchPolicy: the server ships the policy, this
+process evaluates it), prints both summaries side by side and stops the server with SIGINT.
+Needs no torch.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ import numpy as np
 
 from controller.client import PolicyClient
 from controller.loop import (
+    WARM_TICKS,
     LoopResult,
     SimPlant,
     check_policy,
-    format_summary,
     run_loop,
     summarize,
 )
@@ -132,9 +136,11 @@ def pick_rate(sim_us: float, rtt_us: float) -> float:
     return next((r for r in RATES_HZ if 1e6 / r >= sim_us + rtt_us), RATES_HZ[-1])
 
 
-def drive(address: str, seconds: float) -> LoopResult:
-    """Check the served policy, pick the rate, run the simulated Panda against it."""
+def drive(address: str, seconds: float) -> dict[str, LoopResult]:
+    """Check the served policy, pick the rate, run the simulated Panda through both lanes at it
+    (one after the other, so they do not compete for the CPU)."""
     plant = SimPlant(ENV_ID, seed=0)
+    results: dict[str, LoopResult] = {}
     try:
         with PolicyClient(address, deadline_s=5.0, stream=True) as client:
             check_policy(client, ENV_ID, plant.obs_dim)
@@ -142,13 +148,62 @@ def drive(address: str, seconds: float) -> LoopResult:
             rate = pick_rate(sim_us, rtt_us)
             print(
                 f"simulator step p99 {sim_us:.0f} µs + round trip p99 {rtt_us:.0f} µs "
-                f"-> {rate:g} Hz; running for {seconds:g} s",
+                f"-> {rate:g} Hz; {seconds:g} s on each lane",
                 flush=True,
             )
             client.deadline_s = 1.0 / rate
-            return run_loop(client, plant, rate, seconds=seconds)
+            results["gRPC lane (ActStream)"] = run_loop(client, plant, rate, seconds=seconds)
+        with PolicyClient(address, local=True) as client:
+            check_policy(client, ENV_ID, plant.obs_dim)
+            warm = plant.reset()
+            for _ in range(WARM_TICKS):
+                client.act(warm)
+            results["local lane (WatchPolicy)"] = run_loop(client, plant, rate, seconds=seconds)
     finally:
         plant.close()
+    return results
+
+
+def side_by_side(results: dict[str, LoopResult]) -> str:
+    """Both lanes' summaries as two columns."""
+    summaries = {name: summarize(r) for name, r in results.items()}
+
+    def row(s: dict) -> list[str]:
+        a, m = s["round_trip_us"], s["misses"]
+        ret = "n/a" if s["mean_return"] is None else f"{s['mean_return']:.3f}"
+        success = "n/a" if s["success_rate"] is None else f"{s['success_rate']:.0%}"
+        return [
+            f"{s['achieved_rate_hz']:.0f} of {s['rate_hz']:g} Hz",
+            f"{s['ticks']} in {s['seconds']:.1f} s",
+            f"{a['p50']:.0f} / {a['p99']:.0f} / {a['p99.9']:.0f}",
+            f"{s['sim_step_us']['p50']:.0f} / {s['sim_step_us']['p99']:.0f}",
+            f"{m['total']} ({m['service']} action, {m['simulator']} sim, {m['late_wakeup']} wake)",
+            str(m["fallbacks"]),
+            f"{s['episodes']}, {ret}, {success}",
+        ]
+
+    labels = [
+        "rate",
+        "ticks",
+        "action µs p50 / p99 / p99.9",
+        "simulator step µs p50 / p99",
+        "deadline misses",
+        "fallbacks",
+        "episodes, mean return, success",
+    ]
+    columns = {name: row(s) for name, s in summaries.items()}
+    widths = [max(len(name), *(len(v) for v in col)) for name, col in columns.items()]
+    lw = max(len(x) for x in labels)
+    head = "  ".join(n.ljust(w) for n, w in zip(columns, widths, strict=True))
+    lines = [(" " * lw + "  " + head).rstrip()]
+    for i, label in enumerate(labels):
+        cells = [col[i].ljust(w) for col, w in zip(columns.values(), widths, strict=True)]
+        lines.append((label.ljust(lw) + "  " + "  ".join(cells)).rstrip())
+    lines.append(
+        "action = the ActStream round trip on the gRPC lane; the policy evaluated in this "
+        "process on the local lane"
+    )
+    return "\n".join(lines)
 
 
 def run_demo(policy: Path, seconds: float) -> int:
@@ -163,10 +218,10 @@ def run_demo(policy: Path, seconds: float) -> int:
         server = ServerProcess(serve_command(policy, f"unix:{tmp}/mu.sock"))
         try:
             print(f"server ready on {server.address}", flush=True)
-            result = drive(server.address, seconds)
+            results = drive(server.address, seconds)
         finally:
             code = server.stop()
-        print(format_summary(summarize(result)))
+        print(side_by_side(results))
         print(f"server stopped (exit code {code})")
     return 0
 

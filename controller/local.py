@@ -20,6 +20,8 @@ import logging
 import queue
 import random
 import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,6 +90,8 @@ class PolicyWatcher:
         #: Updates applied or refused whose acknowledgement was sent (or failed).
         self.handled = 0
         self.reconnects = 0
+        #: (perf_counter_ns, version, sha256) of the latest swaps (benchmarks time them).
+        self.history: deque[tuple[int, int, str]] = deque(maxlen=4096)
         self.last_error: str | None = None
         self.connected = False
         self._changed = threading.Condition()
@@ -180,6 +184,7 @@ class PolicyWatcher:
         if current is not None and current.policy is not local.policy:
             self._previous = current  # also keeps the retired session alive outside a tick
         self.current = local  # the swap: the next tick reads the new reference
+        self.history.append((time.perf_counter_ns(), local.version, local.sha256))
         self.applied += 1
         with self._changed:
             self._changed.notify_all()

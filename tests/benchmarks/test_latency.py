@@ -28,17 +28,25 @@ def tiny(tmp_path: Path) -> BenchConfig:
         swap_seconds=0.3,
         out_dir=tmp_path / "out",
         naive=False,
+        local_seconds=0.3,
+        fast_seconds=0.2,
+        kill_seconds=3.0,
     )
 
 
 def test_bench_runs_every_part(tiny: BenchConfig, tmp_path: Path) -> None:
     r = run_bench(tiny, log=lambda msg: None)
     lat = r["latency_us"]
-    for name in ("in-process onnxruntime", "echo unary", "ours unary", "echo stream",
-                 "ours stream"):  # fmt: skip
+    for name in ("in-process onnxruntime", "echo unary", "ours unary", "bare echo stream",
+                 "echo stream", "ours stream"):  # fmt: skip
         assert lat[name]["n"] == 40 and 0 < lat[name]["p50"] <= lat[name]["max"]
     assert r["loop"]["ticks"] > 0 and r["loop"]["rate_hz"] == 1000
     assert r["swap"]["swaps"] >= 1 and r["swap"]["failed_swaps"] == []
+    local = r["local"]
+    assert local["loop"]["lane"] == "local" and local["loop"]["ticks"] > 0
+    assert local["fast"]["rate_hz"] == 5000 and local["fast"]["ticks"] > 0
+    assert local["swap"]["swaps"] >= 1 and local["swap"]["failed_swaps"] == []
+    assert local["kill"]["ticks"] > 0 and local["kill"]["restart_took_ms"] > 0
     assert [row["clients"] for row in r["sweep"]["micro-batched"]] == [1, 2]
     assert all(row["throughput_rps"] > 0 for row in r["sweep"]["per-request"])
     assert 0 < r["rss_mb"]["ours"] and r["machine"]["cores"] >= 1

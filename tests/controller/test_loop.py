@@ -113,7 +113,8 @@ def test_server_process_reports_a_failed_start(tmp_path: Path) -> None:
 def test_demo_runs_and_stops_the_server(panda_policy: Path, capsys) -> None:
     assert run_demo(panda_policy, seconds=0.3) == 0
     out = capsys.readouterr().out
-    assert "deadline misses:" in out and "server stopped (exit code 0)" in out
+    assert "deadline misses" in out and "server stopped (exit code 0)" in out
+    assert "gRPC lane (ActStream)" in out and "local lane (WatchPolicy)" in out  # side by side
 
 
 def test_loop_and_demo_import_no_torch() -> None:
