@@ -41,7 +41,7 @@ WARM_CALLS = 20
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_reconnect_backoff_ms", 500),
 ]
 
 
@@ -74,7 +74,7 @@ class PolicyWatcher:
         metadata: tuple[tuple[str, str], ...] | None = None,
         ack_deadline_s: float = 5.0,
         backoff_s: float = 0.05,
-        max_backoff_s: float = 2.0,
+        max_backoff_s: float = 0.5,
     ) -> None:
         self.client_id = client_id
         self._stub = pb_grpc.ControllerStub(channel)
