@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -125,6 +125,15 @@ class PolicyWatcher:
                 + (f" (last error: {self.last_error})" if self.last_error else "")
             )
         return self.current
+
+    def wait_until(self, predicate: Callable[[LocalPolicy], bool], *, timeout: float) -> None:
+        """Block until `predicate(current)` holds (e.g. an exploration setting arrived)."""
+        with self._changed:
+            ok = self._changed.wait_for(
+                lambda: self.current is not None and predicate(self.current), timeout
+            )
+        if not ok:
+            raise TimeoutError(f"the awaited policy settings did not arrive within {timeout:g} s")
 
     def wait_handled(self, count: int, *, timeout: float) -> None:
         """Block until `count` updates were applied or refused and acknowledged."""

@@ -250,3 +250,24 @@ def test_finetuning_in_local_mode_explores_reports_and_promotes(server_factory, 
         experience = robot.experience
         assert experience is not None and experience.dropped == 0
     assert seen == [1, 2, 1], seen
+
+
+def test_mu_loop_local_runs_an_episode(server_factory, make_policy, tmp_path: Path) -> None:
+    import argparse
+    import json
+
+    from controller.loop import add_loop_arguments, loop_from_args
+
+    panda = make_policy("panda.onnx", env_id="PandaReachDense-v3", obs_dim=12, act_dim=3,
+                        low=[-1.0] * 3, high=[1.0] * 3)  # fmt: skip
+    server = server_factory(panda)
+    parser = argparse.ArgumentParser()
+    add_loop_arguments(parser)
+    out = tmp_path / "loop.json"
+    args = parser.parse_args(["--env", "PandaReachDense-v3", "--target", server.target,
+                              "--rate", "500", "--episodes", "1", "--local",
+                              "--json", str(out)])  # fmt: skip
+    assert loop_from_args(args) == 0
+    s = json.loads(out.read_text())
+    assert s["lane"] == "local" and s["episodes"] == 1 and s["versions"] == [1]
+    assert s["misses"]["fallbacks"] == 0
