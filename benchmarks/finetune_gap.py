@@ -18,6 +18,11 @@ would, so the learner gets the time between steps.
 `--policy DIR` starts from DIR/policy.onnx and fine-tunes DIR/agent.pt (e.g. the bundled
 policies/panda_reach_robust, trained with domain randomization); results are named after DIR
 unless it is the default.
+
+`--local` runs the online phase on the local lane: the loop evaluates the shipped policy in its
+own process (PolicyClient(local=True)), explores with the server's std and reports transitions
+through the bounded queue and ReportTransitions; the latency rows are then the in-process policy
+cost. Evaluations stay on ActStream (the same versions, deterministic). Results get `_local`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from controller.client import PolicyClient
 from controller.demo import ServerProcess, serve_command
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
@@ -90,6 +96,33 @@ class LockStep:
 
     def close(self) -> None:
         self._requests.put(None)
+
+
+class LocalStep:
+    """LockStep's interface on the local lane: what a request reports about the previous step
+    goes to client.report(), its observation to client.act() in this process."""
+
+    def __init__(self, client: PolicyClient) -> None:
+        self.client = client
+        self.rtt_us: list[float] = []
+        self._first = True
+
+    def step(self, request: pb.ActRequest) -> pb.ActResponse:
+        client = self.client
+        if request.HasField("reward"):
+            done = request.terminated or request.truncated
+            following = request.final_obs if done and len(request.final_obs) else request.obs
+            client.report(request.reward, list(following), terminated=request.terminated,
+                          truncated=request.truncated)  # fmt: skip
+        t0 = time.perf_counter()
+        action = client.act(list(request.obs))
+        if not self._first:
+            self.rtt_us.append((time.perf_counter() - t0) * 1e6)
+        self._first = False
+        return pb.ActResponse(action=action.tolist(), policy_version=client.version)
+
+    def close(self) -> None:
+        pass
 
 
 def run_episodes(
@@ -158,7 +191,9 @@ def evaluate(stub: pb_grpc.ControllerStub, gap: bool, args: argparse.Namespace) 
     return {"mean_return": float(np.mean(rets)), "returns": rets, "version": versions[-1]}
 
 
-def online(stub: pb_grpc.ControllerStub, args: argparse.Namespace) -> dict[str, Any]:
+def online(
+    stub: pb_grpc.ControllerStub, args: argparse.Namespace, local: PolicyClient | None = None
+) -> dict[str, Any]:
     """`args.steps` ticks with the learner on, in blocks of `args.block` that alternate with as
     many ticks with it paused (no updates, no exploration): the same loop, stream and reported
     traffic, so the two latency samples differ in the learner alone, and drift on a shared
@@ -176,7 +211,10 @@ def online(stub: pb_grpc.ControllerStub, args: argparse.Namespace) -> dict[str, 
                 time.sleep(SETTLE_S)  # the learner finishes the update or export it is in
             else:
                 stub.ResumeFinetuning(control, timeout=10)
-            stream = LockStep(stub)
+            if local is not None:  # the pause/resume reached the loop (exploration off/on)
+                on = side == "on"
+                local.watcher.wait_until(lambda p, on=on: (p.explore_std > 0) == on, timeout=30)
+            stream = LockStep(stub) if local is None else LocalStep(local)
             block_seeds = list(islice(seeds, args.block))  # episodes end before they run out
             rets, vers = run_episodes(stream, env, block_seeds, args.rate, True, args.block)
             stream.close()
@@ -209,6 +247,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "gap": {"motor_scale": MOTOR_SCALE, "motor_bias": MOTOR_BIAS.tolist()},
         "seed": args.seed,
         "rate_hz": args.rate,
+        "lane": "local" if args.local else "grpc",
         "eval_seeds": [EVAL_SEED, EVAL_SEED + args.eval_episodes - 1],
     }
     with tempfile.TemporaryDirectory(prefix="mu-finetune-") as tmp:
@@ -221,7 +260,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 results["before"] = evaluate(stub, True, args)
                 log.info("nominal %.3f, before %.3f", results["nominal"]["mean_return"],
                          results["before"]["mean_return"])  # fmt: skip
-                results["online"] = online(stub, args)
+                if args.local:
+                    with PolicyClient(server.address, local=True, queue_size=100_000) as client:
+                        results["online"] = online(stub, args, client)
+                        results["online"]["transitions_dropped_by_loop"] = (
+                            client.transitions_dropped
+                        )
+                else:
+                    results["online"] = online(stub, args)
                 status = stub.GetFinetuneStatus(pb.FinetuneControlRequest(), timeout=10)
                 results["status"] = {
                     k: getattr(status, k)
@@ -250,7 +296,8 @@ def table(r: dict[str, Any]) -> str:
         ),
         ("share of the gap recovered", f"{100 * r['recovered_share']:.0f}%"),
         (
-            f"ActStream p99 learner paused / on "
+            ("local-lane policy" if r.get("lane") == "local" else "ActStream")
+            + " p99 learner paused / on "
             f"({lat['off']['ticks']} / {lat['on']['ticks']} ticks)",
             f"{lat['off']['p99_us']:.0f} / "
             f"{lat['on']['p99_us']:.0f} µs ({r['p99_ratio']:.2f}x, target <= 1.25x)",
@@ -314,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--policy", type=Path, default=POLICY_DIR, help="directory with policy.onnx and agent.pt"
     )
+    parser.add_argument(
+        "--local", action="store_true", help="online phase on the local lane (WatchPolicy)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -323,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         "finetune_gap"
         if args.policy.resolve() == POLICY_DIR
         else f"finetune_gap_{args.policy.name}"
-    )
+    ) + ("_local" if args.local else "")
     (args.out / f"{name}.json").write_text(json.dumps(r, indent=2))
     plot(r, args.out / f"{name}.png")
     sys.stdout.write(table(r) + "\n")
