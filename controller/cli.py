@@ -7,9 +7,13 @@ Each subcommand imports what it needs when it runs, so a serving install (no tor
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
+from collections.abc import Callable
+
+from controller.extras import install_hint
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -27,24 +31,31 @@ def _train(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_dict(saved)
         path = train(cfg, args.resume, resume=True)
     else:
-        if not args.env:
-            raise SystemExit("mu train: --env is required (or --resume RUN)")
+        from training.presets import load_preset_file
+
+        from_file = load_preset_file(args.preset_file) if args.preset_file else {}
+        env = args.env or from_file.get("env_id")
+        if not env:
+            raise SystemExit("mu train: --env is required (or --resume RUN, or --preset-file)")
+        if from_file.get("env_id", env) != env:
+            raise ValueError(f"--preset-file {args.preset_file} is for {from_file['env_id']}")
         overrides = {
-            **preset(args.env, args.preset),
+            **preset(env, args.preset),
+            **from_file,
             **parse_overrides(TrainConfig, args.set, "--set"),
         }
         cfg = TrainConfig.from_dict(
             {
                 **overrides,
-                "env_id": args.env,
-                "algo": args.algo,
+                "env_id": env,
+                "algo": args.algo or overrides.get("algo", "td3"),
                 "seed": args.seed,
                 "device": args.device,
                 "export": args.export,
                 **({"steps": args.steps} if args.steps else {}),
             }
         )
-        out = args.out or f"runs/{args.env}-{args.algo}-s{args.seed}"
+        out = args.out or f"runs/{env}-{cfg.algo}-s{args.seed}"
         path = train(cfg, out)
     print(f"policy: {path}")
     return 0
@@ -100,6 +111,28 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from training.runner import RunnerConfig
+    from training.sweep import SweepConfig, run_sweep
+
+    sweep = SweepConfig.load(args.sweep)
+    if args.name:
+        sweep = dataclasses.replace(sweep, name=args.name)
+    runner = RunnerConfig(
+        name=sweep.name, storage=args.storage, address=args.address, workers=args.workers
+    )
+    result = run_sweep(sweep, runner)
+    print(result.table)
+    print(f"results: {result.out}/results.txt, results.json")
+    if result.curves:
+        print(f"curves: {result.curves}")
+    if result.best_preset:
+        print(f"best: {result.best_preset} (mu train --preset-file {result.best_preset})")
+    return 1 if result.failed else 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from controller.server import serve_from_args
 
@@ -118,6 +151,31 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_from_args(args)
 
 
+def _arguments(
+    p: argparse.ArgumentParser,
+    module: str,
+    adder: str,
+    func: Callable[[argparse.Namespace], int],
+) -> None:
+    """`module.adder(p)`: a command's arguments from the module that runs it; where this
+    install lacks that module's extra, the command says which extra to install instead."""
+    try:
+        getattr(importlib.import_module(module), adder)(p)
+    except ModuleNotFoundError as err:
+        hint = install_hint(p.prog.split()[-1], err)
+        if hint is None:
+            raise
+        p.description = hint
+        p.set_defaults(func=lambda _: _missing(hint), missing_extra=True)
+        return
+    p.set_defaults(func=func)
+
+
+def _missing(hint: str) -> int:
+    print(hint, file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mu", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", help="Gymnasium id, e.g. InvertedPendulumBulletEnv-v0")
     p.add_argument("--steps", type=int, help="environment steps (default: the config's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--algo", choices=["td3", "ddpg"], default="td3")
+    p.add_argument("--algo", choices=["td3", "ddpg"], help="default: the preset file's, else td3")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--preset", help="named preset (zoo, default); default: the env's own")
     p.add_argument(
@@ -135,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FIELD=VALUE",
         help="override a TrainConfig field",
+    )
+    p.add_argument(
+        "--preset-file",
+        metavar="FILE",
+        help="TrainConfig fields from a JSON file (mu sweep's best_preset.json); "
+        "after --preset, before --set",
     )
     p.add_argument("--out", help="run directory (default runs/ENV-ALGO-sSEED)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its checkpoint")
@@ -191,28 +255,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="sweep", help="with --sweep: output directory")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("serve", help="serve a policy file over gRPC")
-    from controller.server import add_serve_arguments
+    p = sub.add_parser("sweep", help="seeds and hyperparameter sweeps on Ray Tune")
+    p.add_argument("sweep", metavar="SWEEP.yaml", help="the sweep file (training/sweep.py)")
+    p.add_argument("--name", help="experiment name (default: the file's name: or its stem)")
+    p.add_argument(
+        "--storage",
+        default="runs/sweeps",
+        help="results: a path (shared by every node on a cluster) or a URI; rerunning a sweep "
+        "into the same place resumes it",
+    )
+    p.add_argument("--address", help="join this Ray cluster (default: local Ray)")
+    p.add_argument("--workers", type=int, help="trials at once (default: one per CPU)")
+    p.set_defaults(func=_sweep)
 
-    add_serve_arguments(p)
-    p.set_defaults(func=_serve)
+    p = sub.add_parser("serve", help="serve a policy file over gRPC")
+    _arguments(p, "controller.server", "add_serve_arguments", _serve)
 
     p = sub.add_parser("loop", help="drive a simulated robot from a server at a fixed rate")
-    from controller.loop import add_loop_arguments
-
-    add_loop_arguments(p)
-    p.set_defaults(func=_loop)
+    _arguments(p, "controller.loop", "add_loop_arguments", _loop)
 
     p = sub.add_parser("bench", help="serving latency against its floors (table, JSON, PNG)")
-    from benchmarks.latency import add_bench_arguments
-
-    add_bench_arguments(p)
-    p.set_defaults(func=_bench)
+    _arguments(p, "benchmarks.latency", "add_bench_arguments", _bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # a command whose extra is missing has no arguments to check: it names the extra instead
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "missing_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -221,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"mu {args.command}: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:
+        hint = install_hint(args.command, err)
+        if hint is None:
+            raise
+        return _missing(hint)
 
 
 if __name__ == "__main__":

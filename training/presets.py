@@ -9,6 +9,8 @@ comparison with Stable-Baselines3.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 ZOO: dict[str, Any] = {
@@ -108,3 +110,19 @@ def preset(env_id: str, name: str | None = None) -> dict[str, Any]:
             )
         return {**BY_ENV.get(env_id, {}), **ROBUST[env_id]}
     return {**BY_ENV.get(env_id, {}), **NAMED[name]} if name == "zoo" else dict(NAMED[name])
+
+
+def load_preset_file(path: str | Path) -> dict[str, Any]:
+    """A preset file: JSON of TrainConfig fields (`mu sweep` writes its best configuration as
+    one, best_preset.json). Fields are checked when the TrainConfig is built."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"preset file {path}: not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"preset file {path}: expected {{field: value}}, got {type(data).__name__}"
+        )
+    if "seed" in data:
+        raise ValueError(f"preset file {path}: a preset holds no seed; give --seed")
+    return data

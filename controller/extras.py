@@ -1,0 +1,59 @@
+"""Which extra a missing module belongs to, so that a command names what to install.
+
+Each extra alone runs its own commands (pyproject.toml): a serving install has no torch, a
+training install no gRPC; a command that reaches a module its install lacks says which extra
+to add instead of a traceback.
+"""
+
+from __future__ import annotations
+
+# top-level module -> the extra that brings it
+MODULE_EXTRA = {
+    "torch": "train",
+    "onnx": "train",
+    "onnxscript": "train",
+    "tensorboard": "train",
+    "grpc": "serve",
+    "grpc_health": "serve",
+    "grpc_reflection": "serve",
+    "google": "serve",  # protobuf
+    "prometheus_client": "serve",
+    "onnxruntime": "serve",
+    "gymnasium": "sim",
+    "pybullet": "sim",
+    "pybullet_envs_gymnasium": "sim",
+    "panda_gym": "sim",
+    "matplotlib": "sim",
+    "tqdm": "sim",
+    "ray": "cluster",
+    "yaml": "cluster",
+    "pyarrow": "cluster",
+    "stable_baselines3": "dev",
+}
+# what each command needs installed
+COMMAND_EXTRAS = {
+    "train": "train",
+    "export": "train",
+    "explain": "train",
+    "eval": "serve,sim",
+    "plot": "sim",
+    "serve": "serve",
+    "loop": "serve,sim",
+    "bench": "serve,sim,train",
+    "sweep": "train,cluster",
+}
+
+
+def install_hint(command: str, err: ModuleNotFoundError) -> str | None:
+    """What to install for `command` when `err` is a module of an extra; None when the module
+    is not one of the extras' (a bug, not an install to fix)."""
+    top = (err.name or "").split(".")[0]
+    if top not in MODULE_EXTRA:
+        return None
+    extras = COMMAND_EXTRAS.get(command, MODULE_EXTRA[top])
+    if MODULE_EXTRA[top] not in extras.split(","):
+        extras = f"{extras},{MODULE_EXTRA[top]}"
+    return (
+        f"mu {command} needs the module {top!r}, which this install lacks: "
+        f"pip install 'mu-control[{extras}]' (from a checkout: pip install -e '.[{extras}]')"
+    )
