@@ -81,7 +81,14 @@ class FlatObs(gym.ObservationWrapper):
 def make_env(env_id: str, seed: int | None = None) -> FlatObs:
     """Create `env_id` with flat float32 observations; seeds the env and its action space."""
     with quiet_pybullet():
-        env = FlatObs(gym.make(env_id))
+        try:
+            made = gym.make(env_id)
+        except gym.error.DependencyNotInstalled as err:  # its message says what to install
+            raise ValueError(f"{env_id} needs a package this install lacks: {err}") from None
+        except gym.error.UnregisteredEnv as err:
+            hint = " (Panda*-v3 ids come with panda-gym)" if env_id.startswith("Panda") else ""
+            raise ValueError(f"{env_id}: {err}{hint}") from None
+        env = FlatObs(made)
         if not isinstance(env.action_space, gym.spaces.Box):
             raise TypeError(f"{env_id}: deterministic actor-critics need a Box action space")
         env.reset(seed=seed)
