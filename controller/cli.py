@@ -140,7 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _loop(args: argparse.Namespace) -> int:
-    from controller.loop import loop_from_args
+    from controller.robot.loop import loop_from_args
 
     return loop_from_args(args)
 
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _arguments(p, "controller.server", "add_serve_arguments", _serve)
 
     p = sub.add_parser("loop", help="drive a simulated robot from a server at a fixed rate")
-    _arguments(p, "controller.loop", "add_loop_arguments", _loop)
+    _arguments(p, "controller.robot.loop", "add_loop_arguments", _loop)
 
     p = sub.add_parser("bench", help="serving latency against its floors (table, JSON, PNG)")
     _arguments(p, "benchmarks.latency", "add_bench_arguments", _bench)
