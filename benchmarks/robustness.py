@@ -5,10 +5,12 @@ evaluated on the same grid of shifted dynamics (training/robustness.py) with onn
     python -m benchmarks.robustness --env PandaReachDense-v3=20000 \
         --env HalfCheetahBulletEnv-v0=150000 --seeds 0 1 2 [--runs runs/robustness]
 
-Per policy: return at nominal dynamics; the share of grid cells where it holds, inside and
-outside the robust preset's training ranges; its mean and worst cell. A cell holds when the
-return is ≥ 80% of the *nominal-trained* policy's nominal return of the same seed, or, on envs
-that report success (PandaReach), when the success rate is ≥ 0.9. "Kept at nominal" is
+Each run's last actor is evaluated (`policy.last.onnx`), so the export rule, which picks the
+best evaluation at nominal dynamics, favours neither side. Per policy: return at nominal
+dynamics; the share of grid cells where it holds, inside and outside the robust preset's
+training ranges; its mean and worst cell. A cell holds when the return is ≥ 80% of the
+*nominal-trained* policy's nominal return of the same seed, or, on envs that report success
+(PandaReach), when the success rate is ≥ 0.9. "Kept at nominal" is
 1 − (R_nominal − R_robust) / |R_nominal|, which reads as R_robust / R_nominal for positive
 returns and stays meaningful for negative ones.
 
@@ -51,11 +53,20 @@ def train_run(env_id: str, variant: str, seed: int, steps: int, runs: str) -> st
     return str(policy)
 
 
+def last_actor(run: Path) -> str:
+    """The run's last actor: both sides are compared at the end of the same budget, so that
+    the export rule (best evaluation at nominal) favours neither. Runs from before best-policy
+    export wrote it as policy.onnx."""
+    return str(
+        run / "policy.last.onnx" if (run / "policy.last.onnx").exists() else run / "policy.onnx"
+    )
+
+
 def sweep_pair(env_id: str, seed: int, runs: str, episodes: int) -> str:
     """Sweep the nominal and the robust policy of one seed together; returns the JSON path."""
     from training.robustness import SweepResult, sweep
 
-    policies = [str(Path(runs) / f"{env_id}-{v}-s{seed}" / "policy.onnx") for v in VARIANTS]
+    policies = [last_actor(Path(runs) / f"{env_id}-{v}-s{seed}") for v in VARIANTS]
     path = Path(runs) / f"sweep-{env_id}-s{seed}.json"
     if path.exists():
         cached = SweepResult.load(path)
