@@ -25,7 +25,7 @@ setup-serve: $(VENV)/.serve-installed
 setup: $(VENV)/.all-installed
 
 demo: setup-serve
-	$(BIN)/python -m controller.demo
+	$(BIN)/python -m controller.robot.demo
 
 test: setup
 	$(BIN)/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

@@ -29,10 +29,10 @@ import numpy as np
 
 from benchmarks import local_lane, report
 from benchmarks.load import LoadPool, Swapper
-from controller.client import PolicyClient
-from controller.demo import POLICY, ServerProcess, serve_command
-from controller.loop import SyntheticPlant, run_loop, summarize
 from controller.policy import load_policy, read_policy_file
+from controller.robot.client import PolicyClient
+from controller.robot.demo import POLICY, ServerProcess, serve_command
+from controller.robot.loop import SyntheticPlant, run_loop, summarize
 
 ROUNDS = 10  # each latency variant runs in this many interleaved slices
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from controller.client import PolicyClient
+from controller.robot.client import PolicyClient
 
 
 @dataclass

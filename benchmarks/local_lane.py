@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.load import Swapper
-from controller.client import PolicyClient
-from controller.demo import ServerProcess, serve_command
-from controller.loop import LoopResult, SyntheticPlant, run_loop, summarize
+from controller.robot.client import PolicyClient
+from controller.robot.demo import ServerProcess, serve_command
+from controller.robot.loop import LoopResult, SyntheticPlant, run_loop, summarize
 
 WARM_TICKS = 500
 

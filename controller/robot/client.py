@@ -25,16 +25,16 @@ import grpc
 import numpy as np
 
 from controller.finetune.experience import Explorer
-from controller.local import (
+from controller.policy import ORT_ERRORS, ActError
+from controller.proto import controller_pb2 as pb
+from controller.proto import controller_pb2_grpc as pb_grpc
+from controller.robot.local import (
     CHANNEL_OPTIONS,
     ExperienceQueue,
     LocalPolicy,
     PolicyWatcher,
     make_transition,
 )
-from controller.policy import ORT_ERRORS, ActError
-from controller.proto import controller_pb2 as pb
-from controller.proto import controller_pb2_grpc as pb_grpc
 from controller.safety import Fallback, SlewLimiter, fallback_action
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from controller.client import PolicyClient
-from controller.loop import (
+from controller.robot.client import PolicyClient
+from controller.robot.loop import (
     WARM_TICKS,
     LoopResult,
     SimPlant,
@@ -37,7 +37,7 @@ from controller.loop import (
 
 log = logging.getLogger(__name__)
 
-POLICY = Path(__file__).resolve().parents[1] / "policies" / "panda_reach" / "policy.onnx"
+POLICY = Path(__file__).resolve().parents[2] / "policies" / "panda_reach" / "policy.onnx"
 ENV_ID = "PandaReachDense-v3"
 RATES_HZ = (1000, 500, 250, 100, 50)
 READY = re.compile(r"serving (?P<policy>.+) version (?P<version>\d+) on (?P<address>\S+)")
@@ -227,7 +227,7 @@ def run_demo(policy: Path, seconds: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m controller.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m controller.robot.demo", description=__doc__)
     parser.add_argument("--policy", type=Path, default=POLICY)
     parser.add_argument("--seconds", type=float, default=5.0, help="how long the loop runs")
     args = parser.parse_args(argv)

@@ -8,9 +8,10 @@ monotonic clock. A tick that overruns is not caught up with a burst: the loop sk
 boundary, as ros2_control does. Simulator time is measured apart from the action's, so a
 simulator too slow for the rate is reported as such instead of as a service miss.
 
-Real-time hygiene (controller/realtime.py): no garbage collection inside ticks (what warm-up left
-is frozen; young objects are collected in a tick's slack, everything between episodes),
-`--cpu N` pins the loop's thread, `--rt-priority P` runs it SCHED_FIFO where permitted.
+Real-time hygiene (controller/robot/realtime.py): no garbage collection inside ticks (what
+warm-up left is frozen; young objects are collected in a tick's slack, everything between
+episodes), `--cpu N` pins the loop's thread, `--rt-priority P` runs it SCHED_FIFO where
+permitted.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from typing import Any, Protocol
 import grpc
 import numpy as np
 
-from controller.client import PolicyClient
-from controller.realtime import collect_young, quiet_gc, realtime, sleep_until
+from controller.robot.client import PolicyClient
+from controller.robot.realtime import collect_young, quiet_gc, realtime, sleep_until
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class LoopResult:
     returns: list[float] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     successes: list[float] = field(default_factory=list)
-    #: Real-time settings that took effect (controller.realtime.realtime).
+    #: Real-time settings that took effect (controller.robot.realtime.realtime).
     realtime: dict[str, Any] = field(default_factory=dict)
     #: "grpc" (ActStream round trips) or "local" (the shipped policy, in this process).
     lane: str = "grpc"
@@ -134,7 +135,7 @@ def run_loop(
 ) -> LoopResult:
     """Drive `plant` at `rate_hz` until any of episodes / seconds / ticks is reached.
 
-    `cpu` / `rt_priority` apply to this thread for the loop's duration (controller.realtime).
+    `cpu` / `rt_priority` apply to this thread for the loop's duration (controller.robot.realtime).
     On the local lane, when the server fine-tunes, each step is reported (client.report).
     """
     if episodes is None and seconds is None and ticks is None:
@@ -467,7 +468,7 @@ def loop_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m controller.loop", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m controller.robot.loop", description=__doc__)
     add_loop_arguments(parser)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from controller.client import PolicyClient
 from controller.policy import ActError, load_policy, read_policy_file
+from controller.robot.client import PolicyClient
 from controller.service import MicroBatcher
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from controller.client import ActRefused, PolicyClient
 from controller.proto import controller_pb2 as pb
+from controller.robot.client import ActRefused, PolicyClient
 
 OBS = np.random.default_rng(11).normal(0, 2, (8, 26)).astype(np.float32)
 

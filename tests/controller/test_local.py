@@ -18,11 +18,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from controller.client import PolicyClient
 from controller.finetune.config import FinetuneConfig
-from controller.local import ExperienceQueue, make_transition
 from controller.proto import controller_pb2 as pb
 from controller.proto import grpc_service_pb2 as inference_pb
+from controller.robot.client import PolicyClient
+from controller.robot.local import ExperienceQueue, make_transition
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "policies" / "panda_reach" / "policy.onnx"
@@ -159,7 +159,7 @@ def test_local_lane_runs_the_servers_safety_code(server_factory, policy_path: Pa
 
 
 def test_local_lane_refuses_bad_observations_like_the_server(connected) -> None:
-    from controller.client import ActRefused
+    from controller.robot.client import ActRefused
 
     with PolicyClient(connected.server.target, local=True) as robot:
         with pytest.raises(ActRefused, match="observation has 25 values; the policy expects 26"):
@@ -256,7 +256,7 @@ def test_mu_loop_local_runs_an_episode(server_factory, make_policy, tmp_path: Pa
     import argparse
     import json
 
-    from controller.loop import add_loop_arguments, loop_from_args
+    from controller.robot.loop import add_loop_arguments, loop_from_args
 
     panda = make_policy("panda.onnx", env_id="PandaReachDense-v3", obs_dim=12, act_dim=3,
                         low=[-1.0] * 3, high=[1.0] * 3)  # fmt: skip
@@ -271,3 +271,16 @@ def test_mu_loop_local_runs_an_episode(server_factory, make_policy, tmp_path: Pa
     s = json.loads(out.read_text())
     assert s["lane"] == "local" and s["episodes"] == 1 and s["versions"] == [1]
     assert s["misses"]["fallbacks"] == 0
+
+
+def test_the_server_side_never_imports_the_robot_side() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, controller.server, benchmarks.echo; "
+        "print(sorted(m for m in sys.modules if m.startswith('controller.robot')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller.client import PolicyClient
-from controller.demo import ServerProcess, parse_ready, run_demo, serve_command
-from controller.loop import (
+from controller.robot.client import PolicyClient
+from controller.robot.demo import ServerProcess, parse_ready, run_demo, serve_command
+from controller.robot.loop import (
     SyntheticPlant,
     add_loop_arguments,
     loop_from_args,
@@ -119,8 +119,9 @@ def test_demo_runs_and_stops_the_server(panda_policy: Path, capsys) -> None:
 
 def test_loop_and_demo_import_no_torch() -> None:
     code = (
-        "import sys; import controller.demo, controller.loop; "
-        "controller.loop.SimPlant('PandaReachDense-v3').close(); print('torch' in sys.modules)"
+        "import sys; import controller.robot.demo, controller.robot.loop; "
+        "controller.robot.loop.SimPlant('PandaReachDense-v3').close(); "
+        "print('torch' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

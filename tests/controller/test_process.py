@@ -20,7 +20,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 NO_TORCH = """
 import sys
-from controller.client import PolicyClient
+from controller.robot.client import PolicyClient
 from controller.config import ServeConfig
 from controller.server import start_in_thread
 

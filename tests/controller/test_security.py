@@ -7,9 +7,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from controller.client import PolicyClient
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
+from controller.robot.client import PolicyClient
 
 
 @pytest.fixture

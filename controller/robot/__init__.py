@@ -1,0 +1,7 @@
+"""The robot side of mu: what runs on the robot computer next to its control loop.
+
+`client.PolicyClient` (the gRPC lane, or `local=True`: the local lane), `local` (the local
+lane's policy watcher and experience queue), `realtime` (real-time hygiene for a Python loop),
+`loop` (`mu loop`) and `demo` (`make demo`). The server side (controller/*.py, finetune/) never
+imports this package; both sides share controller/policy.py and controller/safety.py.
+"""
