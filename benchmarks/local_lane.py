@@ -209,7 +209,8 @@ def soak(
     log: Any = print,
 ) -> dict[str, Any]:
     """Both lanes against one server for `seconds`: memory at start and end, misses per
-    segment (per minute with the default segment)."""
+    segment (per minute with the default segment). `rt` applies to the local loop only (the
+    gRPC loop runs in its own process with normal scheduling)."""
     server = ServerProcess(serve_command(policy, "127.0.0.1:0"))
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -226,7 +227,8 @@ def soak(
         local_segments = []
         end = time.monotonic() + seconds
         while time.monotonic() < end - 1.0:
-            s = summarize(run_loop(client, plant, local_rate_hz, seconds=min(segment_s, seconds)))
+            seg = min(segment_s, seconds)
+            s = summarize(run_loop(client, plant, local_rate_hz, seconds=seg, **rt))
             local_segments.append({"ticks": s["ticks"], "misses": s["misses"]["total"]})
             log(
                 f"soak: {len(local_segments) * segment_s:.0f} s, local misses "
