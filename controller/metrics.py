@@ -1,16 +1,23 @@
 """Prometheus metrics for the control service: latency per RPC and status code, policy version.
 
 One histogram observation per request is the whole hot-path cost: the count of each
-(method, code) series doubles as the request count by status code.
+(method, code) series doubles as the request count by status code. The histogram is our own
+(`_Histogram`: one C bisect and two additions per observation, read by a collector at scrape
+time): prometheus_client's Histogram.observe took ~9.5 µs per request on the cold caches a
+server sees between requests, against ~2.5 µs (in-process, caches evicted between calls).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from itertools import accumulate
 
 import grpc
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -18,18 +25,49 @@ log = logging.getLogger(__name__)
 BUCKETS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 7.5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2.5e-2, 1e-1)
 
 
+class _Histogram:
+    """Bucket counts (not cumulative) and the sum; written by the event loop thread only."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(BUCKETS, seconds)] += 1  # le semantics: v <= bound
+        self.total += seconds
+
+
+class _LatencyCollector(Collector):
+    NAME = "mu_rpc_handler_seconds"
+    DOC = "Time spent handling one request (one message on ActStream), by method and status"
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, str], _Histogram] = {}
+
+    def get(self, method: str, code: str) -> _Histogram:
+        series = self.series.get((method, code))
+        if series is None:
+            series = self.series[(method, code)] = _Histogram()
+        return series
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.NAME, self.DOC, labels=("method", "code"))
+        for (method, code), h in list(self.series.items()):
+            cumulative = list(accumulate(h.counts))
+            bounds = [repr(float(b)) for b in BUCKETS] + ["+Inf"]
+            family.add_metric([method, code], list(zip(bounds, cumulative, strict=True)), h.total)
+        yield family
+
+
 class Metrics:
     """A private registry per server, so several servers in one process do not collide."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._latency = Histogram(
-            "mu_rpc_handler_seconds",
-            "Time spent handling one request (one message on ActStream), by method and status",
-            ("method", "code"),
-            buckets=BUCKETS,
-            registry=self.registry,
-        )
+        self._latency = _LatencyCollector()
+        self.registry.register(self._latency)
         self._version = Gauge(
             "mu_policy_version", "Version of the policy being served", registry=self.registry
         )
@@ -39,7 +77,7 @@ class Metrics:
             registry=self.registry,
         )
         self._ok = {
-            method: self._latency.labels(method, grpc.StatusCode.OK.name)
+            method: self._latency.get(method, grpc.StatusCode.OK.name)
             for method in ("Act", "ActStream", "ActBatch", "ModelInfer")
         }
 
@@ -47,7 +85,7 @@ class Metrics:
         self._ok[method].observe(seconds)
 
     def error(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        self._latency.labels(method, code.name).observe(seconds)
+        self._latency.get(method, code.name).observe(seconds)
 
     def set_version(self, version: int) -> None:
         self._version.set(version)
