@@ -82,6 +82,11 @@ def _explain(args: argparse.Namespace) -> int:
     from training.explain import explain
 
     print(explain(args.source, states=args.states))
+    if args.plot:
+        from training.explain_plot import plot_action_slice
+
+        path, text = plot_action_slice(args.source, args.plot, args.state, args.dims)
+        print(f"{text}\nplot: {path}")
     return 0
 
 
@@ -180,11 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mu", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train TD3/DDPG in a Gymnasium env and export policy.onnx")
+    p = sub.add_parser("train", help="train TD3/DDPG/TD7 in a Gymnasium env, export policy.onnx")
     p.add_argument("--env", help="Gymnasium id, e.g. InvertedPendulumBulletEnv-v0")
     p.add_argument("--steps", type=int, help="environment steps (default: the config's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--algo", choices=["td3", "ddpg"], help="default: the preset file's, else td3")
+    p.add_argument(
+        "--algo", choices=["td3", "ddpg", "td7"], help="default: the preset file's, else td3"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--preset", help="named preset (zoo, default); default: the env's own")
     p.add_argument(
@@ -233,6 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="show ∂Q/∂u = ∂Q/∂a · ∂μ/∂u on real states of a policy")
     p.add_argument("source", help="run directory or checkpoint file")
     p.add_argument("--states", type=int, default=3)
+    p.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw Q(s, ·) over a 2-D action slice with μ(s), ∂Q/∂a and one actor step",
+    )
+    p.add_argument("--state", type=int, default=0, help="with --plot: which recent state")
+    p.add_argument(
+        "--dims",
+        type=int,
+        nargs=2,
+        metavar="I",
+        help="with --plot: the two action dimensions (default: the largest |∂Q/∂a|)",
+    )
     p.set_defaults(func=_explain)
 
     p = sub.add_parser("eval", help="deterministic return of a policy file in onnxruntime")

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from training.algos import OPTIMIZERS, AnyAgent, create_agent
 from training.config import TrainConfig
-from training.td3 import Agent
 
 
 def atomic_write(
@@ -45,18 +45,19 @@ def atomic_write(
         os.close(dir_fd)
 
 
-def agent_state(agent: Agent, with_optimizers: bool) -> dict[str, Any]:
+def agent_state(agent: AnyAgent, with_optimizers: bool) -> dict[str, Any]:
     state = {name: m.state_dict() for name, m in agent.modules().items()}
     if with_optimizers:
-        state["actor_opt"] = agent.actor_opt.state_dict()
-        state["critic_opt"] = agent.critic_opt.state_dict()
+        for name in OPTIMIZERS:
+            if hasattr(agent, name):
+                state[name] = getattr(agent, name).state_dict()
     return state
 
 
 def save(
     path: str | Path,
     cfg: TrainConfig,
-    agent: Agent,
+    agent: AnyAgent,
     meta: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> None:
@@ -76,7 +77,7 @@ def save(
 
 def load(
     path: str | Path, device: str = "cpu"
-) -> tuple[TrainConfig, Agent, dict[str, Any], dict[str, Any] | None]:
+) -> tuple[TrainConfig, AnyAgent, dict[str, Any], dict[str, Any] | None]:
     """Returns (config, agent, meta, train_state or None)."""
     path = Path(path)
     if path.is_dir():
@@ -88,10 +89,10 @@ def load(
         raise ValueError(f"{path} is not a mu checkpoint")
     cfg = TrainConfig.from_dict({**json.loads(payload["config"]), "device": device})
     meta = payload["meta"]
-    agent = Agent.create(cfg, meta["obs_dim"], meta["act_dim"])
+    agent = create_agent(cfg, meta["obs_dim"], meta["act_dim"])
     for name, module in agent.modules().items():
         module.load_state_dict(payload["agent"][name])
-    if "actor_opt" in payload["agent"]:
-        agent.actor_opt.load_state_dict(payload["agent"]["actor_opt"])
-        agent.critic_opt.load_state_dict(payload["agent"]["critic_opt"])
+    for name in OPTIMIZERS:
+        if name in payload["agent"]:
+            getattr(agent, name).load_state_dict(payload["agent"][name])
     return cfg, agent, meta, payload["train_state"]

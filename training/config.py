@@ -18,7 +18,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class TrainConfig:
     env_id: str = _f("InvertedPendulumBulletEnv-v0", "Gymnasium environment id.")
-    algo: str = _f("td3", "td3, or ddpg (one critic, no target noise, no delay).")
+    algo: str = _f(
+        "td3", "td3, ddpg (one critic, no target noise, no delay), or td7 (training/td7.py)."
+    )
     steps: int = _f(50_000, "Environment steps to train for.")
     seed: int = _f(0, "Seed of torch, numpy, the training env and (offset) the eval env.")
     device: str = _f("cpu", "Torch device for networks and updates: cpu or cuda.")
@@ -38,6 +40,15 @@ class TrainConfig:
     policy_delay: int = _f(2, "Critic updates per actor (and target) update.")
     target_noise: float = _f(0.2, "Std of target-policy smoothing noise, in [-1, 1] action units.")
     target_noise_clip: float = _f(0.5, "Clip of target-policy smoothing noise.")
+    # TD7 (algo td7 only; training/td7.py): SALE, LAP, value clipping, policy checkpoints
+    td7_zs_dim: int = _f(256, "Size of the SALE embeddings zs and zsa.")
+    td7_target_every: int = _f(250, "Updates between hard target copies and encoder refreshes.")
+    td7_lap_alpha: float = _f(0.4, "LAP exponent: priority = max(|TD error|, min)^alpha.")
+    td7_min_priority: float = _f(1.0, "LAP floor of |TD error|, also the Huber loss's knee.")
+    td7_checkpoint_episodes: int = _f(20, "Episodes per checkpoint assessment, after the switch.")
+    td7_checkpoint_switch: int = _f(
+        750_000, "Updates after which assessments take td7_checkpoint_episodes, not 1."
+    )
     # data collection
     buffer_size: int = _f(1_000_000, "Replay buffer capacity (transitions).")
     learning_starts: int = _f(1000, "Uniform-random steps before the first update.")
@@ -49,7 +60,9 @@ class TrainConfig:
     eval_episodes: int = _f(10, "Episodes per evaluation.")
     checkpoint_every: int = _f(25_000, "Steps between checkpoints (taken at episode ends).")
     torch_threads: int = _f(1, "torch intra-op threads; 1 is fastest for small nets on CPU.")
-    export: str = _f("best", "Actor in policy.onnx: best (best evaluation) or last.")
+    export: str = _f(
+        "best", "Actor in policy.onnx: best (best evaluation; td7: its checkpoint) or last."
+    )
     # domain randomization of the training env (training/randomization.py): each a range
     # [lo, hi] drawn per episode from the run's seeded generator; [] leaves the knob nominal
     rand_friction: list[float] = _f([], "Multiplier of the robot's lateral friction.")
@@ -63,7 +76,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "algo must be td3 or ddpg": self.algo in ("td3", "ddpg"),
+            "algo must be td3, ddpg or td7": self.algo in ("td3", "ddpg", "td7"),
             "noise must be gaussian or ou": self.noise in ("gaussian", "ou"),
             "export must be best or last": self.export in ("best", "last"),
             "device must be cpu or cuda[:N]": self.device == "cpu"
@@ -88,6 +101,12 @@ class TrainConfig:
                 h > 0 for h in [*self.actor_hidden, *self.critic_hidden]
             ),
             "torch_threads must be >= 1": self.torch_threads >= 1,
+            "td7 sizes and periods must be >= 1": min(
+                self.td7_zs_dim, self.td7_target_every, self.td7_checkpoint_episodes
+            )
+            >= 1,
+            "td7_lap_alpha must be >= 0, td7_min_priority > 0": self.td7_lap_alpha >= 0
+            and self.td7_min_priority > 0,
         }
         failed = [msg for msg, ok in checks.items() if not ok]
         if failed:

@@ -2,6 +2,8 @@
 
     obs [batch, obs_dim] → normalizer → MLP → tanh → scale, bias → action [batch, act_dim]
 
+(for TD7 the state encoder zs = f(s) runs inside the graph too, beside the MLP's input)
+
 with metadata_props describing the env, and refused unless onnxruntime agrees with torch to
 1e-5 on replayed and random observations.
 """
@@ -23,9 +25,9 @@ import onnxruntime as ort
 import torch
 
 from training import checkpoint
+from training.algos import AnyAgent, deployed
 from training.config import TrainConfig
 from training.envs import make_env, to_env_units
-from training.td3 import Agent
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class ParityError(RuntimeError):
 
 
 def export_policy(
-    agent: Agent,
+    agent: AnyAgent,
     meta: dict[str, Any],
     cfg: TrainConfig,
     path: str | Path,
@@ -150,7 +152,9 @@ def random_observations(reference: np.ndarray, n: int, seed: int = 0) -> np.ndar
     return rng.uniform(mean - 3 * std, mean + 3 * std, (n, reference.shape[1])).astype(np.float32)
 
 
-def rollout_observations(agent: Agent, meta: dict[str, Any], n: int, seed: int = 0) -> np.ndarray:
+def rollout_observations(
+    agent: AnyAgent, meta: dict[str, Any], n: int, seed: int = 0
+) -> np.ndarray:
     """Observations the policy itself visits, for parity checks when no replay buffer is at hand."""
     env = make_env(meta["env_id"], seed)
     low, high = np.asarray(meta["action_low"]), np.asarray(meta["action_high"])
@@ -167,8 +171,11 @@ def rollout_observations(agent: Agent, meta: dict[str, Any], n: int, seed: int =
 
 
 def export_checkpoint(source: str | Path, out: str | Path) -> Path:
-    """`mu export RUN_OR_CHECKPOINT --out policy.onnx`."""
+    """`mu export RUN_OR_CHECKPOINT --out policy.onnx` (a td7 run exports its checkpoint
+    policy unless it was trained with export="last")."""
     cfg, agent, meta, state = checkpoint.load(source, "cpu")
+    if cfg.algo == "td7" and cfg.export == "best":
+        agent, meta = deployed(agent), {**meta, "export_rule": "checkpoint"}
     replay = None
     if state is not None:
         rb = state["replay"]

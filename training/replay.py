@@ -44,7 +44,11 @@ class ReplayBuffer:
         """Uniform batch of n-step transitions: reward = Σ_{k<m} γ^k r_{t+k}, next_obs and
         terminal from step t+m-1, discount = γ^m, where m ≤ n stops at the episode's end and
         at the newest stored step."""
-        idx = rng.integers(0, self.size, size=batch_size)
+        return self.gather(rng.integers(0, self.size, size=batch_size), n_step, gamma)
+
+    def gather(self, idx: np.ndarray, n_step: int, gamma: float) -> dict[str, torch.Tensor]:
+        """The n-step transitions starting at stored steps `idx` (see `sample`)."""
+        batch_size = len(idx)
         offsets = np.arange(n_step)
         steps = (idx[:, None] + offsets) % self.capacity  # [B, n]
         stored = (self.pos - idx - 1) % self.capacity + 1  # steps from idx to the newest

@@ -3,6 +3,10 @@ separately seeded env, log, checkpoint, and export at the end the actor with the
 evaluation (`policy.onnx`, or the last with `export="last"`) and the last one
 (`policy.last.onnx`).
 
+TD7 (`td7.learn`) trains at episode ends instead, as many updates as steps were collected,
+and its checkpoint rule (`td7.CheckpointRule`), not the best evaluation, picks the deployed
+actor: evaluations and `policy.onnx` use the checkpoint policy.
+
 Every episode starts with `env.reset(seed=...)` drawn from the trainer's generator and
 checkpoints are taken at episode ends, so a resumed run continues exactly where it stopped.
 """
@@ -22,7 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training import checkpoint
+from training import checkpoint, td7
+from training.algos import AnyAgent, create_agent, create_buffer, deployed
 from training.config import TrainConfig
 from training.envs import (
     EVAL_SEED_OFFSET,
@@ -34,8 +39,7 @@ from training.envs import (
 )
 from training.noise import make_noise
 from training.randomization import ObsNoise, find, randomize
-from training.replay import ReplayBuffer
-from training.td3 import Agent, update
+from training.td3 import update
 
 log = logging.getLogger(__name__)
 RANDOMIZATION_STREAM = 1  # seeds the randomization generator beside the run's seed
@@ -49,7 +53,7 @@ class EvalResult:
     success_rate: float | None
 
 
-def evaluate(agent: Agent, env: FlatObs, episodes: int, seed: int, device: str) -> EvalResult:
+def evaluate(agent: AnyAgent, env: FlatObs, episodes: int, seed: int, device: str) -> EvalResult:
     """Deterministic returns of the agent over `episodes` (see `run_episodes`)."""
     low, high = action_bounds(env)
 
@@ -95,8 +99,15 @@ def train(
         "action_high": high.tolist(),
         "randomization": cfg.randomization,
     }
-    agent = Agent.create(cfg, obs_dim, act_dim)
-    buffer = ReplayBuffer(cfg.buffer_size, obs_dim, act_dim, cfg.device)
+    agent = create_agent(cfg, obs_dim, act_dim)
+    buffer = create_buffer(cfg, obs_dim, act_dim)
+    rule = (
+        td7.CheckpointRule(
+            cfg.td7_checkpoint_episodes, cfg.td7_checkpoint_switch, cfg.updates_per_step
+        )
+        if cfg.algo == "td7"
+        else None
+    )
     noise = make_noise(cfg.noise, act_dim, cfg.noise_std, rng)
     start, updates, wall_before, evals = 0, 0, 0.0, []
     best: dict | None = None  # the best evaluated actor so far (`_snapshot`)
@@ -113,6 +124,8 @@ def train(
             obs_noise.load_state_dict(state["obs_noise"])
         start, updates, wall_before = state["step"], state["updates"], state["wall_s"]
         evals, best = state["evals"], state.get("best")
+        if rule is not None:
+            rule.load_state_dict(state["checkpoint_rule"])
         log.info("resumed %s at step %d", out, start)
     (out / "config.json").write_text(cfg.to_json())
 
@@ -125,7 +138,7 @@ def train(
     next_ckpt = (start // cfg.checkpoint_every + 1) * cfg.checkpoint_every
     obs, _ = env.reset(seed=int(rng.integers(2**31)))
     noise.reset()
-    ep_return = 0.0
+    ep_return, ep_len = 0.0, 0
     bar = tqdm(
         total=cfg.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True
     )
@@ -139,9 +152,9 @@ def train(
         next_obs, r, terminated, truncated, _ = env.step(to_env_units(a, low, high))
         buffer.add(obs, a, r, next_obs, terminated, truncated)
         agent.normalizer.update(torch.as_tensor(obs, device=cfg.device))
-        obs, ep_return = next_obs, ep_return + float(r)
+        obs, ep_return, ep_len = next_obs, ep_return + float(r), ep_len + 1
 
-        if step + 1 > cfg.learning_starts:
+        if step + 1 > cfg.learning_starts and rule is None:
             for _ in range(cfg.updates_per_step):
                 updates += 1
                 losses = update(
@@ -157,7 +170,11 @@ def train(
         if step + 1 >= next_eval:
             next_eval += cfg.eval_every
             res = evaluate(
-                agent, eval_env, cfg.eval_episodes, cfg.seed + EVAL_SEED_OFFSET, cfg.device
+                deployed(agent),
+                eval_env,
+                cfg.eval_episodes,
+                cfg.seed + EVAL_SEED_OFFSET,
+                cfg.device,
             )
             evals.append(
                 [
@@ -172,7 +189,7 @@ def train(
                 csv.writer(f).writerow(evals[-1])
             if on_eval is not None:
                 on_eval(dict(zip(EVAL_COLUMNS, evals[-1], strict=True)))
-            if best is None or res.mean_return > best["eval_return"]:
+            if rule is None and (best is None or res.mean_return > best["eval_return"]):
                 best = _snapshot(agent, res, step + 1)
             writer.add_scalar("eval/return", res.mean_return, step + 1)
             if res.success_rate is not None:
@@ -181,6 +198,17 @@ def train(
 
         if terminated or truncated:
             writer.add_scalar("train/episode_return", ep_return, step + 1)
+            learned = min(ep_len, step + 1 - cfg.learning_starts)  # steps past learning_starts
+            if rule is not None and learned > 0:
+                take, owed = rule.episode_end(learned, ep_return, updates)
+                if take:
+                    agent.save_checkpoint()
+                for _ in range(owed):
+                    updates += 1
+                    losses = td7.learn(agent, buffer, rng, cfg, updates)
+                if owed:
+                    for k, v in losses.items():
+                        writer.add_scalar(f"train/{k}", float(v), step + 1)
             # checkpoint at the first episode end past each interval, before the next reset
             # draws its seed, so that a resumed run redraws the same one
             if step + 1 >= next_ckpt or step + 1 == cfg.steps:
@@ -196,22 +224,27 @@ def train(
                     "numpy_rng": rng.bit_generator.state,
                     "randomization_rng": rand_rng.bit_generator.state,
                     "obs_noise": obs_noise.state_dict() if obs_noise else None,
+                    "checkpoint_rule": rule.state_dict() if rule else None,
                 }
                 checkpoint.save(out / "checkpoint.pt", cfg, agent, meta, state)
             obs, _ = env.reset(seed=int(rng.integers(2**31)))
             noise.reset()
-            ep_return = 0.0
+            ep_return, ep_len = 0.0, 0
         bar.update(1)
     bar.close()
     writer.close()
 
     last_eval = evals[-1] if evals and evals[-1][0] == cfg.steps else None
+    eval_seed = cfg.seed + EVAL_SEED_OFFSET
     final = (
         EvalResult(*last_eval[2:5])  # just evaluated at the last step
         if last_eval
-        else evaluate(agent, eval_env, cfg.eval_episodes, cfg.seed + EVAL_SEED_OFFSET, cfg.device)
+        else evaluate(deployed(agent), eval_env, cfg.eval_episodes, eval_seed, cfg.device)
     )
     meta = {**meta, "train_steps": cfg.steps}
+    if rule is not None:  # TD7: `final` judged the checkpoint policy; the last actor is apart
+        final_checkpoint = final
+        final = evaluate(agent, eval_env, cfg.eval_episodes, eval_seed, cfg.device)
     last_meta = {
         **meta,
         "eval_return": final.mean_return,
@@ -219,7 +252,15 @@ def train(
         "export_rule": "last",
     }
     exported, export_meta = agent, {**last_meta, "export_rule": cfg.export}
-    if cfg.export == "best" and best is not None and best["eval_return"] > final.mean_return:
+    if rule is not None and cfg.export == "best":
+        exported = agent.checkpointed()
+        export_meta = {
+            **meta,
+            "eval_return": final_checkpoint.mean_return,
+            "eval_success_rate": final_checkpoint.success_rate,
+            "export_rule": "checkpoint",
+        }
+    elif cfg.export == "best" and best is not None and best["eval_return"] > final.mean_return:
         exported = _restore(agent, best)
         export_meta = {
             **meta,
@@ -228,8 +269,9 @@ def train(
             "eval_step": best["step"],
             "export_rule": "best",
         }
-    # agent.pt holds the exported actor (what fine-tuning starts from) with the last critics
-    checkpoint.save(out / "agent.pt", cfg, exported, export_meta)
+    # agent.pt holds the exported actor (what fine-tuning starts from) with the last critics;
+    # a td7 agent holds its checkpoint policy beside the last actor
+    checkpoint.save(out / "agent.pt", cfg, agent if rule else exported, export_meta)
     from training.export import export_policy
 
     replay_obs = buffer.recent_obs(1000)
@@ -252,7 +294,7 @@ def train(
     return policy_path
 
 
-def _snapshot(agent: Agent, res: EvalResult, step: int) -> dict:
+def _snapshot(agent: AnyAgent, res: EvalResult, step: int) -> dict:
     """The actor and normalizer weights behind an evaluation, copied (plain tensors, so the
     training checkpoint keeps loading with weights_only)."""
     return {
@@ -264,7 +306,7 @@ def _snapshot(agent: Agent, res: EvalResult, step: int) -> dict:
     }
 
 
-def _restore(agent: Agent, snap: dict) -> Agent:
+def _restore(agent: AnyAgent, snap: dict) -> AnyAgent:
     """`agent` with the actor and normalizer of `snap` (copies; `agent` is left as it is)."""
     actor, normalizer = copy.deepcopy(agent.actor), copy.deepcopy(agent.normalizer)
     actor.load_state_dict(snap["actor"])

@@ -7,6 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def check_algo(algo: str, source: object) -> None:
+    """Online fine-tuning runs the TD3 update (td3 and ddpg agents). A td7 agent is refused: its
+    SALE encoders, prioritized replay and checkpoint rule are not part of the learner."""
+    if algo == "td7":
+        raise ValueError(
+            f"{source} was trained with td7; online fine-tuning supports td3 and ddpg agents "
+            "only (the learner runs the TD3 update, without TD7's encoders, LAP replay and "
+            "checkpoints). Serve the policy without --finetune, or fine-tune a td3 run "
+            "(docs/finetuning.md)"
+        )
+
+
 @dataclass
 class FinetuneConfig:
     """How the server learns from reported experience and when it may swap policies."""

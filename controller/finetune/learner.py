@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from controller.finetune.config import FinetuneConfig
+from controller.finetune.config import FinetuneConfig, check_algo
 from controller.finetune.experience import split_rows
 from controller.finetune.versions import (
     Pointer,
@@ -52,6 +52,7 @@ class Learner:
         pointer = read_pointer(cfg.versions_dir)
         source = pointer.agent if pointer is not None and pointer.agent else cfg.checkpoint
         train_cfg, self.agent, self.meta, state = checkpoint.load(source, "cpu")
+        check_algo(train_cfg.algo, source)
         # Fine-tuning settings on top of the training run's (same network sizes, γ, TD3 noise).
         self.train_cfg = dataclasses.replace(
             train_cfg,

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from controller.finetune.config import FinetuneConfig
+from controller.finetune.config import FinetuneConfig, check_algo
 from controller.finetune.experience import (
     Counters,
     Explorer,
@@ -87,6 +87,7 @@ class Finetuner:
         self.cfg = cfg
         self._store = store
         policy = store.current
+        check_algo(policy.metadata.get("mu.algo", ""), policy.source)  # before any process starts
         self.obs_dim, self.act_dim = policy.obs_dim, policy.act_dim
         self.counters = Counters()
         self.stats = _Stats()
