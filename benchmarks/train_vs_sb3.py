@@ -1,9 +1,11 @@
-"""Our TD3 against Stable-Baselines3 TD3 (RL Zoo settings) on the same env, seeds and budget.
+"""Our TD3 (and TD7, `--algo td3 td7`) against Stable-Baselines3 TD3 (RL Zoo settings) on the
+same env, seeds and budget.
 
     python -m benchmarks.train_vs_sb3 --env InvertedPendulumBulletEnv-v0 --steps 50000 --seeds 0 1 2
+    python -m benchmarks.train_vs_sb3 --env HalfCheetahBulletEnv-v0=150000 --algo td3 td7
     python -m benchmarks.train_vs_sb3 --env PandaReachDense-v3=20000 \
         --env HalfCheetahBulletEnv-v0=150000 --eval-every 10000 --out runs/bench_one
-    python -m benchmarks.train_vs_sb3 --updates-only [--device cuda]
+    python -m benchmarks.train_vs_sb3 --updates-only [--device cuda] [--algo td3 td7]
 
 Both are evaluated the same way during training: deterministic actions, `--eval-episodes`
 episodes on an env seeded apart from the training env (episode i reset with seed 10^6 + seed + i),
@@ -13,8 +15,9 @@ are reused (ours only when the config matches), so an interrupted benchmark can 
 cheaply; clear `--out` after changing the training code. Prints a table, writes JSON and a
 PNG of the learning curves against steps and against wall-clock.
 
-`--updates-only` measures the TD3 update alone (no simulator): updates per second on random
-transitions held on the device, for the default and the RL Zoo network sizes.
+`--updates-only` measures the update alone (no simulator): updates per second of each `--algo`
+on random transitions held on the device, for the default and the RL Zoo network sizes; with
+td7 also the cost of a batch draw, uniform against LAP's sum-tree (draw + priority write).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -31,11 +35,17 @@ import numpy as np
 from training.envs import EVAL_SEED_OFFSET
 from training.presets import ZOO
 
-WIDTHS = [4, 9, 9, 8, 8, 14, 6]
+WIDTHS = [6, 4, 9, 9, 8, 8, 14, 6]
 
 
 def run_ours(
-    env_id: str, seed: int, steps: int, eval_every: int, eval_episodes: int, out: str
+    env_id: str,
+    seed: int,
+    steps: int,
+    eval_every: int,
+    eval_episodes: int,
+    out: str,
+    algo: str = "td3",
 ) -> dict:
     from training.config import TrainConfig
     from training.presets import preset
@@ -50,16 +60,18 @@ def run_ours(
             "eval_every": eval_every,
             "eval_episodes": eval_episodes,
             "checkpoint_every": steps,
+            "algo": algo,
         }  # fmt: skip
     )
-    run = Path(out) / f"mu-{env_id}-s{seed}"
+    run = Path(out) / (f"mu-{env_id}-s{seed}" if algo == "td3" else f"mu-{algo}-{env_id}-s{seed}")
     saved = run / "config.json"
     # A finished run with the same config is reused, not retrained (training code is not
     # compared: clear --out after changing it).
     if not (_finished(run / "evals.csv", steps) and saved.read_text() == cfg.to_json()):
         train(cfg, run, progress=False)
     rows = [line.split(",") for line in (run / "evals.csv").read_text().splitlines()[1:]]
-    return _curve("mu", env_id, seed, [[float(x) if x else None for x in r] for r in rows])
+    impl = "mu" if algo == "td3" else f"mu-{algo}"
+    return _curve(impl, env_id, seed, [[float(x) if x else None for x in r] for r in rows])
 
 
 def _finished(evals_csv: Path, steps: int) -> bool:
@@ -158,7 +170,7 @@ def time_to_reach(curve: dict, target: float) -> float | None:
 def summarize(curves: list[dict]) -> list[dict]:
     """Per env and seed: final returns, wall-clock, and our time to SB3's final return."""
     rows = []
-    for ours in (c for c in curves if c["impl"] == "mu"):
+    for ours in (c for c in curves if c["impl"].startswith("mu")):
         sb3 = next(
             c
             for c in curves
@@ -168,6 +180,7 @@ def summarize(curves: list[dict]) -> list[dict]:
         t_ours, t_sb3 = time_to_reach(ours, target), time_to_reach(sb3, target)
         rows.append(
             {
+                "impl": ours["impl"],
                 "env_id": ours["env_id"],
                 "seed": ours["seed"],
                 "steps": ours["steps"][-1],
@@ -190,14 +203,16 @@ def print_table(rows: list[dict], curves: list[dict]) -> str:
         lines.append(
             f"\n{env_id}: evaluation return, mean ± std over seeds (success rate where reported)"
         )
-        lines.append(f"{'steps':>8} | {'mu TD3':>22} | {'SB3 TD3 (zoo)':>22}")
+        impls = list(dict.fromkeys(c["impl"] for c in curves if c["env_id"] == env_id))
+        names = {"mu": "mu TD3", "sb3": "SB3 TD3 (zoo)"}
+        lines.append(f"{'steps':>8} | " + " | ".join(f"{names.get(i, i):>22}" for i in impls))
         by = {
             impl: [c for c in curves if c["env_id"] == env_id and c["impl"] == impl]
-            for impl in ("mu", "sb3")
+            for impl in impls
         }
-        for i, step in enumerate(by["mu"][0]["steps"]):
+        for i, step in enumerate(by[impls[0]][0]["steps"]):
             cells = []
-            for impl in ("mu", "sb3"):
+            for impl in impls:
                 vals = [c["return"][i] for c in by[impl] if i < len(c["return"])]
                 succ = [
                     c["success_rate"][i]
@@ -206,8 +221,9 @@ def print_table(rows: list[dict], curves: list[dict]) -> str:
                 ]
                 cell = f"{_num(np.mean(vals)):>8} ± {_num(np.std(vals)):>6}"
                 cells.append(cell + (f" ({np.mean(succ):.2f})" if succ else "       "))
-            lines.append(f"{step:>8} | {cells[0]:>22} | {cells[1]:>22}")
-        head = ["seed", "mu final", "sb3 final", "mu wall", "sb3 wall", "mu t→sb3 final", "ratio"]
+            lines.append(f"{step:>8} | " + " | ".join(f"{c:>22}" for c in cells))
+        head = ["impl", "seed", "mu final", "sb3 final", "mu wall", "sb3 wall", "mu t→sb3 final"]
+        head.append("ratio")
         lines.append(" ".join(f"{h:>{w}}" for h, w in zip(head, WIDTHS, strict=True)))
         for r in (r for r in rows if r["env_id"] == env_id):
             t = (
@@ -216,7 +232,7 @@ def print_table(rows: list[dict], curves: list[dict]) -> str:
                 else f"{r['mu_time_to_sb3_final_s']:.0f}s"
             )
             ratio = "-" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}"
-            cells = [r["seed"], _num(r["mu_return"]), _num(r["sb3_return"])]
+            cells = [r["impl"], r["seed"], _num(r["mu_return"]), _num(r["sb3_return"])]
             cells += [f"{r['mu_wall_s']:.0f}s", f"{r['sb3_wall_s']:.0f}s", t, ratio]
             lines.append(" ".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS, strict=True)))
     text = "\n".join(lines)
@@ -239,7 +255,8 @@ def plot(curves: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(len(envs), 2, figsize=(11, 3.6 * len(envs)), squeeze=False)
     for row, env_id in enumerate(envs):
         for c in (c for c in curves if c["env_id"] == env_id):
-            style = {"color": "C0" if c["impl"] == "mu" else "C1", "alpha": 0.8}
+            color = {"mu": "C0", "sb3": "C1"}.get(c["impl"], "C2")
+            style = {"color": color, "alpha": 0.8}
             label = f"{c['impl']} s{c['seed']}"
             axes[row, 0].plot(c["steps"], c["return"], label=label, **style)
             axes[row, 1].plot(c["wall_s"], c["return"], label=label, **style)
@@ -252,16 +269,21 @@ def plot(curves: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def update_throughput(device: str, hidden: list[int], seconds: float = 10.0) -> float:
-    """Updates/s of `td3.update` (batch 256, obs 26, act 6: HalfCheetah's sizes)."""
+def update_throughput(
+    device: str, hidden: list[int], seconds: float = 10.0, algo: str = "td3"
+) -> float:
+    """Updates/s of `td3.update` or `td7.update` (batch 256, obs 26, act 6: HalfCheetah's
+    sizes); td7 includes its target refresh every `td7_target_every` updates."""
     import torch
 
+    from training import td3, td7
+    from training.algos import create_agent
     from training.config import TrainConfig
-    from training.td3 import Agent, update
 
     torch.manual_seed(0)
-    cfg = TrainConfig(device=device, actor_hidden=hidden, critic_hidden=hidden)
-    agent = Agent.create(cfg, obs_dim=26, act_dim=6)
+    cfg = TrainConfig(algo=algo, device=device, actor_hidden=hidden, critic_hidden=hidden)
+    agent = create_agent(cfg, obs_dim=26, act_dim=6)
+    update = td7.update if algo == "td7" else td3.update
     n = cfg.batch_size
     batch = {
         "obs": torch.randn(n, 26, device=device),
@@ -280,8 +302,35 @@ def update_throughput(device: str, hidden: list[int], seconds: float = 10.0) -> 
         for _ in range(10):
             count += 1
             update(agent, batch, cfg, count % cfg.policy_delay == 0)
+            if algo == "td7" and count % cfg.td7_target_every == 0:
+                td7.refresh(agent)
         sync()
     return count / (time.perf_counter() - t0)
+
+
+def sampling_cost(size: int, seconds: float = 2.0) -> dict[str, float]:
+    """Microseconds per batch of 256 from a buffer holding `size` transitions: a uniform draw,
+    and LAP's sum-tree draw plus its priority write (CPU, numpy)."""
+    from training.lap import PrioritizedReplay
+    from training.replay import ReplayBuffer
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, buffer in (
+        ("uniform", ReplayBuffer(size, 26, 6)),
+        ("lap", PrioritizedReplay(size, 26, 6)),
+    ):
+        buffer.size = size  # random contents: the cost does not depend on them
+        if isinstance(buffer, PrioritizedReplay):
+            buffer.priority.set(np.arange(size), rng.uniform(1, 3, size))
+        count, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            batch = buffer.sample(256, rng, n_step=1)
+            if isinstance(buffer, PrioritizedReplay):
+                buffer.update_priorities(batch["index"].numpy(), rng.uniform(1, 3, 256))
+            count += 1
+        out[name] = (time.perf_counter() - t0) / count * 1e6
+    return out
 
 
 def updates_only(args: argparse.Namespace) -> None:
@@ -289,17 +338,30 @@ def updates_only(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     rows = []
-    for hidden in ([256, 256], [400, 300]):
-        rate = update_throughput(args.device, hidden, args.seconds)
-        rows.append(
-            {
-                "device": args.device,
-                "threads": args.threads,
-                "hidden": hidden,
-                "updates_per_s": rate,
-            }
-        )
-        print(f"{args.device} threads={args.threads} hidden={hidden}: {rate:8.1f} updates/s")
+    for algo in args.algo:
+        for hidden in ([256, 256], [400, 300]):
+            rate = update_throughput(args.device, hidden, args.seconds, algo)
+            rows.append(
+                {
+                    "algo": algo,
+                    "device": args.device,
+                    "threads": args.threads,
+                    "hidden": hidden,
+                    "updates_per_s": rate,
+                }
+            )
+            print(
+                f"{algo} {args.device} threads={args.threads} hidden={hidden}: "
+                f"{rate:8.1f} updates/s"
+            )
+    if "td7" in args.algo:
+        for size in (150_000, 1_000_000):
+            cost = sampling_cost(size)
+            rows.append({"sampling_buffer_size": size, **{f"{k}_us": v for k, v in cost.items()}})
+            print(
+                f"batch draw from {size} transitions: uniform {cost['uniform']:.0f} us, "
+                f"LAP sum-tree draw + priority write {cost['lap']:.0f} us"
+            )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"updates_{args.device.replace(':', '')}_t{args.threads}.json"
@@ -322,6 +384,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="with --updates-only: per size")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(
+        "--algo",
+        nargs="+",
+        choices=["td3", "ddpg", "td7"],
+        default=["td3"],
+        help="our algorithms to run beside SB3 (and to time with --updates-only)",
+    )
+    p.add_argument(
         "--eval-every",
         type=int,
         default=5000,
@@ -341,11 +410,12 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give --env ID=STEPS, or --env ID with --steps (or --updates-only)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    runners = [partial(run_ours, algo=algo) for algo in args.algo] + [run_sb3]
     jobs = [
         (fn, env, seed, steps, min(args.eval_every, steps // 10))
         for env, steps in budgets.items()
         for seed in args.seeds
-        for fn in (run_ours, run_sb3)
+        for fn in runners
     ]
     # a fresh spawned process per run: no state, and no stale module, shared between runs
     with ProcessPoolExecutor(
