@@ -7,7 +7,7 @@ to add instead of a traceback.
 
 from __future__ import annotations
 
-# top-level module -> the extra that brings it
+# top-level module -> the extra that brings it (the first of those that do)
 MODULE_EXTRA = {
     "torch": "train",
     "onnx": "train",
@@ -30,6 +30,12 @@ MODULE_EXTRA = {
     "pyarrow": "cluster",
     "stable_baselines3": "dev",
 }
+# modules that more than one extra brings
+ALSO_IN = {
+    "onnxruntime": {"train"},
+    **{m: {"train"} for m in ("gymnasium", "pybullet", "pybullet_envs_gymnasium", "panda_gym")},
+    **{m: {"train"} for m in ("matplotlib", "tqdm")},
+}
 # what each command needs installed
 COMMAND_EXTRAS = {
     "train": "train",
@@ -51,7 +57,8 @@ def install_hint(command: str, err: ModuleNotFoundError) -> str | None:
     if top not in MODULE_EXTRA:
         return None
     extras = COMMAND_EXTRAS.get(command, MODULE_EXTRA[top])
-    if MODULE_EXTRA[top] not in extras.split(","):
+    carriers = ALSO_IN.get(top, set()) | {MODULE_EXTRA[top]}
+    if not carriers & set(extras.split(",")):  # the command reached beyond its extras
         extras = f"{extras},{MODULE_EXTRA[top]}"
     return (
         f"mu {command} needs the module {top!r}, which this install lacks: "
