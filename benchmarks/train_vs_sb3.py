@@ -10,9 +10,11 @@ same env, seeds and budget.
 Both are evaluated the same way during training: deterministic actions, `--eval-episodes`
 episodes on an env seeded apart from the training env (episode i reset with seed 10^6 + seed + i),
 every `--eval-every` steps, wall-clock counted from the start of training including evaluation.
-Runs go to worker processes (`--jobs`, one torch thread each); finished runs found in `--out`
-are reused (ours only when the config matches), so an interrupted benchmark can be rerun
-cheaply; clear `--out` after changing the training code. Prints a table, writes JSON and a
+Every run, ours and SB3's, is a trial of `training.runner` (Ray Tune, as `mu sweep`): `--jobs`
+at once, one CPU and one torch thread each, on local Ray or on a cluster with `--address`
+(then `--out` must be a path every node mounts). Finished runs found in `--out` are reused
+(ours only when the config matches), so an interrupted benchmark can be rerun cheaply; clear
+`--out` after changing the training code. Prints a table, writes JSON and a
 PNG of the learning curves against steps and against wall-clock.
 
 `--updates-only` measures the update alone (no simulator): updates per second of each `--algo`
@@ -23,11 +25,10 @@ td7 also the cost of a batch draw, uniform against LAP's sum-tree (draw + priori
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
-from concurrent.futures import ProcessPoolExecutor
-from functools import partial
-from multiprocessing import get_context
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,9 @@ def run_ours(
     eval_episodes: int,
     out: str,
     algo: str = "td3",
+    report: Callable[[list], None] | None = None,
 ) -> dict:
+    """Train ours; `report` gets each evaluation as [step, wall_s, return, std, success]."""
     from training.config import TrainConfig
     from training.presets import preset
     from training.trainer import train
@@ -67,11 +70,16 @@ def run_ours(
     saved = run / "config.json"
     # A finished run with the same config is reused, not retrained (training code is not
     # compared: clear --out after changing it).
-    if not (_finished(run / "evals.csv", steps) and saved.read_text() == cfg.to_json()):
-        train(cfg, run, progress=False)
+    reused = _finished(run / "evals.csv", steps) and saved.read_text() == cfg.to_json()
+    if not reused:
+        on_eval = (lambda row: report(list(row.values()))) if report else None
+        train(cfg, run, progress=False, on_eval=on_eval)
     rows = [line.split(",") for line in (run / "evals.csv").read_text().splitlines()[1:]]
+    rows = [[float(x) if x and x != "None" else None for x in r] for r in rows]
+    for row in rows if reused and report else []:
+        report(row)
     impl = "mu" if algo == "td3" else f"mu-{algo}"
-    return _curve(impl, env_id, seed, [[float(x) if x else None for x in r] for r in rows])
+    return _curve(impl, env_id, seed, rows)
 
 
 def _finished(evals_csv: Path, steps: int) -> bool:
@@ -80,11 +88,21 @@ def _finished(evals_csv: Path, steps: int) -> bool:
 
 
 def run_sb3(
-    env_id: str, seed: int, steps: int, eval_every: int, eval_episodes: int, out: str
+    env_id: str,
+    seed: int,
+    steps: int,
+    eval_every: int,
+    eval_episodes: int,
+    out: str,
+    report: Callable[[list], None] | None = None,
 ) -> dict:
+    """Train SB3's TD3; `report` as in `run_ours`."""
     cached = Path(out) / f"sb3-{env_id}-s{seed}.json"
     if cached.exists() and json.loads(cached.read_text())["steps"][-1:] == [steps]:
-        return json.loads(cached.read_text())
+        curve = json.loads(cached.read_text())
+        for i, step in enumerate(curve["steps"] if report else []):
+            report([step, curve["wall_s"][i], curve["return"][i], None, curve["success_rate"][i]])
+        return curve
     import torch
     from stable_baselines3 import TD3
     from stable_baselines3.common.callbacks import BaseCallback
@@ -139,12 +157,58 @@ def run_sb3(
                         rate,
                     ]
                 )
+                if report:
+                    report(rows[-1])
             return True
 
     model.learn(total_timesteps=steps, callback=Evaluate())
     curve = _curve("sb3", env_id, seed, rows)
     cached.write_text(json.dumps(curve))  # a long benchmark that stops can be rerun cheaply
     return curve
+
+
+def bench_trial(params: dict) -> None:
+    """One run, ours or SB3's, as a Ray Tune trial: each evaluation reported as it comes, the
+    learning curve (JSON) with the last report."""
+    from ray import tune
+
+    spec = params["trial"]
+    fn = run_sb3 if spec["impl"] == "sb3" else run_ours
+    kw = {} if spec["impl"] == "sb3" else {"algo": spec["impl"]}
+    last: dict = {}
+
+    def report(row: list) -> None:
+        last.update({"step": int(row[0]), "wall_s": row[1], "return": row[2]})
+        if row[4] is not None:
+            last["success_rate"] = row[4]
+        tune.report(dict(last))
+
+    args = [spec[k] for k in ("env", "seed", "steps", "eval_every", "eval_episodes", "out")]
+    curve = fn(*args, report=report, **kw)
+    tune.report({**last, "final": True, "curve": json.dumps(curve)})
+
+
+def run_all(trials: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Every run through `training.runner`; their curves, in the order of `trials`."""
+    from training.runner import RunnerConfig, run_trials
+
+    digest = hashlib.sha256(json.dumps(trials, sort_keys=True).encode()).hexdigest()[:8]
+    runner = RunnerConfig(
+        name=f"train_vs_sb3-{digest}",  # the same runs resume, other runs start afresh
+        storage=str(Path(args.out, "ray").resolve()),
+        address=args.address,
+        workers=args.jobs,
+    )
+    grid = run_trials(bench_trial, trials, runner)
+    by_label = {}
+    for result in grid:
+        if result.error is not None or "curve" not in (result.metrics or {}):
+            raise RuntimeError(
+                f"run {result.config['trial']['label']} did not finish: {result.error} "
+                f"(its error.txt is in {result.path})"
+            )
+        by_label[result.config["trial"]["label"]] = json.loads(result.metrics["curve"])
+    return [by_label[t["label"]] for t in trials]
 
 
 def _curve(impl: str, env_id: str, seed: int, rows: list[list]) -> dict:
@@ -204,7 +268,7 @@ def print_table(rows: list[dict], curves: list[dict]) -> str:
             f"\n{env_id}: evaluation return, mean ± std over seeds (success rate where reported)"
         )
         impls = list(dict.fromkeys(c["impl"] for c in curves if c["env_id"] == env_id))
-        names = {"mu": "mu TD3", "sb3": "SB3 TD3 (zoo)"}
+        names = {"mu": "mu TD3", "mu-td7": "mu TD7", "mu-ddpg": "mu DDPG", "sb3": "SB3 TD3 (zoo)"}
         lines.append(f"{'steps':>8} | " + " | ".join(f"{names.get(i, i):>22}" for i in impls))
         by = {
             impl: [c for c in curves if c["env_id"] == env_id and c["impl"] == impl]
@@ -397,7 +461,8 @@ def main(argv: list[str] | None = None) -> None:
         help="steps between evaluations (at least 10 per run)",
     )
     p.add_argument("--eval-episodes", type=int, default=10)
-    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=2, help="runs at once")
+    p.add_argument("--address", help="Ray cluster to run on (default: local Ray)")
     p.add_argument("--out", default="runs/bench_train")
     args = p.parse_args(argv)
     if args.updates_only:
@@ -410,22 +475,23 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give --env ID=STEPS, or --env ID with --steps (or --updates-only)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runners = [partial(run_ours, algo=algo) for algo in args.algo] + [run_sb3]
-    jobs = [
-        (fn, env, seed, steps, min(args.eval_every, steps // 10))
+    # each run a trial in a fresh worker process: no state, and no stale module, shared
+    trials = [
+        {
+            "label": f"{'sb3' if impl == 'sb3' else 'mu-' + impl}-{env}-s{seed}",
+            "impl": impl,
+            "env": env,
+            "seed": seed,
+            "steps": steps,
+            "eval_every": min(args.eval_every, steps // 10),
+            "eval_episodes": args.eval_episodes,
+            "out": str(out.resolve()),
+        }
         for env, steps in budgets.items()
         for seed in args.seeds
-        for fn in runners
+        for impl in [*args.algo, "sb3"]
     ]
-    # a fresh spawned process per run: no state, and no stale module, shared between runs
-    with ProcessPoolExecutor(
-        args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1
-    ) as pool:
-        futures = [
-            pool.submit(fn, env, seed, steps, eval_every, args.eval_episodes, str(out))
-            for fn, env, seed, steps, eval_every in jobs
-        ]
-        curves = [f.result() for f in futures]
+    curves = run_all(trials, args)
     rows = summarize(curves)
     table = print_table(rows, curves)
     tag = "_".join(f"{env.split('-')[0]}_{steps}" for env, steps in budgets.items())
