@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -354,6 +355,7 @@ def update_throughput(
         "action": torch.rand(n, 6, device=device) * 2 - 1,
         "reward": torch.randn(n, device=device),
         "next_obs": torch.randn(n, 26, device=device),
+        "next_obs_1": torch.randn(n, 26, device=device),  # td7's encoder target
         "terminal": torch.zeros(n, device=device),
         "discount": torch.full((n,), cfg.gamma, device=device),
     }
@@ -473,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
         budgets[env] = int(steps) if steps else args.steps
     if not budgets or None in budgets.values():
         p.error("give --env ID=STEPS, or --env ID with --steps (or --updates-only)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # each run a trial in a fresh worker process: no state, and no stale module, shared
