@@ -73,10 +73,16 @@ class PrioritizedReplay(ReplayBuffer):
     def sample(
         self, batch_size: int, rng: np.random.Generator, n_step: int = 1, gamma: float = 0.99
     ) -> dict[str, torch.Tensor]:
-        """A batch drawn with probability p_i / Σ p; `index` (CPU, int64) names the stored steps
-        so that `update_priorities` can write their new priorities."""
+        """A batch drawn with probability p_i / Σ p, with n-step targets as in `ReplayBuffer`
+        plus `next_obs_1`, the state one step later (what SALE's encoder learns to predict
+        whatever n is), and `index` (CPU, int64): the stored steps, for `update_priorities`."""
         idx = self.priority.find(rng.uniform(0.0, self.priority.total, batch_size))
-        return {**self.gather(idx, n_step, gamma), "index": torch.from_numpy(idx)}
+        next_obs_1 = torch.from_numpy(self.data["next_obs"][idx]).to(self.device)
+        return {
+            **self.gather(idx, n_step, gamma),
+            "next_obs_1": next_obs_1,
+            "index": torch.from_numpy(idx),
+        }
 
     def update_priorities(self, idx: np.ndarray, priority: np.ndarray) -> None:
         self.priority.set(idx, priority)

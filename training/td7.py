@@ -2,7 +2,7 @@
 TD3 (training/td3.py, the reference) with four additions: SALE embeddings, LAP replay, value
 clipping and policy checkpoints.
 
-    encoder: zs = f(s), zsa = g(zs, a); minimise mean (g(f(s), a) - sg f(s'))²
+    encoder: zs = f(s), zsa = g(zs, a); minimise mean (g(f(s), a) - sg f(s'))², s' one step on
     critic:  y = r + γ^n (1 - terminal) clip(min_i Q'_i(s', a', zsa', zs'), q_lo, q_hi)
              with zs' = f̄'(s'), a' = clip(μ'(s', zs') + clip(ε, ±c), -1, 1), zsa' = ḡ'(zs', a')
              minimise mean_b Σ_i LAP-Huber(|Q_i(s, a, ḡ(zs, a), zs) - y|),  zs = f̄(s)
@@ -160,18 +160,20 @@ class Agent:
 def update(
     agent: Agent, batch: dict[str, torch.Tensor], cfg: TrainConfig, update_actor: bool
 ) -> dict[str, torch.Tensor]:
-    """One TD7 step on a batch (as in `td3.update`). Returns detached losses and `priority`,
+    """One TD7 step on a batch (as in `td3.update`, plus `next_obs_1`: the state one step on,
+    for the encoder, where `next_obs` is n steps on). Returns detached losses and `priority`,
     the batch's new LAP priorities, for the caller to write into the replay (see `learn`)."""
     s = agent.normalizer(batch["obs"])
+    s1 = agent.normalizer(batch["next_obs_1"])
     s2 = agent.normalizer(batch["next_obs"])
     a, r = batch["action"], batch["reward"]
     terminal, discount = batch["terminal"], batch["discount"]
 
     # 1. SALE: g(f(s), a) learns to predict f(s'), the next state's embedding (held fixed)
     with torch.no_grad():
-        zs2_goal = agent.encoder.zs(s2)
+        zs1_goal = agent.encoder.zs(s1)
     zsa_pred = agent.encoder.zsa(agent.encoder.zs(s), a)
-    encoder_loss = ((zsa_pred - zs2_goal) ** 2).mean()
+    encoder_loss = ((zsa_pred - zs1_goal) ** 2).mean()
     agent.encoder_opt.zero_grad(set_to_none=True)
     encoder_loss.backward()
     agent.encoder_opt.step()

@@ -77,9 +77,13 @@ def test_prioritized_batches_carry_the_same_n_step_targets_as_uniform_replay():
     fill(uniform, 20)  # wraps the ring
     fill(prioritized, 20)
     batch = prioritized.sample(64, np.random.default_rng(3), n_step=3, gamma=0.9)
-    want = uniform.gather(batch["index"].numpy(), 3, 0.9)
+    idx = batch["index"].numpy()
+    want = uniform.gather(idx, 3, 0.9)
     for k, v in want.items():
         assert torch.equal(batch[k], v), k
+    # the encoder's target is one step on, even with n-step returns
+    assert torch.equal(batch["next_obs_1"], torch.from_numpy(uniform.data["next_obs"][idx]))
+    assert not torch.equal(batch["next_obs_1"], batch["next_obs"])
 
 
 def test_state_dict_round_trip_rebuilds_the_identical_tree():

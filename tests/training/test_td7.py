@@ -65,6 +65,7 @@ def batch(n=16, obs_dim=4, act_dim=2, seed=0) -> dict[str, torch.Tensor]:
         "action": torch.rand(n, act_dim, generator=g) * 2 - 1,
         "reward": torch.randn(n, generator=g),
         "next_obs": torch.randn(n, obs_dim, generator=g),
+        "next_obs_1": torch.randn(n, obs_dim, generator=g),
         "terminal": torch.zeros(n),
         "discount": torch.full((n,), 0.99),
     }
