@@ -194,7 +194,8 @@ def _grpc_soak(
         end = time.monotonic() + seconds
         while time.monotonic() < end - 1.0:
             s = summarize(run_loop(client, plant, rate_hz, seconds=min(segment_s, seconds)))
-            segments.append({"ticks": s["ticks"], "misses": s["misses"]["total"]})
+            segments.append({"ticks": s["ticks"], "misses": s["misses"]["total"],
+                             "rss_mb": rss_mb(os.getpid())})  # fmt: skip
         conn.send((segments, rss_mb(os.getpid())))
 
 
@@ -229,7 +230,11 @@ def soak(
         while time.monotonic() < end - 1.0:
             seg = min(segment_s, seconds)
             s = summarize(run_loop(client, plant, local_rate_hz, seconds=seg, **rt))
-            local_segments.append({"ticks": s["ticks"], "misses": s["misses"]["total"]})
+            local_segments.append(
+                {"ticks": s["ticks"], "misses": s["misses"]["total"],
+                 "late_wakeup": s["misses"]["late_wakeup"], "policy": s["misses"]["service"],
+                 "rss_mb": rss_mb(os.getpid()), "server_rss_mb": rss_mb(server.process.pid)}
+            )  # fmt: skip
             log(
                 f"soak: {len(local_segments) * segment_s:.0f} s, local misses "
                 f"{s['misses']['total']}/{s['ticks']}, server RSS "
@@ -249,5 +254,11 @@ def soak(
         "rss_mb_start": start,
         "rss_mb_end": end_rss,
         "growth_mb": {k: end_rss[k] - start[k] for k in start},
+        # From the end of the first segment (every allocation pattern seen once) to the end.
+        "growth_after_first_segment_mb": {
+            "server": end_rss["server"] - local_segments[0]["server_rss_mb"],
+            "local loop": end_rss["local loop"] - local_segments[0]["rss_mb"],
+            "grpc loop": grpc_end - grpc_segments[0]["rss_mb"],
+        },
         "misses_per_segment": {"local": local_segments, "grpc": grpc_segments},
     }
