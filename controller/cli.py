@@ -128,7 +128,11 @@ def _sweep(args: argparse.Namespace) -> int:
     runner = RunnerConfig(
         name=sweep.name, storage=args.storage, address=args.address, workers=args.workers
     )
-    result = run_sweep(sweep, runner)
+    try:
+        result = run_sweep(sweep, runner)
+    except ConnectionError as err:  # --address that does not answer, or refuses us
+        print(f"mu sweep: {err}", file=sys.stderr)
+        return 2
     print(result.table)
     print(f"results: {result.out}/results.txt, results.json")
     if result.curves:

@@ -36,7 +36,9 @@ class RunnerConfig:
         "runs/sweeps",
         "Where results go: a local path, a path every node mounts, or a URI (s3://, gs://).",
     )
-    address: str | None = _f(None, "Ray cluster to join (ray://HOST:10001 or HOST:6379).")
+    address: str | None = _f(
+        None, "Ray cluster to join (HOST:6379); default: RAY_ADDRESS, else a local Ray."
+    )
     workers: int | None = _f(None, "Trials at once; default: as many as the CPUs allow.")
     cpus_per_trial: float = _f(1.0, "CPUs reserved per trial (a run uses one torch thread).")
 
@@ -187,8 +189,24 @@ def _init_ray(runner: RunnerConfig) -> None:
     # worker output stays in Ray's session logs (/tmp/ray/session_latest/logs); trials report
     # through Tune, and a failure's traceback lands in its trial's error.txt
     common = {"log_to_driver": False, "logging_level": logging.WARNING}
-    if runner.address:
-        ray.init(address=runner.address, **common)
+    address = runner.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, **common)
+        except ConnectionError as err:
+            # Ray sends its token only where RAY_AUTH_MODE=token says so (never by default to
+            # an address given explicitly), and a head runs with token auth by default
+            raise ConnectionError(
+                f"{err}. If the cluster uses token authentication (Ray's default), set "
+                "RAY_AUTH_MODE=token here, with the head's token (`ray get-auth-token` there) "
+                "in ~/.ray/auth_token or RAY_AUTH_TOKEN (docs/deployment.md)"
+            ) from None
     else:
-        # no dashboard and a small object store: trials pass metrics, not data
-        ray.init(include_dashboard=False, object_store_memory=100 * 2**20, **common)
+        # "local": a Ray of our own even where `ray start` runs one here (plain ray.init()
+        # would join it); no dashboard and a small object store: trials pass metrics, not data
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            object_store_memory=100 * 2**20,
+            **common,
+        )
