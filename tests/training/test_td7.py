@@ -256,3 +256,12 @@ def test_explain_shows_the_chain_rule_with_zs(run, tmp_path):
     assert len(diffs) == 3 and max(diffs) < 1e-5
     path, summary = plot_action_slice(run, tmp_path / "slice.png")
     assert path.stat().st_size > 0 and "one actor step moves μ(s)" in summary
+
+
+def test_export_last_writes_the_last_actor(run, tmp_path):
+    train(small_cfg(export="last"), tmp_path, progress=False)  # same seed: the same run
+    assert props(tmp_path / "policy.onnx")["mu.export_rule"] == "last"
+    obs = checkpoint.load(run / "checkpoint.pt")[3]["replay"]["obs"].numpy()[-200:]
+    a = ort.InferenceSession(str(tmp_path / "policy.onnx")).run(["action"], {"obs": obs})[0]
+    b = ort.InferenceSession(str(run / "policy.last.onnx")).run(["action"], {"obs": obs})[0]
+    np.testing.assert_array_equal(a, b)
