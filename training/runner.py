@@ -41,6 +41,9 @@ class RunnerConfig:
     )
     workers: int | None = _f(None, "Trials at once; default: as many as the CPUs allow.")
     cpus_per_trial: float = _f(1.0, "CPUs reserved per trial (a run uses one torch thread).")
+    reuse_workers: bool = _f(
+        False, "Run trials one after another in the same worker process (imports paid once)."
+    )
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -158,6 +161,7 @@ def run_trials(
                 mode=mode if metric else None,
                 scheduler=scheduler,
                 max_concurrent_trials=runner.workers,
+                reuse_actors=runner.reuse_workers,
                 trial_name_creator=trial_label,
                 trial_dirname_creator=trial_label,
             ),

@@ -258,7 +258,10 @@ def run_sweep(sweep: SweepConfig, runner: RunnerConfig) -> SweepResult:
     scheduler = (
         ASHAScheduler(time_attr="step", max_t=sweep.steps, **sweep.asha) if sweep.asha else None
     )
-    runner = dataclasses.replace(runner, name=sweep.name, cpus_per_trial=sweep.cpus_per_trial)
+    # a trial seeds all it uses (as mu train does), so a worker process can run the next one
+    runner = dataclasses.replace(
+        runner, name=sweep.name, cpus_per_trial=sweep.cpus_per_trial, reuse_workers=True
+    )
     grid = run_trials(
         sweep_trial, trials, runner, metric=sweep.metric, mode="max", scheduler=scheduler
     )
