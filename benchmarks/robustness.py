@@ -64,13 +64,16 @@ def last_actor(run: Path) -> str:
 
 def sweep_pair(env_id: str, seed: int, runs: str, episodes: int) -> str:
     """Sweep the nominal and the robust policy of one seed together; returns the JSON path."""
-    from training.robustness import SweepResult, sweep
+    from training.robustness import SweepResult, cell_key, grid, sweep
 
     policies = [last_actor(Path(runs) / f"{env_id}-{v}-s{seed}") for v in VARIANTS]
     path = Path(runs) / f"sweep-{env_id}-s{seed}.json"
     if path.exists():
         cached = SweepResult.load(path)
-        if cached.policies == policies and cached.episodes == episodes:
+        same_cells = {cell_key(c.shifts) for c in cached.cells} == {
+            cell_key(c) for c in grid(env_id)[1]
+        }
+        if cached.policies == policies and cached.episodes == episodes and same_cells:
             return str(path)
     result = sweep(policies, episodes, seed=10_000, progress=False)
     path.write_text(result.to_json())

@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sweep",
         action="store_true",
-        help="sweep every knob and a friction × mass grid: table, sweep.json, sweep.png",
+        help="sweep every knob, plus friction × mass and strength × offset grids: table, "
+        "sweep.json, sweep.png",
     )
     p.add_argument("--out", default="sweep", help="with --sweep: output directory")
     p.set_defaults(func=_eval)

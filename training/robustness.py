@@ -1,6 +1,7 @@
 """Robustness sweeps: one or two policy files evaluated over a grid of shifted dynamics,
-latency, offset and noise (1-D sweeps of every knob the env supports, plus a friction × mass
-heatmap), with onnxruntime and the simulator only. Prints a table, writes JSON and a PNG.
+latency, offset and noise (1-D sweeps of every knob the env supports, plus friction × mass and
+strength × offset heatmaps, the second a miscalibrated actuator: gain and bias at once), with
+onnxruntime and the simulator only. Prints a table, writes JSON and a PNG.
 
 Every policy meets the same cells, the same episode seeds and the same noise draws, so two
 policies are compared cell by cell.
@@ -32,10 +33,10 @@ SWEEPS: dict[str, list[float]] = {
     "obs_noise": [0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
     "push": [0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0],
 }
-HEATMAP: dict[str, list[float]] = {
-    "friction": [0.25, 0.5, 1.0, 1.5, 2.0],
-    "mass": [0.5, 0.75, 1.0, 1.25, 1.5],
-}
+HEATMAPS: list[dict[str, list[float]]] = [
+    {"friction": [0.25, 0.5, 1.0, 1.5, 2.0], "mass": [0.5, 0.75, 1.0, 1.25, 1.5]},
+    {"strength": [0.4, 0.55, 0.7, 1.0, 1.4], "offset": [-0.3, -0.15, 0.0, 0.15, 0.3]},
+]
 
 
 @dataclass
@@ -53,12 +54,12 @@ class SweepResult:
     episodes: int
     seed: int
     sweeps: dict[str, list[float]]
-    heatmap: dict[str, list[float]]
+    heatmaps: list[dict[str, list[float]]]
     cells: list[Cell]
 
     def cell(self, shifts: dict[str, float]) -> Cell:
-        key = _key(shifts)
-        return next(c for c in self.cells if _key(c.shifts) == key)
+        key = cell_key(shifts)
+        return next(c for c in self.cells if cell_key(c.shifts) == key)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -70,25 +71,29 @@ class SweepResult:
         return cls(**data)
 
 
-def _key(shifts: dict[str, float]) -> tuple:
+def cell_key(shifts: dict[str, float]) -> tuple:
     return tuple(sorted((k, float(v)) for k, v in shifts.items() if v != NOMINAL[k]))
 
 
 def grid(env_id: str) -> tuple[dict[str, list[float]], list[dict[str, float]]]:
     """The knobs `env_id` supports with their sweep points, and the unique cells (1-D sweeps
-    and the heatmap; nominal once)."""
+    and the heatmaps; nominal once)."""
     env = make_env(env_id, 0)
     knobs = supported_knobs(env)
     env.close()
     sweeps = {k: v for k, v in SWEEPS.items() if k in knobs}
     cells = [{k: v} for k, points in sweeps.items() for v in points]
-    if all(k in sweeps for k in HEATMAP):
-        (a, xs), (b, ys) = HEATMAP.items()
+    for (a, xs), (b, ys) in (h.items() for h in heatmaps(sweeps)):
         cells += [{a: x, b: y} for x in xs for y in ys]
     unique: dict[tuple, dict[str, float]] = {}
     for c in cells:
-        unique.setdefault(_key(c), {k: v for k, v in c.items() if v != NOMINAL[k]})
+        unique.setdefault(cell_key(c), {k: v for k, v in c.items() if v != NOMINAL[k]})
     return sweeps, list(unique.values())
+
+
+def heatmaps(sweeps: dict[str, list[float]]) -> list[dict[str, list[float]]]:
+    """The heatmaps whose two knobs are both swept."""
+    return [h for h in HEATMAPS if all(k in sweeps for k in h)]
 
 
 def sweep(
@@ -111,9 +116,8 @@ def sweep(
         json.loads(s.get_modelmeta().custom_metadata_map.get("mu.randomization", "{}"))
         for s in sessions
     ]
-    heat = HEATMAP if all(k in sweeps for k in HEATMAP) else {}
     return SweepResult(
-        env_id, [str(p) for p in policies], ranges, episodes, seed, sweeps, heat, cells
+        env_id, [str(p) for p in policies], ranges, episodes, seed, sweeps, heatmaps(sweeps), cells
     )
 
 
@@ -148,8 +152,7 @@ def table(result: SweepResult) -> str:
             lines.append(
                 f"| {knob} | {v:g} | " + " | ".join(fmt(c, i) for i in range(len(names))) + " |"
             )
-    if result.heatmap:
-        (a, xs), (b, ys) = result.heatmap.items()
+    for (a, xs), (b, ys) in (h.items() for h in result.heatmaps):
         for x in xs:
             for y in ys:
                 c = result.cell({a: x, b: y})
@@ -160,7 +163,7 @@ def table(result: SweepResult) -> str:
 
 def plot(result: SweepResult, path: str | Path) -> Path:
     """Mean return against each knob, policies overlaid with their training ranges shaded, and
-    one friction × mass heatmap of return per policy (success rates are in the table: on
+    one heatmap of return per policy and knob pair (success rates are in the table: on
     panda-gym they saturate where returns still separate the policies)."""
     import matplotlib
 
@@ -168,7 +171,7 @@ def plot(result: SweepResult, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     knobs = list(result.sweeps)
-    n_heat = len(result.policies) if result.heatmap else 0
+    n_heat = len(result.policies) * len(result.heatmaps)
     cols = 4
     rows = -(-(len(knobs) + n_heat) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
@@ -185,16 +188,20 @@ def plot(result: SweepResult, path: str | Path) -> Path:
         ax.set_xlabel(knob)
         ax.set_ylabel("return")
     axes.flat[0].legend(fontsize=7)
-    if result.heatmap:
-        (a, xs), (b, ys) = result.heatmap.items()
-        for i, name in enumerate(names):
-            ax = axes.flat[len(knobs) + i]
-            z = np.array([[result.cell({a: x, b: y}).returns[i] for x in xs] for y in ys])
-            im = ax.imshow(z, origin="lower", aspect="auto", cmap="viridis")
+    panels = iter(list(axes.flat)[len(knobs) :])
+    for (a, xs), (b, ys) in (h.items() for h in result.heatmaps):
+        z = np.array(
+            [
+                [[result.cell({a: x, b: y}).returns[i] for x in xs] for y in ys]
+                for i in range(len(names))
+            ]
+        )
+        for i, name in enumerate(names):  # one colour scale per knob pair: policies compare
+            ax = next(panels)
+            im = ax.imshow(z[i], origin="lower", aspect="auto", vmin=z.min(), vmax=z.max())
             ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
             ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
-            ax.set_xlabel(a)
-            ax.set_ylabel(b)
+            ax.set(xlabel=a, ylabel=b)
             ax.set_title(name, fontsize=8)
             fig.colorbar(im, ax=ax)
     for ax in list(axes.flat)[len(knobs) + n_heat :]:

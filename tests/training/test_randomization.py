@@ -187,7 +187,7 @@ def test_eval_cli_shift_and_sweep(tmp_path, capsys):
         assert len(result["sweeps"][knob]) >= 7
         assert f"| {knob} |" in text
     assert "push" not in result["sweeps"]  # the arm cannot be pushed
-    assert len(result["heatmap"]["friction"]) * len(result["heatmap"]["mass"]) == 25
+    assert [list(h) for h in result["heatmaps"]] == [["friction", "mass"], ["strength", "offset"]]
     same = [c["returns"][0] == c["returns"][1] for c in result["cells"]]
     assert all(same)  # one policy twice: every cell meets the same seeds and draws
 
