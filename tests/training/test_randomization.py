@@ -204,3 +204,12 @@ def test_pushes_move_the_robot():
     _, still = run({})
     assert find(env, Pushes).pushes > 0
     assert not np.allclose(pushed, still)
+
+
+def test_bundled_robust_policy_records_its_randomization():
+    bundle = "policies/panda_reach_robust"
+    props = {p.key: p.value for p in onnx.load(f"{bundle}/policy.onnx").metadata_props}
+    saved = TrainConfig.load(f"{bundle}/config.json")
+    assert json.loads(props["mu.randomization"]) == saved.randomization != {}
+    cfg, _, meta, _ = checkpoint.load(f"{bundle}/agent.pt")  # what fine-tuning starts from
+    assert cfg.randomization == saved.randomization and meta["export_rule"] == "best"
