@@ -255,8 +255,10 @@ def run_sweep(sweep: SweepConfig, runner: RunnerConfig) -> SweepResult:
     from ray.tune.schedulers import ASHAScheduler
 
     trials = [{**t, "metric": sweep.metric} for t in sweep.trials()]
+    # max_t one past the budget: ASHA stops a trial that reaches max_t at once, which would cut
+    # it off between its last evaluation and its export
     scheduler = (
-        ASHAScheduler(time_attr="step", max_t=sweep.steps, **sweep.asha) if sweep.asha else None
+        ASHAScheduler(time_attr="step", max_t=sweep.steps + 1, **sweep.asha) if sweep.asha else None
     )
     # a trial seeds all it uses (as mu train does), so a worker process can run the next one
     runner = dataclasses.replace(
