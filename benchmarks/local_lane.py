@@ -167,9 +167,18 @@ def kill_restart(
             parent.recv()
             keeper.join(10)
     s = _summary(result)
+    # Which misses fell between the kill and the restarted server's file being applied (the
+    # rest are the loop's background rate on this machine).
+    period = 1e9 / rate_hz
+    work = np.asarray(result.wake_ns) + np.asarray(result.rtt_ns) + np.asarray(result.sim_ns)
+    at = result.start_ns + np.asarray(result.tick_ns)
+    outage_end = applied[0] if applied else result.end_ns
+    during = (at >= killed_at) & (at <= outage_end)
     return {
         "ticks": s["ticks"],
         "missed_ticks": s["misses"]["total"],
+        "outage_ticks": int(during.sum()),
+        "missed_during_outage": int((during & (work > period)).sum()),
         "failed_ticks": result.fallbacks,
         "restart_took_ms": (ready_at - killed_at) / 1e6,
         "applied": bool(applied),

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 # Nonces are remembered for this many updates (a late ack of an older one still counts).
 MAX_NONCES = 4096
+# Loops remembered; beyond this the disconnected ones that acked longest ago are forgotten.
+MAX_LOOPS = 1024
 
 
 @dataclass
@@ -46,6 +48,10 @@ class LocalLoops:
         self._counter = itertools.count(1)
 
     def opened(self, request: pb.WatchPolicyRequest, peer: str) -> None:
+        if request.client_id not in self._loops and len(self._loops) >= MAX_LOOPS:
+            gone = sorted((v.acked_at, k) for k, v in self._loops.items() if not v.connected)
+            for _, client_id in gone[: len(self._loops) - MAX_LOOPS + 1]:
+                del self._loops[client_id]
         loop = self._loops.setdefault(request.client_id, _Loop(peer))
         loop.peer = peer
         loop.connected += 1
