@@ -229,7 +229,7 @@ class PolicyClient:
             self._watcher = PolicyWatcher(self._channel, client_id, metadata=self._metadata)
             try:
                 self._watcher.wait(timeout=call_deadline_s)
-            except TimeoutError:
+            except (TimeoutError, PermissionError):
                 self.close()
                 raise
 

@@ -94,6 +94,8 @@ class PolicyWatcher:
         self.history: deque[tuple[int, int, str]] = deque(maxlen=4096)
         self.last_error: str | None = None
         self.connected = False
+        #: Why the server refused the credentials (UNAUTHENTICATED / PERMISSION_DENIED), if so.
+        self.denied: str | None = None
         self._changed = threading.Condition()
         self._closed = threading.Event()
         self._call: grpc.Future | None = None
@@ -106,10 +108,13 @@ class PolicyWatcher:
         self, version: int | None = None, *, sha256: str | None = None, timeout: float
     ) -> LocalPolicy:
         """Block until a policy is applied (with `version` and `sha256`, when given);
-        TimeoutError naming the watcher's last error otherwise."""
+        TimeoutError naming the watcher's last error otherwise. Before the first policy, a
+        server that refuses the credentials raises PermissionError at once."""
 
         def ready() -> bool:
             current = self.current
+            if current is None and self.denied is not None:
+                return True
             return (
                 current is not None
                 and (version is None or current.version == version)
@@ -118,6 +123,10 @@ class PolicyWatcher:
 
         with self._changed:
             ok = self._changed.wait_for(ready, timeout)
+        if self.current is None and self.denied is not None:
+            raise PermissionError(
+                f"the server refuses this loop: {self.denied} (pass token=, the admin token)"
+            )
         if not ok or self.current is None:
             want = "a policy" if version is None else f"version {version}"
             raise TimeoutError(
@@ -164,6 +173,10 @@ class PolicyWatcher:
                 if self._closed.is_set():
                     break
                 why = f"WatchPolicy: {e.code().name}: {e.details()}"
+                if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    with self._changed:  # a wait() for the first policy gives up at once
+                        self.denied = why
+                        self._changed.notify_all()
             self.connected = False
             if why != self.last_error:
                 kept = self.current

@@ -443,7 +443,7 @@ def loop_from_args(args: argparse.Namespace) -> int:
             cpu=args.cpu,
             rt_priority=args.rt_priority,
         )
-    except TimeoutError as e:  # --local: no policy arrived
+    except (TimeoutError, PermissionError) as e:  # --local: no policy arrived, or refused
         print(f"mu loop: {e}", file=sys.stderr)
         return 1
     except grpc.RpcError as e:  # GetPolicy before the loop: the server is not there

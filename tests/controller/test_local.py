@@ -181,8 +181,10 @@ def test_watch_policy_needs_the_token(server_factory, policy_path: Path, tmp_pat
     token = tmp_path / "token"
     token.write_text("s3cret")
     server = server_factory(policy_path, admin_token_file=token)
-    with pytest.raises(TimeoutError, match="UNAUTHENTICATED"):
-        PolicyClient(server.target, local=True, call_deadline_s=2)
+    with pytest.raises(PermissionError, match="UNAUTHENTICATED"):
+        PolicyClient(server.target, local=True, call_deadline_s=WAIT_S)
+    with pytest.raises(PermissionError, match="PERMISSION_DENIED"):
+        PolicyClient(server.target, local=True, token="wrong", call_deadline_s=WAIT_S)
     with PolicyClient(server.target, local=True, token="s3cret") as robot:
         assert robot.policy.version == 1
 
