@@ -192,12 +192,14 @@ def kill_restart(
 def _grpc_soak(
     conn: Connection, target: str, obs_dim: int, rate_hz: float, seconds: float, segment_s: float
 ) -> None:
-    """In its own process: the gRPC lane (ActStream) for `seconds`, in segments."""
+    """In its own process: the gRPC lane (ActStream) for `seconds`, in segments, after one
+    warm-up segment."""
     with PolicyClient(target, deadline_s=1.0) as client:
         plant = SyntheticPlant(obs_dim)
         for _ in range(WARM_TICKS):
             client.act(plant.reset())
         client.deadline_s = 1.0 / rate_hz
+        run_loop(client, plant, rate_hz, seconds=segment_s)  # warm-up: allocations settle
         conn.send(rss_mb(os.getpid()))
         segments = []
         end = time.monotonic() + seconds
@@ -218,9 +220,10 @@ def soak(
     segment_s: float = 60.0,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Both lanes against one server for `seconds`: memory at start and end, misses per
-    segment (per minute with the default segment). `rt` applies to the local loop only (the
-    gRPC loop runs in its own process with normal scheduling)."""
+    """Both lanes against one server for `seconds` after one warm-up segment: memory at start
+    (after the warm-up) and end, misses per segment (per minute with the default segment).
+    `rt` applies to the local loop only (the gRPC loop runs in its own process with normal
+    scheduling)."""
     server = ServerProcess(serve_command(policy, "127.0.0.1:0"))
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -231,6 +234,10 @@ def soak(
     try:
         remote.start()
         client, plant = _client(server.address, obs_dim)
+        # Warm-up: one segment of each lane before the start figures (the first segment's
+        # per-tick arrays and summaries are one-time allocations), the same length as the rest.
+        log(f"soak: {segment_s:g} s warm-up of both lanes ...")
+        run_loop(client, plant, local_rate_hz, seconds=segment_s, **rt)
         grpc_start = parent.recv()
         start = {"server": rss_mb(server.process.pid), "local loop": rss_mb(os.getpid()),
                  "grpc loop": grpc_start}  # fmt: skip

@@ -112,6 +112,7 @@ def quiet_gc() -> Iterator[None]:
         gc.unfreeze()
         if was_enabled:
             gc.enable()
+        gc.collect()  # the cycles the loop left, now that no tick is waiting
 
 
 def collect_young() -> bool:
