@@ -1,4 +1,4 @@
-"""`mu`: train, export, explain, eval, serve, loop, bench.
+"""`mu`: train, export, explain, eval, plot, sweep, serve, loop, bench.
 
 Each subcommand imports what it needs when it runs, so a serving install (no torch) can run
 `mu serve` and `mu loop`.
