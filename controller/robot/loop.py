@@ -148,7 +148,10 @@ def run_loop(
         capacity = math.ceil(seconds * rate_hz) + 2
     else:
         capacity = 1 << 16
-    columns = np.zeros((len(_COLUMNS), capacity), np.int64)  # touched now, not in a tick
+    # fill() writes every page now: np.zeros of a large block maps zero pages lazily, and the
+    # page faults would land inside ticks.
+    columns = np.empty((len(_COLUMNS), capacity), np.int64)
+    columns.fill(0)
     clock = time.perf_counter_ns  # monotonic, ns resolution
     result = LoopResult(rate_hz, lane="local" if client.local else "grpc")
     report = client.report if client.local else None
@@ -167,7 +170,7 @@ def run_loop(
             next_obs, reward, done, success = plant.step(action)
             t2 = clock()
             if n == capacity:  # episodes-bounded runs only: grow outside the common path
-                columns = np.concatenate([columns, np.zeros_like(columns)], axis=1)
+                columns = np.concatenate([columns, np.full_like(columns, 0)], axis=1)
                 capacity *= 2
             columns[0, n] = t0 - start
             columns[1, n] = t1 - t0
