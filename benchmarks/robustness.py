@@ -53,20 +53,12 @@ def train_run(env_id: str, variant: str, seed: int, steps: int, runs: str) -> st
     return str(policy)
 
 
-def last_actor(run: Path) -> str:
-    """The run's last actor: both sides are compared at the end of the same budget, so that
-    the export rule (best evaluation at nominal) favours neither. Runs from before best-policy
-    export wrote it as policy.onnx."""
-    return str(
-        run / "policy.last.onnx" if (run / "policy.last.onnx").exists() else run / "policy.onnx"
-    )
-
-
 def sweep_pair(env_id: str, seed: int, runs: str, episodes: int) -> str:
     """Sweep the nominal and the robust policy of one seed together; returns the JSON path."""
     from training.robustness import SweepResult, cell_key, grid, sweep
 
-    policies = [last_actor(Path(runs) / f"{env_id}-{v}-s{seed}") for v in VARIANTS]
+    # the last actors: the export rule (best evaluation at nominal) then favours neither side
+    policies = [str(Path(runs) / f"{env_id}-{v}-s{seed}" / "policy.last.onnx") for v in VARIANTS]
     path = Path(runs) / f"sweep-{env_id}-s{seed}.json"
     if path.exists():
         cached = SweepResult.load(path)

@@ -112,6 +112,14 @@ class Critics(nn.Module):
         return self.net(x).squeeze(-1)
 
 
+def register_action_bounds(module: nn.Module, low, high) -> None:
+    """Buffers `act_scale` and `act_bias` mapping tanh's [-1, 1] to [low, high]."""
+    low = torch.as_tensor(low, dtype=torch.float32)
+    high = torch.as_tensor(high, dtype=torch.float32)
+    module.register_buffer("act_scale", (high - low) / 2)
+    module.register_buffer("act_bias", (high + low) / 2)
+
+
 class Policy(nn.Module):
     """The exported graph: raw observation → normalizer → actor → scale and bias to [low, high]."""
 
@@ -119,10 +127,7 @@ class Policy(nn.Module):
         super().__init__()
         self.normalizer = normalizer
         self.actor = actor
-        low = torch.as_tensor(low, dtype=torch.float32)
-        high = torch.as_tensor(high, dtype=torch.float32)
-        self.register_buffer("act_scale", (high - low) / 2)
-        self.register_buffer("act_bias", (high + low) / 2)
+        register_action_bounds(self, low, high)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.act_bias + self.act_scale * self.actor(self.normalizer(obs))

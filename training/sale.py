@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.networks import EnsembleLinear, Normalizer, mlp
+from training.networks import EnsembleLinear, Normalizer, mlp, register_action_bounds
 
 
 def avg_l1_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -92,10 +92,7 @@ class SalePolicy(nn.Module):
         self.normalizer = normalizer
         self.f = encoder.f  # only the state encoder is needed to act
         self.actor = actor
-        low = torch.as_tensor(low, dtype=torch.float32)
-        high = torch.as_tensor(high, dtype=torch.float32)
-        self.register_buffer("act_scale", (high - low) / 2)
-        self.register_buffer("act_bias", (high + low) / 2)
+        register_action_bounds(self, low, high)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         s = self.normalizer(obs)
