@@ -239,7 +239,7 @@ def run_bench(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
             "failed_requests": swap_loop["misses"]["fallbacks"],
             "loop": swap_loop,
         }
-        results["local"] = _local(cfg, addr["ours"], obs_dim, log)
+        results["local"] = _local(cfg, addr["ours"], obs_dim, act_dim, log)
 
         servers["ours per-request"] = ServerProcess(
             serve_command(cfg.policy, "127.0.0.1:0") + ["--no-batching"]
@@ -265,14 +265,16 @@ def _rt(cfg: BenchConfig) -> dict[str, Any]:
     return {"cpu": cfg.cpu, "rt_priority": cfg.rt_priority}
 
 
-def _local(cfg: BenchConfig, target: str, obs_dim: int, log: Any) -> dict[str, Any]:
+def _local(cfg: BenchConfig, target: str, obs_dim: int, act_dim: int, log: Any) -> dict[str, Any]:
     """The local lane's measurements (benchmarks/local_lane.py)."""
     rt, rate = _rt(cfg), cfg.loop_rate_hz
     out: dict[str, Any] = {}
-    log(f"local lane: {rate:g} Hz loop for {cfg.local_seconds:g} s ...")
-    out["loop"] = local_lane.loop(target, obs_dim, rate, cfg.local_seconds, rt)
-    log(f"local lane: {cfg.fast_rate_hz:g} Hz loop for {cfg.fast_seconds:g} s ...")
-    out["fast"] = local_lane.loop(target, obs_dim, cfg.fast_rate_hz, cfg.fast_seconds, rt)
+    for key, hz, seconds in (("loop", rate, cfg.local_seconds),
+                             ("fast", cfg.fast_rate_hz, cfg.fast_seconds)):  # fmt: skip
+        # The floor first, the same loop with no policy: the misses this machine causes alone.
+        log(f"local lane: {hz:g} Hz loop for {seconds:g} s, with no policy, then with it ...")
+        out[f"{key}_floor"] = local_lane.floor(obs_dim, act_dim, hz, seconds, rt)
+        out[key] = local_lane.loop(target, obs_dim, hz, seconds, rt)
     with tempfile.TemporaryDirectory(prefix="mu-bench-") as tmp:
         other = local_lane.variant_policy(cfg.policy, Path(tmp) / "variant.onnx")
         log(f"local lane: hot swap every {cfg.swap_interval_s * 1e3:g} ms under the loop ...")

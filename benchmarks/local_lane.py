@@ -62,6 +62,27 @@ def _summary(result: LoopResult) -> dict[str, Any]:
     return s
 
 
+class _NoPolicy:
+    """The loop's floor: a client whose act() returns a constant, what run_loop costs with no
+    policy at all. Its misses are the machine's (late wake-ups, stalls), not ours."""
+
+    local = False
+    misses = 0
+    version = 0
+
+    def __init__(self, act_dim: int) -> None:
+        self._action = np.zeros(act_dim, np.float32)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self._action
+
+
+def floor(obs_dim: int, act_dim: int, rate_hz: float, seconds: float, rt: dict[str, Any]) -> dict:
+    """The same loop as `loop`, in this process, with no policy and no server."""
+    result = run_loop(_NoPolicy(act_dim), SyntheticPlant(obs_dim), rate_hz, seconds=seconds, **rt)
+    return {**_summary(result), "lane": "no policy"}
+
+
 def loop(
     target: str, obs_dim: int, rate_hz: float, seconds: float, rt: dict[str, Any]
 ) -> dict[str, Any]:

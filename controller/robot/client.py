@@ -216,15 +216,19 @@ class PolicyClient:
         self.local = local
         self._metadata = self._admin_metadata
         self._watcher: PolicyWatcher | None = None
-        self._experience: ExperienceQueue | None = None
-        self._queue_size = queue_size
         self._slew = SlewLimiter(None)
         self._explorer: Explorer | None = None
         self._seed = seed
         self._last_obs: list[float] | None = None
         self._episode_return = 0.0
         self._episode_version: int | None = -1  # -1: set by the next action; None: mixed
+        # Both background threads start here, before any loop: one started from inside a
+        # real-time loop would inherit its CPU and SCHED_FIFO priority.
+        self._experience: ExperienceQueue | None = None
         if local:
+            self._experience = ExperienceQueue(
+                self._channel, maxsize=queue_size, metadata=self._metadata
+            )
             client_id = client_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
             self._watcher = PolicyWatcher(self._channel, client_id, metadata=self._metadata)
             try:
@@ -327,10 +331,6 @@ class PolicyClient:
                 episode_return = self._episode_return
             self._episode_return, self._episode_version = 0.0, -1
         action = self._last if applied_action is None else applied_action
-        if self._experience is None:
-            self._experience = ExperienceQueue(
-                self._channel, maxsize=self._queue_size, metadata=self._metadata
-            )
         values = next_obs.tolist() if isinstance(next_obs, np.ndarray) else next_obs
         queued = self._experience.put(
             make_transition(
@@ -354,7 +354,7 @@ class PolicyClient:
 
     @property
     def experience(self) -> ExperienceQueue | None:
-        """Local lane: the report queue (its counters), once report() has been called."""
+        """Local lane: the report queue (its counters); None on the gRPC lane."""
         return self._experience
 
     @property

@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 
 from controller.robot.client import PolicyClient
-from controller.robot.realtime import collect_young, quiet_gc, realtime, sleep_until
+from controller.robot.realtime import collect_young, quiet_gc, realtime, sleep_until, spin_for
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ def run_loop(
     if episodes is None and seconds is None and ticks is None:
         raise ValueError("give at least one of episodes, seconds, ticks")
     period = round(1e9 / rate_hz)
+    spin = spin_for(period, cpu)
     end_by = None if seconds is None else round(seconds * 1e9)
     if ticks is not None:
         capacity = ticks
@@ -207,7 +208,7 @@ def run_loop(
                 next_tick += behind * period
             elif next_tick - now > period // 2:
                 collect_young()  # in the slack, when at least half a period is left
-            sleep_until(next_tick, clock)
+            sleep_until(next_tick, clock, spin)
         result.end_ns = clock()
     for i, name in enumerate(_COLUMNS):
         setattr(result, name, columns[i, :n].copy())

@@ -7,13 +7,19 @@
 - `quiet_gc()`: collect once, `gc.freeze()` what warm-up left (imports, sessions), then no
   automatic collection; `collect_young()` runs in a tick's slack, `gc.collect()` between episodes.
 - `realtime(cpu, rt_priority)`: for the calling thread only (background threads keep their
-  scheduling): pin to one CPU, SCHED_FIFO at a priority (needs root or CAP_SYS_NICE, or an
+  scheduling): pin to one CPU and move the process's other threads off it (the policy watcher,
+  the transition reporter, gRPC's pollers: a thread woken on the loop's CPU would hold the GIL
+  while the loop preempts it), SCHED_FIFO at a priority (needs root or CAP_SYS_NICE, or an
   rtprio limit: `ulimit -r`; refused gives a warning and normal scheduling), a 1 ns timer slack
   (Linux rounds sleeps up by 50 µs otherwise), and a 100 µs GIL switch interval, so a background
-  thread (the policy watcher, the transition reporter) hands the GIL back within 100 µs instead
-  of 5 ms. Everything is restored on exit.
-- `sleep_until(deadline_ns)`: an absolute deadline on the monotonic clock; a late tick does not
-  push the next one back.
+  thread hands the GIL back within 100 µs instead of 5 ms. Everything is restored on exit.
+  Start background threads before entering: a thread started inside inherits the loop's CPU
+  and priority.
+- `sleep_until(deadline_ns, spin_ns)`: an absolute deadline on the monotonic clock; a late tick
+  does not push the next one back. With `spin_ns`, it sleeps until `spin_ns` before the deadline
+  and spins the rest: a sleeping vCPU wakes 50-100 µs late on a VM, a spinning one does not.
+  Spin only on a CPU of the loop's own (`--cpu`), and a fraction of the period: SCHED_FIFO
+  threads that never sleep are throttled by the kernel (sched_rt_runtime_us: 50 ms a second).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import gc
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +39,8 @@ log = logging.getLogger(__name__)
 
 PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30
 SWITCH_INTERVAL_S = 1e-4
+# Spin before a deadline when the loop owns its CPU: at most this, and a quarter of the period.
+SPIN_NS = 200_000
 # Young objects allowed before collect_young() collects them in a tick's slack.
 YOUNG_LIMIT = 5000
 
@@ -51,6 +60,7 @@ def realtime(cpu: int | None = None, rt_priority: int | None = None) -> Iterator
     applied: dict[str, Any] = {"cpu": None, "rt_priority": None, "timer_slack_ns": None}
     tid = 0  # 0 = the calling thread for sched_* and prctl on Linux
     old_affinity = old_policy = old_param = old_slack = None
+    moved: dict[int, set[int]] = {}
     old_switch = sys.getswitchinterval()
     prctl = _prctl()
     try:
@@ -63,6 +73,8 @@ def realtime(cpu: int | None = None, rt_priority: int | None = None) -> Iterator
             old_affinity = available
             os.sched_setaffinity(tid, {cpu})
             applied["cpu"] = cpu
+            moved = _move_other_threads(cpu)
+            applied["threads_moved"] = len(moved)
         if rt_priority is not None:
             if not hasattr(os, "SCHED_FIFO"):
                 raise ValueError("--rt-priority needs Linux (SCHED_FIFO)")
@@ -97,6 +109,27 @@ def realtime(cpu: int | None = None, rt_priority: int | None = None) -> Iterator
             os.sched_setscheduler(tid, old_policy, old_param)
         if old_affinity is not None:
             os.sched_setaffinity(tid, old_affinity)
+            for other, affinity in moved.items():
+                try:
+                    os.sched_setaffinity(other, affinity)
+                except OSError:  # the thread has ended
+                    pass
+
+
+def _move_other_threads(cpu: int) -> dict[int, set[int]]:
+    """Take `cpu` out of the affinity of every other thread of this process (threads they start
+    inherit it); returns their previous affinities. Threads that may run only on `cpu` stay."""
+    me, moved = threading.get_native_id(), {}
+    for name in os.listdir("/proc/self/task"):
+        other = int(name)
+        try:
+            affinity = os.sched_getaffinity(other)
+            if other != me and cpu in affinity and len(affinity) > 1:
+                os.sched_setaffinity(other, affinity - {cpu})
+                moved[other] = affinity
+        except OSError:  # ended since the listing
+            continue
+    return moved
 
 
 @contextmanager
@@ -124,8 +157,16 @@ def collect_young() -> bool:
     return True
 
 
-def sleep_until(deadline_ns: int, clock: Any = time.perf_counter_ns) -> None:
-    """Sleep until `deadline_ns` on `clock` (monotonic); returns at once when it has passed."""
-    remaining = deadline_ns - clock()
+def spin_for(period_ns: int, cpu: int | None) -> int:
+    """How long `sleep_until` should spin before a deadline: 0 unless the loop owns a CPU."""
+    return 0 if cpu is None else min(SPIN_NS, period_ns // 4)
+
+
+def sleep_until(deadline_ns: int, clock: Any = time.perf_counter_ns, spin_ns: int = 0) -> None:
+    """Sleep until `deadline_ns` on `clock` (monotonic), the last `spin_ns` spinning; returns at
+    once when it has passed."""
+    remaining = deadline_ns - spin_ns - clock()
     if remaining > 0:
         time.sleep(remaining / 1e9)
+    while clock() < deadline_ns:
+        pass

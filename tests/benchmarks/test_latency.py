@@ -45,6 +45,8 @@ def test_bench_runs_every_part(tiny: BenchConfig, tmp_path: Path) -> None:
     local = r["local"]
     assert local["loop"]["lane"] == "local" and local["loop"]["ticks"] > 0
     assert local["fast"]["rate_hz"] == 5000 and local["fast"]["ticks"] > 0
+    for key in ("loop_floor", "fast_floor"):  # the same loops with no policy, in the same run
+        assert local[key]["lane"] == "no policy" and local[key]["ticks"] > 0
     assert local["swap"]["swaps"] >= 1 and local["swap"]["failed_swaps"] == []
     assert local["kill"]["ticks"] > 0 and local["kill"]["restart_took_ms"] > 0
     assert [row["clients"] for row in r["sweep"]["micro-batched"]] == [1, 2]
@@ -52,6 +54,7 @@ def test_bench_runs_every_part(tiny: BenchConfig, tmp_path: Path) -> None:
     assert 0 < r["rss_mb"]["ours"] and r["machine"]["cores"] >= 1
     text = report.table(r)
     assert "p50/floor" in text and "targets (DESIGN.md)" in text and "echo stream" in text
+    assert "the machine's floor" in text
     assert len(report.targets(r)) >= 6
     png = tmp_path / "bench.png"  # matplotlib is in the dev extra: the plot always runs
     report.plot(r, png)

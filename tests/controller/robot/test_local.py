@@ -24,7 +24,7 @@ from controller.proto import grpc_service_pb2 as inference_pb
 from controller.robot.client import PolicyClient
 from controller.robot.local import ExperienceQueue, make_transition
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 POLICY = REPO / "policies" / "panda_reach" / "policy.onnx"
 AGENT = REPO / "policies" / "panda_reach" / "agent.pt"
 OBS = np.random.default_rng(5).normal(0, 2, (6, 26)).astype(np.float32)
