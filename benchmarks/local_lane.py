@@ -220,7 +220,7 @@ def _grpc_soak(
         for _ in range(WARM_TICKS):
             client.act(plant.reset())
         client.deadline_s = 1.0 / rate_hz
-        run_loop(client, plant, rate_hz, seconds=segment_s)  # warm-up: allocations settle
+        summarize(run_loop(client, plant, rate_hz, seconds=segment_s))  # warm-up, as a segment
         conn.send(rss_mb(os.getpid()))
         segments = []
         end = time.monotonic() + seconds
@@ -255,10 +255,10 @@ def soak(
     try:
         remote.start()
         client, plant = _client(server.address, obs_dim)
-        # Warm-up: one segment of each lane before the start figures (the first segment's
-        # per-tick arrays and summaries are one-time allocations), the same length as the rest.
+        # Warm-up: one segment of each lane, run and summarized exactly as the measured ones,
+        # before the start figures: the allocator's heap grows once to what a segment needs.
         log(f"soak: {segment_s:g} s warm-up of both lanes ...")
-        run_loop(client, plant, local_rate_hz, seconds=segment_s, **rt)
+        summarize(run_loop(client, plant, local_rate_hz, seconds=segment_s, **rt))
         grpc_start = parent.recv()
         start = {"server": rss_mb(server.process.pid), "local loop": rss_mb(os.getpid()),
                  "grpc loop": grpc_start}  # fmt: skip

@@ -2,14 +2,17 @@
 
 grpc turns an exception in a request deserializer into UNKNOWN ("Unexpected <DecodeError>").
 `DecodeGuard` wraps a server while the generated `add_*Servicer_to_server` registers handlers:
-every request deserializer returns an `Undecodable` marker instead of raising. Unary handlers
-are wrapped to abort with INVALID_ARGUMENT on it; streaming handlers check for the marker
-themselves (ActStream answers it in-band, as any bad request on that stream), so the control
-path gets no extra layer per message.
+every request deserializer returns an `Undecodable` marker instead of raising. Unary-unary
+handlers are wrapped to abort with INVALID_ARGUMENT on it; our streaming handlers check for the
+marker themselves (ActStream answers it in-band, as any bad request on that stream), so the
+control path gets no extra layer per message. Servicers that are not ours (health,
+reflection) know nothing of the marker: `DecodeGuard(server, streams=True)` wraps every kind of
+handler, streamed requests included.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,33 +41,61 @@ def _safe(deserializer: Callable[[bytes], Any] | None, type_name: str) -> Callab
     return deserialize
 
 
-def _unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if type(request) is Undecodable:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        return await behavior(request, context)
-
-    return guarded
+async def _checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    if type(request) is Undecodable:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+    return request
 
 
-def guard(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """The same handler with a deserializer that never raises (and unary-unary guarded)."""
+async def _each_checked(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+    async for request in requests:
+        yield await _checked(request, context)
+
+
+def _guarded(behavior: Callable[..., Any], streamed: bool) -> Callable[..., Any]:
+    """`behavior` aborting on an Undecodable request (each one, for a request stream); keeps
+    its kind (coroutine or async generator), which grpc.aio dispatches on."""
+
+    async def requests(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return _each_checked(request, context) if streamed else await _checked(request, context)
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def each_reply(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for reply in behavior(await requests(request, context), context):
+                yield reply
+
+        return each_reply
+
+    async def reply(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await behavior(await requests(request, context), context)
+
+    return reply
+
+
+def guard(handler: grpc.RpcMethodHandler, streams: bool = False) -> grpc.RpcMethodHandler:
+    """The same handler with a deserializer that never raises, and unary-unary guarded (with
+    `streams`, every kind)."""
     deserializer = handler.request_deserializer
     if deserializer is None:
         return handler
     owner = getattr(deserializer, "__self__", None)  # a bound Message.FromString
     type_name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "the request message")
     replaced = handler._replace(request_deserializer=_safe(deserializer, type_name))
-    if handler.unary_unary is not None:
-        replaced = replaced._replace(unary_unary=_unary(handler.unary_unary))
+    kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+    for kind in kinds if streams else kinds[:1]:
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            replaced = replaced._replace(**{kind: _guarded(behavior, kind.startswith("stream"))})
     return replaced
 
 
 class DecodeGuard:
     """Pass this to a generated `add_*Servicer_to_server` in place of the grpc.aio server."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, *, streams: bool = False) -> None:
         self._server = server
+        self._streams = streams
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         """Ignored: the registered handlers below also install the generic ones (the generated
@@ -73,7 +104,7 @@ class DecodeGuard:
     def add_registered_method_handlers(
         self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
     ) -> None:
-        guarded = {name: guard(h) for name, h in handlers.items()}
+        guarded = {name: guard(h, self._streams) for name, h in handlers.items()}
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service, guarded),)
         )

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from controller.config import (
     DEFAULT_LISTEN,
@@ -51,6 +51,10 @@ def server_options(config: ServeConfig) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", config.max_message_bytes),
         # A second server on the same port must fail to bind, not silently share the traffic.
         ("grpc.so_reuseport", 0),
+        # Local-lane loops ping their idle WatchPolicy stream (controller.robot.local) to notice
+        # a vanished server; gRPC's default refuses pings more often than every 5 minutes.
+        ("grpc.http2.min_ping_interval_without_data_ms", 500),
+        ("grpc.keepalive_permit_without_calls", 1),
     ]
 
 
@@ -174,10 +178,12 @@ async def create_server(config: ServeConfig) -> tuple[ControllerServer, int]:
         InferenceService(store, metrics), DecodeGuard(server)
     )
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, INFERENCE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-        server,
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, DecodeGuard(server, streams=True))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer(
+            (SERVICE_NAME, INFERENCE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        ),
+        DecodeGuard(server, streams=True),
     )
     host, port = parse_listen(config.listen)
     bind = f"unix:{host}" if port is None else f"[{host}]:{port}" if ":" in host else config.listen

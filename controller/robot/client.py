@@ -29,10 +29,10 @@ from controller.policy import ORT_ERRORS, ActError
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
 from controller.robot.local import (
-    CHANNEL_OPTIONS,
     ExperienceQueue,
     LocalPolicy,
     PolicyWatcher,
+    channel_options,
     make_transition,
 )
 from controller.safety import Fallback, SlewLimiter, fallback_action
@@ -159,6 +159,7 @@ class PolicyClient:
         client_id: str | None = None,
         queue_size: int = 4096,
         seed: int = 0,
+        keepalive_s: float = 5.0,
     ) -> None:
         """target: "HOST:PORT" or "unix:PATH". deadline_s bounds every act(); call_deadline_s
         bounds the other calls. TLS is on when root_certificates is given (PEM path or bytes);
@@ -168,7 +169,9 @@ class PolicyClient:
 
         local=True: the local lane. The constructor waits (up to call_deadline_s) for the first
         verified policy; `client_id` names this loop on the server (default host-pid-random);
-        `queue_size` bounds the transitions waiting to be reported; `seed` seeds exploration.
+        `queue_size` bounds the transitions waiting to be reported; `seed` seeds exploration;
+        a server that stops answering keepalive pings (sent every `keepalive_s`) is dropped and
+        reconnected to within 2 × keepalive_s, the loop keeping its policy meanwhile.
         """
         if deadline_s <= 0 or call_deadline_s <= 0:
             raise ValueError("deadlines must be positive")
@@ -191,7 +194,9 @@ class PolicyClient:
             ("grpc.max_send_message_length", max_message_bytes),
         ]
         if local:
-            options += CHANNEL_OPTIONS
+            if keepalive_s < 1.0:  # the server accepts pings down to every 0.5 s
+                raise ValueError(f"keepalive_s must be at least 1 s, got {keepalive_s}")
+            options += channel_options(keepalive_s)
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         self._options = options

@@ -36,13 +36,25 @@ log = logging.getLogger(__name__)
 
 # Calls of a new policy before it is swapped in: the first ticks then find it warm.
 WARM_CALLS = 20
-# Channel reconnection: gRPC's own defaults (1 s, growing to 120 s) would leave a restarted
-# server unseen for minutes; the watcher adds its own backoff on top.
-CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 500),
-]
+
+
+def channel_options(keepalive_s: float) -> list[tuple[str, int]]:
+    """The local lane's channel. Reconnection: gRPC's own defaults (1 s, growing to 120 s)
+    would leave a restarted server unseen for minutes; the watcher adds its own backoff on top.
+    Keepalive: a ping every `keepalive_s` on the idle WatchPolicy stream, unanswered for as
+    long, closes the connection, so a server that vanished without closing it (power cut,
+    cable pulled) is noticed within 2 × keepalive_s, not after TCP's hours. The server accepts
+    pings down to every 0.5 s (controller.server.server_options); PolicyClient allows 1 s."""
+    ms = round(keepalive_s * 1000)
+    return [
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 500),
+        ("grpc.keepalive_time_ms", ms),
+        ("grpc.keepalive_timeout_ms", ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # a watch stream is idle most of the time
+    ]
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ build fails instead of hanging).
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -128,19 +129,76 @@ def test_watcher_refuses_a_sha256_mismatch_and_keeps_the_old_policy(
 def test_watcher_survives_a_server_restart(
     server_factory, policy_path: Path, make_policy, tmp_path: Path
 ) -> None:
-    socket = f"unix:{tmp_path / 'mu.sock'}"
-    server = server_factory(policy_path, listen=socket)
+    listen = f"unix:{tmp_path / 'mu.sock'}"
+    server = server_factory(policy_path, listen=listen)
     other = make_policy("other.onnx", seed=3)
-    with PolicyClient(socket, local=True) as robot:
+    with PolicyClient(listen, local=True) as robot:
         before = _acts(robot)
         server.stop()
         for _ in range(20):  # ticks with the server gone: the last verified policy, no miss
             np.testing.assert_array_equal(_acts(robot), before)
         assert robot.misses == 0
-        server_factory(other, listen=socket)  # a new process: versions restart at 1
+        server_factory(other, listen=listen)  # a new process: versions restart at 1
         robot.watcher.wait(1, sha256=_sha(other), timeout=WAIT_S)
         np.testing.assert_allclose(_acts(robot), _expected(other), atol=1e-6)
         assert robot.watcher.reconnects >= 1 and robot.misses == 0
+
+
+class Blackhole:
+    """A TCP relay to a server that, once `cut`, drops every byte both ways and keeps the
+    connections open: a server that vanished without closing anything (power cut, cable)."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self.cut = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            far = socket.create_connection(self._target)
+            self._sockets += [near, far]
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                if not self.cut.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for s in self._sockets:
+            s.close()
+
+
+def test_a_silently_vanished_server_is_noticed_by_keepalive(server_factory, policy_path) -> None:
+    """No FIN, no RST, no reply: only the keepalive ping can tell. The loop keeps its policy."""
+    relay = Blackhole(server_factory(policy_path).target)
+    try:
+        with PolicyClient(relay.target, local=True, keepalive_s=1.0) as robot:
+            before = _acts(robot)
+            assert robot.watcher.connected and robot.watcher.reconnects == 0
+            relay.cut.set()
+            for _ in range(WAIT_S * 100):
+                if robot.watcher.reconnects:
+                    break
+                threading.Event().wait(0.01)
+            assert robot.watcher.reconnects >= 1, "the dead stream went unnoticed"
+            assert not robot.watcher.connected and "WatchPolicy" in robot.watcher.last_error
+            np.testing.assert_array_equal(_acts(robot), before)
+            assert robot.misses == 0
+    finally:
+        relay.close()
 
 
 def test_local_lane_runs_the_servers_safety_code(server_factory, policy_path: Path) -> None:
