@@ -202,17 +202,24 @@ def test_a_silently_vanished_server_is_noticed_by_keepalive(server_factory, poli
 
 
 def test_local_lane_runs_the_servers_safety_code(server_factory, policy_path: Path) -> None:
-    """Same slew limit, same order, same numbers as ActStream: one implementation."""
+    """Same slew limit, same order, same numbers as ActStream: one implementation. A loop that
+    warms the policy before each tick (run_loop on its own CPU) gets the same numbers too."""
     server = server_factory(policy_path, max_delta=0.05)
     rows = np.random.default_rng(9).normal(0, 3, (30, 26)).astype(np.float32)
     with (
         PolicyClient(server.target, local=True) as robot,
+        PolicyClient(server.target, local=True) as warmed,
         PolicyClient(server.target, deadline_s=5) as remote,
     ):
         assert robot.policy.max_delta == pytest.approx(0.05)
         local = np.stack([robot.act(r) for r in rows])
         served = np.stack([remote.act(r) for r in rows])
+        after_warm = []
+        for r in rows:
+            warmed.warm(-10 * r)  # far from r: a slew state it touched would show
+            after_warm.append(warmed.act(r))
     np.testing.assert_array_equal(local, served)
+    np.testing.assert_array_equal(np.stack(after_warm), served)
     assert np.abs(np.diff(local, axis=0)).max() <= 0.05 + 1e-6
 
 
