@@ -13,8 +13,9 @@ every `--eval-every` steps, wall-clock counted from the start of training includ
 Every run, ours and SB3's, is a trial of `training.runner` (Ray Tune, as `mu sweep`): `--jobs`
 at once, one CPU and one torch thread each, on local Ray or on a cluster with `--address`
 (then `--out` must be a path every node mounts). Finished runs found in `--out` are reused
-(ours only when the config matches), so an interrupted benchmark can be rerun cheaply; clear
-`--out` after changing the training code. Prints a table, writes JSON and a
+(ours only when the config matches) and ours unfinished resume from their last checkpoint
+(every 25k steps), so an interrupted benchmark can be rerun cheaply; clear `--out` after
+changing the training code. SB3's runs restart. Prints a table, writes JSON and a
 PNG of the learning curves against steps and against wall-clock.
 
 `--updates-only` measures the update alone (no simulator): updates per second of each `--algo`
@@ -63,18 +64,23 @@ def run_ours(
             "steps": steps,
             "eval_every": eval_every,
             "eval_episodes": eval_episodes,
-            "checkpoint_every": steps,
+            # Long runs leave a checkpoint every 25k steps: a benchmark stopped (a session's
+            # end, a kill) and run again resumes them there, exactly.
+            "checkpoint_every": min(steps, 25_000),
             "algo": algo,
         }  # fmt: skip
     )
     run = Path(out) / (f"mu-{env_id}-s{seed}" if algo == "td3" else f"mu-{algo}-{env_id}-s{seed}")
     saved = run / "config.json"
-    # A finished run with the same config is reused, not retrained (training code is not
-    # compared: clear --out after changing it).
-    reused = _finished(run / "evals.csv", steps) and saved.read_text() == cfg.to_json()
+    # A finished run with the same config is reused, not retrained, and an unfinished one
+    # resumed from its last checkpoint (training code is not compared: clear --out after
+    # changing it).
+    same = saved.exists() and saved.read_text() == cfg.to_json()
+    reused = same and _finished(run / "evals.csv", steps)
     if not reused:
         on_eval = (lambda row: report(list(row.values()))) if report else None
-        train(cfg, run, progress=False, on_eval=on_eval)
+        resume = same and (run / "checkpoint.pt").exists()
+        train(cfg, run, resume=resume, progress=False, on_eval=on_eval)
     rows = [line.split(",") for line in (run / "evals.csv").read_text().splitlines()[1:]]
     rows = [[float(x) if x and x != "None" else None for x in r] for r in rows]
     for row in rows if reused and report else []:

@@ -131,8 +131,11 @@ def train(
 
     writer = _tensorboard(out)
     csv_path = out / "evals.csv"
-    if not resume:
-        csv_path.write_text(",".join(EVAL_COLUMNS) + "\n")
+    # On resume, the rows of the checkpoint only: a run killed after an evaluation but before
+    # its next checkpoint evaluates that step again.
+    with open(csv_path, "w", newline="") as f:
+        f.write(",".join(EVAL_COLUMNS) + "\n")
+        csv.writer(f).writerows(evals)
     t0 = time.perf_counter() - wall_before
     next_eval = (start // cfg.eval_every + 1) * cfg.eval_every
     next_ckpt = (start // cfg.checkpoint_every + 1) * cfg.checkpoint_every

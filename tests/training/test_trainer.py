@@ -87,8 +87,13 @@ def test_resume_continues_exactly(reference_run, tmp_path):
     state = checkpoint.load(tmp_path / "checkpoint.pt")[3]
     assert 400 <= state["step"] <= 500
     assert state["replay"]["size"] == state["step"]
+    with open(tmp_path / "evals.csv", "a") as f:  # an evaluation after it, then the kill
+        f.write("600,1.0,-5.0,0.0,\n")
     train(small_cfg(), tmp_path, resume=True, progress=False)
     assert_same_weights(reference_run, tmp_path)
+    rows = [(tmp_path / "evals.csv").read_text(), (reference_run / "evals.csv").read_text()]
+    ours, straight = ([r.split(",")[:1] + r.split(",")[2:] for r in t.splitlines()] for t in rows)
+    assert ours == straight  # the stray row is gone, the step evaluated once, as straight
 
 
 def test_time_limit_truncation_is_stored_as_non_terminal(tmp_path):
