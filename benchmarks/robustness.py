@@ -16,7 +16,8 @@ returns and stays meaningful for negative ones.
 
 The runs are exactly what `mu train --env ENV --steps N --seed S [--preset robust]
 --out RUNS/ENV-VARIANT-sS` writes; finished runs with the same config are reused, as are
-finished sweeps, so an interrupted benchmark reruns cheaply. Prints a table and writes JSON and
+finished sweeps, and unfinished runs resume from their last checkpoint (every 25k steps), so an
+interrupted benchmark reruns cheaply. Prints a table and writes JSON and
 a PNG to --out.
 """
 
@@ -47,9 +48,11 @@ def train_run(env_id: str, variant: str, seed: int, steps: int, runs: str) -> st
     run = Path(runs) / f"{env_id}-{variant}-s{seed}"
     saved = run / "config.json"
     policy = run / "policy.onnx"
-    # a finished run is reused when its config matches (fields added since take defaults)
-    if not (policy.exists() and saved.exists() and TrainConfig.load(saved) == cfg):
-        train(cfg, run, progress=False)
+    # a finished run is reused when its config matches (fields added since take defaults), an
+    # unfinished one resumed from its last checkpoint (every 25k steps)
+    same = saved.exists() and TrainConfig.load(saved) == cfg
+    if not (same and policy.exists()):
+        train(cfg, run, resume=same and (run / "checkpoint.pt").exists(), progress=False)
     return str(policy)
 
 
