@@ -5,12 +5,16 @@
 (for TD7 the state encoder zs = f(s) runs inside the graph too, beside the MLP's input)
 
 with metadata_props describing the env, and refused unless onnxruntime agrees with torch to
-1e-5 on replayed and random observations.
+1e-5 on replayed and random observations, or, for a network whose float32 arithmetic is itself
+that coarse (TD7's encoder, ELU and AvgL1Norm layers, reach 1e-5 between torch in float32 and in
+float64), to 4× that rounding: two float32 evaluations each within e of the exact function
+differ by up to 2e, and onnxruntime's exp and tanh kernels are not torch's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import warnings
@@ -59,7 +63,8 @@ def export_policy(
     probes = np.concatenate(
         [replay_obs[-PARITY_SAMPLES:], random_observations(replay_obs, PARITY_SAMPLES)]
     )
-    write_checked(path, data, parity_error(policy, data, probes), len(probes))
+    err, tol = parity_error(policy, data, probes)
+    write_checked(path, data, err, len(probes), tol)
     (path.parent / f"{path.stem}.config.json").write_text(cfg.to_json())
     return path
 
@@ -101,16 +106,20 @@ def to_onnx(policy: torch.nn.Module, obs_dim: int, props: dict[str, str]) -> byt
     return model.SerializeToString()
 
 
-def write_checked(path: Path, data: bytes, err: float, n_probes: int) -> None:
-    """Write `data` to `path` atomically, or raise ParityError when `err` exceeds PARITY_TOL."""
-    if not err <= PARITY_TOL:
+def write_checked(
+    path: Path, data: bytes, err: float, n_probes: int, tol: float = PARITY_TOL
+) -> None:
+    """Write `data` to `path` atomically, or raise ParityError when `err` exceeds `tol`."""
+    if not err <= tol:
         raise ParityError(
-            f"onnxruntime differs from the reference by {err:.3g} > {PARITY_TOL}; "
-            f"not writing {path}"
+            f"onnxruntime differs from the reference by {err:.3g} > {tol:.3g}; not writing {path}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write(path, data)
-    log.info("exported %s (parity max abs error %.2g on %d observations)", path, err, n_probes)
+    log.info(
+        "exported %s (parity max abs error %.2g <= %.2g on %d observations)",
+        path, err, tol, n_probes,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -129,12 +138,18 @@ def _quiet_exporter() -> Iterator[None]:
                 lg.setLevel(level)
 
 
-def parity_error(policy: torch.nn.Module, onnx_bytes: bytes, obs: np.ndarray) -> float:
-    """Largest absolute difference between torch and onnxruntime actions on `obs`."""
+def parity_error(
+    policy: torch.nn.Module, onnx_bytes: bytes, obs: np.ndarray
+) -> tuple[float, float]:
+    """Largest absolute difference between torch and onnxruntime actions on `obs`, and the
+    tolerance it is held to: PARITY_TOL, or 4× float32's own rounding of this network (torch
+    in float32 against float64 on the same `obs`) when that is larger (module doc)."""
     obs = np.ascontiguousarray(obs, dtype=np.float32)
     with torch.no_grad():
         want = policy(torch.from_numpy(obs)).numpy()
-    return onnx_error(onnx_bytes, obs, want)
+        exact = copy.deepcopy(policy).double()(torch.from_numpy(obs).double()).numpy()
+    rounding = float(np.max(np.abs(want - exact)))
+    return onnx_error(onnx_bytes, obs, want), max(PARITY_TOL, 4 * rounding)
 
 
 def onnx_error(onnx_bytes: bytes, obs: np.ndarray, want: np.ndarray) -> float:
