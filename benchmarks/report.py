@@ -108,7 +108,8 @@ def local_targets(local: dict[str, Any]) -> list[tuple[str, str, bool]]:
             "local: server SIGKILLed under the loop costs 0 ticks",
             f"{kill.get('missed_during_outage', 'n/a')} missed of "
             f"{kill.get('outage_ticks', 'n/a')} between the kill and the new policy "
-            f"({kill['missed_ticks']} of {kill['ticks']} in the whole run), "
+            f"(the machine alone misses {floors[0]['miss_fraction']:.2%} of ticks; "
+            f"{kill['missed_ticks']} of {kill['ticks']} in the whole run), "
             f"{kill['failed_ticks']} failed; "
             + (
                 f"restarted server's policy applied {kill['applied_after_restart_ms']:.0f} ms "
