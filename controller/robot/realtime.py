@@ -15,7 +15,7 @@
   thread hands the GIL back within 100 µs instead of 5 ms. Everything is restored on exit.
   Start background threads before entering: a thread started inside inherits the loop's CPU
   and priority.
-- `sleep_until(deadline_ns, spin_ns)`: an absolute deadline on the monotonic clock; a late tick
+- `sleep_until(deadline_ns, clock, spin_ns)`: an absolute deadline on a monotonic clock; a late tick
   does not push the next one back. With `spin_ns`, it sleeps until `spin_ns` before the deadline
   and spins the rest: a sleeping vCPU wakes 50-100 µs late on a VM, a spinning one does not.
   Spin only on a CPU of the loop's own (`--cpu`), and a fraction of the period: SCHED_FIFO
