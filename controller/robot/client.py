@@ -315,7 +315,7 @@ class PolicyClient:
         act() costs several times what it costs warm."""
         values = obs.tolist() if isinstance(obs, np.ndarray) else list(obs)
         try:
-            self._watcher.current.policy.act_values(values)
+            self.watcher.current.policy.act_values(values)
         except (ActError, *ORT_ERRORS):  # act() will meet it, and answer it, on the tick
             pass
 
