@@ -60,6 +60,9 @@ class ServerProcess:
 
     def __init__(self, command: list[str], timeout_s: float = 60.0) -> None:
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        # What the messages call it: "mu serve", or the module of a benchmark's baseline server.
+        module = command[command.index("-m") + 1] if "-m" in command else command[0]
+        self.name = "mu serve" if module == "controller.cli" else module
         # One thread reads stderr from the start: lines go to a queue until the server is ready,
         # then to our log. The pipe must keep draining, or a full pipe would block the server.
         self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -89,11 +92,11 @@ class ServerProcess:
                 line = self._lines.get(timeout=max(end - time.monotonic(), 0))
             except queue.Empty:
                 raise TimeoutError(
-                    f"mu serve not ready after {timeout_s:.0f} s:\n" + "".join(seen)
+                    f"{self.name} not ready after {timeout_s:.0f} s:\n" + "".join(seen)
                 ) from None
             if line is None:  # the server exited before it was ready
                 code = self.process.wait()
-                raise RuntimeError(f"mu serve exited with code {code}:\n" + "".join(seen))
+                raise RuntimeError(f"{self.name} exited with code {code}:\n" + "".join(seen))
             seen.append(line)
             address = parse_ready(line)
             if address is not None:
@@ -107,7 +110,7 @@ class ServerProcess:
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                log.warning("mu serve did not stop within %.0f s; killing it", timeout_s)
+                log.warning("%s did not stop within %.0f s; killing it", self.name, timeout_s)
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
