@@ -58,7 +58,7 @@ def run_ours(
 
     cfg = TrainConfig.from_dict(
         {
-            **preset(env_id),
+            **preset(env_id, algo=algo),
             "env_id": env_id,
             "seed": seed,
             "steps": steps,

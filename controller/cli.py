@@ -39,16 +39,14 @@ def _train(args: argparse.Namespace) -> int:
             raise SystemExit("mu train: --env is required (or --resume RUN, or --preset-file)")
         if from_file.get("env_id", env) != env:
             raise ValueError(f"--preset-file {args.preset_file} is for {from_file['env_id']}")
-        overrides = {
-            **preset(env, args.preset),
-            **from_file,
-            **parse_overrides(TrainConfig, args.set, "--set"),
-        }
+        sets = parse_overrides(TrainConfig, args.set, "--set")
+        algo = args.algo or sets.get("algo") or from_file.get("algo", "td3")
+        overrides = {**preset(env, args.preset, algo), **from_file, **sets}
         cfg = TrainConfig.from_dict(
             {
                 **overrides,
                 "env_id": env,
-                "algo": args.algo or overrides.get("algo", "td3"),
+                "algo": algo,
                 "seed": args.seed,
                 "device": args.device,
                 "export": args.export,

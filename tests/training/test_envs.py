@@ -47,5 +47,13 @@ def test_ddpg_is_a_configuration_of_td3():
 def test_presets():
     assert preset("PandaReachDense-v3")["gamma"] == 0.95
     assert preset("HalfCheetahBulletEnv-v0", "zoo")["actor_hidden"] == [400, 300]
+    # TD7 keeps its paper's 256-unit networks over the env's TD3 widths, and the rest
+    cheetah, cheetah_td7 = (
+        preset("HalfCheetahBulletEnv-v0"),
+        preset("HalfCheetahBulletEnv-v0", algo="td7"),
+    )
+    assert cheetah["critic_hidden"] == [400, 300]
+    assert cheetah_td7 == {**cheetah, "actor_hidden": [256, 256], "critic_hidden": [256, 256]}
+    assert preset("HalfCheetahBulletEnv-v0", "robust", "td7")["rand_friction"] == [0.5, 1.25]
     with pytest.raises(ValueError, match="unknown preset"):
         preset("X", "fast")
