@@ -141,7 +141,7 @@ class SweepConfig:
     def overrides(self, point: dict[str, Any]) -> dict[str, Any]:
         """TrainConfig fields of one configuration (all but the seed)."""
         return {
-            **preset(self.env, self.preset, self.algo),
+            **preset(self.env, self.preset, point.get("algo", self.algo)),
             **self.set,
             "env_id": self.env,
             "algo": self.algo,
