@@ -2,6 +2,7 @@
 
 Measured in the bench process (the robot), against servers in their own processes:
 - the loop at 1 kHz and at 5 kHz (synthetic observations): per-tick policy cost and misses;
+  and the same loops with no policy and no server (`floor`): the misses of the machine alone;
 - hot swaps every 100 ms under the 1 kHz loop, alternating two files with different sha256:
   failed ticks, and the time from LoadPolicy returning (in the admin's process) to the first
   tick that used the new version (CLOCK_MONOTONIC in both processes);
