@@ -3,7 +3,11 @@ env's default preset and once with `--preset robust` (domain randomization), the
 evaluated on the same grid of shifted dynamics (training/robustness.py) with onnxruntime.
 
     python -m benchmarks.robustness --env PandaReachDense-v3=20000 \
-        --env HalfCheetahBulletEnv-v0=150000 --seeds 0 1 2 [--runs runs/robustness]
+        --env HalfCheetahBulletEnv-v0=150000/3 --seeds 0 1 2 [--runs runs/robustness]
+
+`ID=STEPS/EPISODES` sets an env's evaluation episodes per cell (default `--episodes`): a
+HalfCheetah episode is 1000 steps of near-deterministic physics, a PandaReach one 50 steps
+with a random goal whose success rate needs more of them.
 
 Each run's last actor is evaluated (`policy.last.onnx`), so the export rule, which picks the
 best evaluation at nominal dynamics, favours neither side. Per policy: return at nominal
@@ -167,19 +171,25 @@ def plot(summaries: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--env", action="append", required=True, metavar="ID=STEPS")
+    p.add_argument("--env", action="append", required=True, metavar="ID=STEPS[/EPISODES]")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--episodes", type=int, default=10, help="evaluation episodes per cell")
+    p.add_argument(
+        "--episodes",
+        type=int,
+        default=10,
+        help="evaluation episodes per cell (ID=STEPS/N: per env)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
     p.add_argument("--runs", default="runs/robustness", help="run directories and sweeps")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
-    envs = {}
+    envs, episodes = {}, {}
     for item in args.env:
-        env_id, _, steps = item.partition("=")
-        if not steps.isdigit():
-            raise SystemExit(f"--env {item!r}: expected ID=STEPS")
-        envs[env_id] = int(steps)
+        env_id, _, budget = item.partition("=")
+        steps, _, n = budget.partition("/")
+        if not steps.isdigit() or (n and not n.isdigit()):
+            raise SystemExit(f"--env {item!r}: expected ID=STEPS or ID=STEPS/EPISODES")
+        envs[env_id], episodes[env_id] = int(steps), int(n or args.episodes)
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     jobs = [(e, v, s, n) for e, n in envs.items() for s in args.seeds for v in VARIANTS]
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
@@ -191,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                 sweep_pair,
                 *zip(*pairs, strict=True),
                 [args.runs] * len(pairs),
-                [args.episodes] * len(pairs),
+                [episodes[e] for e, _ in pairs],
             )
         )
     summaries: dict[str, list[dict[str, Any]]] = {e: [] for e in envs}
@@ -204,7 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.txt").write_text(text + "\n")
     (out / f"{name}.json").write_text(
-        json.dumps({"envs": envs, "seeds": args.seeds, "summaries": summaries}, indent=1)
+        json.dumps(
+            {"envs": envs, "episodes": episodes, "seeds": args.seeds, "summaries": summaries},
+            indent=1,
+        )
     )
     plot(summaries, out / f"{name}.png")
     print(f"wrote {out / name}.{{txt,json,png}}")
