@@ -187,9 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.env:
         env_id, _, budget = item.partition("=")
         steps, _, n = budget.partition("/")
-        if not steps.isdigit() or (n and not n.isdigit()):
-            raise SystemExit(f"--env {item!r}: expected ID=STEPS or ID=STEPS/EPISODES")
-        envs[env_id], episodes[env_id] = int(steps), int(n or args.episodes)
+        n = n or str(args.episodes)
+        if not (steps.isdigit() and n.isdigit() and int(n) > 0):
+            raise SystemExit(f"--env {item!r}: expected ID=STEPS or ID=STEPS/EPISODES (≥ 1)")
+        envs[env_id], episodes[env_id] = int(steps), int(n)
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     jobs = [(e, v, s, n) for e, n in envs.items() for s in args.seeds for v in VARIANTS]
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
