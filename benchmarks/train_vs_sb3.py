@@ -340,11 +340,10 @@ def plot(curves: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def update_throughput(
-    device: str, hidden: list[int], seconds: float = 10.0, algo: str = "td3"
-) -> float:
-    """Updates/s of `td3.update` or `td7.update` (batch 256, obs 26, act 6: HalfCheetah's
-    sizes); td7 includes its target refresh every `td7_target_every` updates."""
+def _update_setup(device: str, hidden: list[int], algo: str):
+    """An agent, a random batch (batch 256, obs 26, act 6: HalfCheetah's sizes) and one update
+    step: `step(i)` is update number i (counted from 1), the actor every `policy_delay`, td7's
+    target refresh every `td7_target_every`."""
     import torch
 
     from training import td3, td7
@@ -354,7 +353,6 @@ def update_throughput(
     torch.manual_seed(0)
     cfg = TrainConfig(algo=algo, device=device, actor_hidden=hidden, critic_hidden=hidden)
     agent = create_agent(cfg, obs_dim=26, act_dim=6)
-    update = td7.update if algo == "td7" else td3.update
     n = cfg.batch_size
     batch = {
         "obs": torch.randn(n, 26, device=device),
@@ -365,19 +363,49 @@ def update_throughput(
         "terminal": torch.zeros(n, device=device),
         "discount": torch.full((n,), cfg.gamma, device=device),
     }
+
+    def step(i: int) -> None:
+        if algo == "td7":
+            td7.update(agent, batch, cfg, i % cfg.policy_delay == 0)
+            if i % cfg.td7_target_every == 0:
+                td7.refresh(agent)
+        else:
+            td3.update(agent, batch, cfg, i % cfg.policy_delay == 0)
+
+    return cfg, step
+
+
+def update_throughput(
+    device: str, hidden: list[int], seconds: float = 10.0, algo: str = "td3"
+) -> float:
+    """Updates/s of `td3.update` or `td7.update` on random transitions held on `device`."""
+    import torch
+
+    _, step = _update_setup(device, hidden, algo)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for i in range(20):  # warm-up
-        update(agent, batch, cfg, i % 2 == 0)
+    for i in range(1, 21):  # warm-up
+        step(i)
     sync()
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for _ in range(10):
             count += 1
-            update(agent, batch, cfg, count % cfg.policy_delay == 0)
-            if algo == "td7" and count % cfg.td7_target_every == 0:
-                td7.refresh(agent)
+            step(count)
         sync()
     return count / (time.perf_counter() - t0)
+
+
+def update_flops(hidden: list[int], algo: str = "td3") -> float:
+    """FLOPs of one update, averaged over `policy_delay` updates (one of them steps the actor),
+    as torch's FlopCounterMode counts them: matmuls forward and backward, which is what the
+    update's time goes to on a CPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg, step = _update_setup("cpu", hidden, algo)
+    with FlopCounterMode(display=False) as counter:
+        for i in range(1, cfg.policy_delay + 1):
+            step(i)
+    return counter.get_total_flops() / cfg.policy_delay
 
 
 def sampling_cost(size: int, seconds: float = 2.0) -> dict[str, float]:
@@ -413,6 +441,7 @@ def updates_only(args: argparse.Namespace) -> None:
     for algo in args.algo:
         for hidden in ([256, 256], [400, 300]):
             rate = update_throughput(args.device, hidden, args.seconds, algo)
+            flops = update_flops(hidden, algo)
             rows.append(
                 {
                     "algo": algo,
@@ -420,11 +449,14 @@ def updates_only(args: argparse.Namespace) -> None:
                     "threads": args.threads,
                     "hidden": hidden,
                     "updates_per_s": rate,
+                    "gflop_per_update": flops / 1e9,
+                    "gflop_per_s": rate * flops / 1e9,
                 }
             )
             print(
                 f"{algo} {args.device} threads={args.threads} hidden={hidden}: "
-                f"{rate:8.1f} updates/s"
+                f"{rate:8.1f} updates/s, {flops / 1e9:.2f} GFLOP each, "
+                f"{rate * flops / 1e9:5.1f} GFLOP/s"
             )
     if "td7" in args.algo:
         for size in (150_000, 1_000_000):
