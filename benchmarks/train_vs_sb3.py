@@ -19,8 +19,9 @@ changing the training code. SB3's runs restart. Prints a table, writes JSON and 
 PNG of the learning curves against steps and against wall-clock.
 
 `--updates-only` measures the update alone (no simulator): updates per second of each `--algo`
-on random transitions held on the device, for the default and the RL Zoo network sizes; with
-td7 also the cost of a batch draw, uniform against LAP's sum-tree (draw + priority write).
+on random transitions held on the device, for the default and the RL Zoo network sizes, with
+the FLOPs of one update and the rate they run at; with td7 also the cost of a batch draw,
+uniform against LAP's sum-tree (draw + priority write).
 """
 
 from __future__ import annotations
