@@ -44,7 +44,9 @@ def channel_options(keepalive_s: float) -> list[tuple[str, int]]:
     Keepalive: a ping every `keepalive_s` on the idle WatchPolicy stream, unanswered for as
     long, closes the connection, so a server that vanished without closing it (power cut,
     cable pulled) is noticed within 2 × keepalive_s, not after TCP's hours. The server accepts
-    pings down to every 0.5 s (controller.server.server_options); PolicyClient allows 1 s."""
+    pings down to every 0.5 s (controller.server.server_options); PolicyClient allows 1 s.
+    gRPC times an unanswered ping out by `grpc.http2.ping_timeout_ms` (default 60 s), not by
+    the keepalive timeout alone, so both are set."""
     ms = round(keepalive_s * 1000)
     return [
         ("grpc.initial_reconnect_backoff_ms", 100),
@@ -52,6 +54,7 @@ def channel_options(keepalive_s: float) -> list[tuple[str, int]]:
         ("grpc.max_reconnect_backoff_ms", 500),
         ("grpc.keepalive_time_ms", ms),
         ("grpc.keepalive_timeout_ms", ms),
+        ("grpc.http2.ping_timeout_ms", ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),  # a watch stream is idle most of the time
     ]
