@@ -123,8 +123,11 @@ class ControllerService(pb_grpc.ControllerServicer):
         store, metrics, delta, batcher = self._store, self._metrics, self._max_delta, self.batcher
         slew = SlewLimiter(delta)  # the same limiter the local lane runs
         finetune = self._finetune
-        experience = None if finetune is None else finetune.stream()
-        explorer = None if finetune is None else finetune.explorer
+        # Experience steers what the robot will do: only a trusted caller's is learned from, and
+        # only a trusted stream explores (noise on actions nobody learns from is pure cost).
+        trusted = self._token_given(context) is True
+        experience = None if finetune is None else finetune.stream(trusted, context.peer())
+        explorer = None if finetune is None or not trusted else finetune.explorer
         self._open_streams += 1
         try:
             async for request in request_iterator:
@@ -244,12 +247,14 @@ class ControllerService(pb_grpc.ControllerServicer):
         async for t in request_iterator:
             if type(t) is Undecodable:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, t.message)
-            error = finetune.report_transition(
-                t.obs, t.action, t.reward, t.next_obs, t.terminated, t.truncated
+            # The local lane's episode return, for the rollback monitor, on its last transition.
+            ended = (
+                t.policy_version and t.HasField("episode_return") and (t.terminated or t.truncated)
             )
-            if error is None and t.policy_version and t.HasField("episode_return"):
-                if t.terminated or t.truncated:  # the local lane's episode, for the monitor
-                    finetune.report_episode(t.policy_version, t.episode_return)
+            error = finetune.report_transition(
+                t.obs, t.action, t.reward, t.next_obs, t.terminated, t.truncated,
+                episode=(t.policy_version, t.episode_return) if ended else None,
+            )  # fmt: skip
             if error is None:
                 reply.accepted += 1
             else:
@@ -332,19 +337,27 @@ class ControllerService(pb_grpc.ControllerServicer):
             )
         return self._finetune
 
-    async def _authorize(self, context: grpc.aio.ServicerContext, method: str) -> None:
-        """Admin RPCs need `authorization: Bearer <token>` when the server has a token."""
+    def _token_given(self, context: grpc.aio.ServicerContext) -> bool | None:
+        """Whether the caller is trusted: it sent `authorization: Bearer <token>` with the admin
+        token, or the server has none. None: it sent no authorization metadata at all."""
         if self._expected_auth is None:
-            return
+            return True
         given = next((v for k, v in context.invocation_metadata() if k == "authorization"), None)
         if given is None:
+            return None
+        given_bytes = given.encode() if isinstance(given, str) else given
+        return hmac.compare_digest(given_bytes, self._expected_auth)
+
+    async def _authorize(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        """Admin RPCs need `authorization: Bearer <token>` when the server has a token."""
+        trusted = self._token_given(context)
+        if trusted is None:
             log.warning("%s from %s refused: no authorization metadata", method, context.peer())
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"{method} needs metadata 'authorization: Bearer <token>'",
             )
-        given_bytes = given.encode() if isinstance(given, str) else given
-        if not hmac.compare_digest(given_bytes, self._expected_auth):
+        if not trusted:
             log.warning("%s from %s refused: wrong token", method, context.peer())
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method}: wrong admin token")
 

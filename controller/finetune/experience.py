@@ -13,6 +13,7 @@ truncated. Rows are sent in chunks; a full queue drops the chunk and counts it, 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from controller.proto import controller_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 
 def row_width(obs_dim: int, act_dim: int) -> int:
@@ -185,6 +188,35 @@ class StreamExperience:
             self._episode_version = version
         elif self._episode_version is not None and self._episode_version != version:
             self._episode_version = None  # a swap mid-episode: this episode judges no version
+
+
+class UntrustedExperience:
+    """An ActStream whose caller lacks the admin token: its reports are counted as rejected and
+    logged once, never learned from nor judged by."""
+
+    def __init__(self, counters: Counters, peer: str) -> None:
+        self._counters = counters
+        self._peer = peer
+        self._warned = False
+
+    def report(self, obs: Sequence[float], request: pb.ActRequest) -> None:
+        if not request.HasField("reward"):
+            return
+        self._counters.rejected += 1
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "ActStream from %s reports experience without the admin token; ignored",
+                self._peer,
+            )
+
+    def interrupted(self) -> None:
+        pass
+
+    def served(
+        self, action: Sequence[float], version: int, low: np.ndarray, high: np.ndarray
+    ) -> None:
+        pass
 
 
 class Explorer:

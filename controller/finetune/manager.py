@@ -29,6 +29,7 @@ from controller.finetune.experience import (
     Explorer,
     StreamExperience,
     TransitionSink,
+    UntrustedExperience,
     row_width,
     to_unit,
 )
@@ -150,8 +151,12 @@ class Finetuner:
 
     # -- data path (called by the ActStream handler) ------------------------------------------
 
-    def stream(self) -> StreamExperience:
-        return StreamExperience(self.sink, self._episode, self.obs_dim, self.act_dim)
+    def stream(self, trusted: bool, peer: str) -> StreamExperience | UntrustedExperience:
+        """What one ActStream's reports feed: the learner and the rollback monitor when the
+        caller is trusted (admin token, or the server has none); nothing otherwise."""
+        if trusted:
+            return StreamExperience(self.sink, self._episode, self.obs_dim, self.act_dim)
+        return UntrustedExperience(self.counters, peer)
 
     def _record_states(self, obs: np.ndarray) -> None:
         idx = (self._recent_n + np.arange(len(obs))) % RECENT_STATES
@@ -179,8 +184,12 @@ class Finetuner:
         next_obs: Sequence[float],
         terminated: bool,
         truncated: bool,
+        episode: tuple[int, float] | None = None,
     ) -> str | None:
-        """A transition logged elsewhere (env units); returns why it was rejected, or None."""
+        """A transition logged elsewhere (env units), and with `episode` (version, return) the
+        episode it ended; returns why it was rejected, or None."""
+        if episode is not None and not math.isfinite(episode[1]):
+            return self._reject("episode_return is not finite")
         policy = self._store.current
         o = np.asarray(obs, np.float32)
         a = np.asarray(action, np.float32)
@@ -197,6 +206,8 @@ class Finetuner:
             [o, to_unit(a, policy.low, policy.high), [reward], o2, [terminated], [truncated]]
         ).astype(np.float32)
         self.sink.add(row)
+        if episode is not None:
+            self._episode(*episode)
         return None
 
     def _reject(self, reason: str) -> str:
@@ -286,11 +297,8 @@ class Finetuner:
         source = str(Path(policy.source).resolve())
         self._commands.put(("served", policy.version, source, policy.sha256, self._rolling_back))
 
-    def report_episode(self, version: int, episode_return: float) -> None:
-        """An episode served wholly by `version` (the local lane reports these)."""
-        self._episode(version, episode_return)
-
     def _episode(self, version: int, episode_return: float) -> None:
+        """An episode served wholly by `version`, with a finite return (callers check)."""
         verdict = self.monitor.episode(version, episode_return)
         if verdict is None:
             return

@@ -4,6 +4,7 @@ regression, admin RPC rules, and kill -9 in the middle of a promotion."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -48,9 +49,11 @@ DEADLINE_S = 120
 class LockStep:
     """One ActStream driven one request at a time."""
 
-    def __init__(self, stub: pb_grpc.ControllerStub) -> None:
+    def __init__(self, stub: pb_grpc.ControllerStub, metadata=None) -> None:
         self._requests: queue.Queue[pb.ActRequest | None] = queue.Queue()
-        self._replies = stub.ActStream(iter(self._requests.get, None), timeout=DEADLINE_S)
+        self._replies = stub.ActStream(
+            iter(self._requests.get, None), timeout=DEADLINE_S, metadata=metadata
+        )
 
     def step(self, **fields) -> pb.ActResponse:
         self._requests.put(pb.ActRequest(**fields))
@@ -93,6 +96,48 @@ def test_finetuning_rpcs_need_finetune_and_the_token(server_factory, policy_path
             )
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "--finetune" in e.value.details()
+
+
+def test_only_trusted_callers_report_experience_and_only_finite_returns(
+    server_factory, tmp_path
+) -> None:
+    """With a token, an ActStream without it is served (unexplored) but its rewards reach
+    neither the learner nor the rollback monitor; a NaN episode_return is rejected."""
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    admin = [("authorization", "Bearer s3cret")]
+    cfg = FinetuneConfig(checkpoint=AGENT, versions_dir=tmp_path / "v", explore_std=0.05, **FAST)
+    server = server_factory(POLICY, finetune=cfg, admin_token_file=token)
+    rng = np.random.default_rng(2)
+    control = pb.FinetuneControlRequest()
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        for metadata in (None, [("authorization", "Bearer wrong")]):
+            stream = LockStep(stub, metadata)
+            replies = list(itertools.islice(episodes(stream, rng, lambda v: 5.0), 10))
+            stream.close()
+            assert [(len(r.action), r.explored) for r in replies] == [(3, False)] * 10
+        status = stub.GetFinetuneStatus(control, timeout=10, metadata=admin)
+        assert (status.transitions_received, status.transitions_rejected) == (0, 20)
+        assert status.current_episodes == 0
+
+        stream = LockStep(stub, admin)
+        replies = list(itertools.islice(episodes(stream, rng, lambda v: -1.0), 10))
+        stream.close()
+        assert all(r.explored for r in replies)
+        status = stub.GetFinetuneStatus(control, timeout=10, metadata=admin)
+        assert (status.transitions_received, status.current_episodes) == (10, 2)
+        assert status.current_mean_return == pytest.approx(-5.0)
+
+        o, o2 = rng.normal(0, 0.1, (2, 12)).tolist()
+        nan_return = pb.Transition(obs=o, action=[0.1, -0.2, 0.3], reward=-1.0, next_obs=o2,
+                                   truncated=True, policy_version=1,
+                                   episode_return=float("nan"))  # fmt: skip
+        reply = stub.ReportTransitions(iter([nan_return]), timeout=DEADLINE_S, metadata=admin)
+        assert (reply.accepted, reply.rejected) == (0, 1)
+        assert reply.first_error == "transition 1: episode_return is not finite"
+        status = stub.GetFinetuneStatus(control, timeout=10, metadata=admin)
+        assert status.current_episodes == 2
 
 
 def test_regression_under_a_promoted_version_rolls_back(server_factory, tmp_path) -> None:
