@@ -2,38 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from controller.finetune.config import FinetuneConfig
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-
-
-def parse_overrides(
-    cls: type, items: list[str], flag: str, exclude: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """`FIELD=VALUE` flags onto fields of the dataclass `cls`; a value is read as JSON when it
-    parses (numbers, lists, booleans) and kept as a string otherwise. Raises ValueError."""
-    names = {f.name for f in dataclasses.fields(cls)} - set(exclude)
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in names:
-            raise ValueError(
-                f"{flag} {item!r}: expected FIELD=VALUE with FIELD one of {sorted(names)}"
-            )
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def parse_shifts(items: list[str]) -> dict[str, float]:

@@ -19,6 +19,7 @@ import torch
 
 from training.algos import OPTIMIZERS, AnyAgent, create_agent
 from training.config import TrainConfig
+from training.replay import ReplayBuffer
 
 
 def atomic_write(
@@ -78,15 +79,27 @@ def save(
 def load(
     path: str | Path, device: str = "cpu"
 ) -> tuple[TrainConfig, AnyAgent, dict[str, Any], dict[str, Any] | None]:
-    """Returns (config, agent, meta, train_state or None)."""
+    """Returns (config, agent, meta, train_state or None). A run directory loads its agent.pt
+    (the exported actor, with the last critics), or its checkpoint.pt where training did not
+    finish."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoint.pt" if (path / "checkpoint.pt").exists() else path / "agent.pt"
+        path = path / "agent.pt" if (path / "agent.pt").exists() else path / "checkpoint.pt"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no agent.pt or checkpoint.pt in {path.parent}: not a run directory of mu train"
+            )
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    payload = torch.load(path, map_location=device, weights_only=True)
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # torch raises a different error for each kind of wrong file
+        payload = None
     if not isinstance(payload, dict) or payload.get("format") != "mu.checkpoint.v1":
-        raise ValueError(f"{path} is not a mu checkpoint")
+        raise ValueError(
+            f"{path} is not a mu checkpoint: give a run directory of mu train, its agent.pt or "
+            "its checkpoint.pt (a policy file holds the actor only, no critic)"
+        )
     cfg = TrainConfig.from_dict({**json.loads(payload["config"]), "device": device})
     meta = payload["meta"]
     agent = create_agent(cfg, meta["obs_dim"], meta["act_dim"])
@@ -96,3 +109,14 @@ def load(
         if name in payload["agent"]:
             getattr(agent, name).load_state_dict(payload["agent"][name])
     return cfg, agent, meta, payload["train_state"]
+
+
+def saved_replay(source: str | Path, train_state: dict[str, Any] | None) -> ReplayBuffer | None:
+    """The replay buffer saved with a run (`train_state` from `load`, else the run directory's
+    checkpoint.pt), rebuilt by the buffer's own code; None where there is none."""
+    path = Path(source) / "checkpoint.pt"
+    if train_state is None and path.exists():
+        train_state = torch.load(path, map_location="cpu", weights_only=True)["train_state"]
+    if not train_state or not train_state["replay"]["size"]:
+        return None
+    return ReplayBuffer.from_state(train_state["replay"])

@@ -8,11 +8,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.fields import check_types, unknown_field
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+# The settings each algorithm fills where the user left them unset: DDPG is TD3 with one critic,
+# no target-policy noise and no delay, so a ddpg run refuses any other value of these.
+ALGO_SETTINGS: dict[str, dict[str, Any]] = {
+    "td3": {"n_critics": 2, "policy_delay": 2, "target_noise": 0.2},
+    "td7": {"n_critics": 2, "policy_delay": 2, "target_noise": 0.2},
+    "ddpg": {"n_critics": 1, "policy_delay": 1, "target_noise": 0.0},
+}
+# Fields an algorithm never reads: a value other than the default is refused, not dropped.
+_TD7_ONLY = "a td7 setting"
+IGNORED: dict[str, dict[str, str]] = {
+    "td3": {},
+    "ddpg": {"target_noise_clip": "ddpg adds no target-policy noise to clip"},
+    "td7": {"critic_layer_norm": "td7's critics normalize with AvgL1Norm (training/sale.py)"},
+}
+for _algo in ("td3", "ddpg"):
+    IGNORED[_algo].update(
+        {
+            name: _TD7_ONLY
+            for name in (
+                "td7_zs_dim",
+                "td7_target_every",
+                "td7_lap_alpha",
+                "td7_min_priority",
+                "td7_checkpoint_episodes",
+                "td7_checkpoint_switch",
+            )
+        }
+    )
 
 
 @dataclass
@@ -30,15 +62,21 @@ class TrainConfig:
     critic_layer_norm: bool = _f(False, "LayerNorm after each hidden layer of the critics.")
     normalize_obs: bool = _f(True, "Running observation normalization (frozen at export).")
     # TD3 update
-    n_critics: int = _f(2, "Critics in the ensemble; the target takes their minimum.")
+    n_critics: int | None = _f(
+        None, "Critics in the ensemble; the target takes their minimum (unset: 2, ddpg 1)."
+    )
     gamma: float = _f(0.99, "Discount factor.")
     n_step: int = _f(5, "Rewards summed in the TD target before bootstrapping (n-step return).")
     tau: float = _f(0.005, "Polyak rate of the target networks.")
     actor_lr: float = _f(1e-3, "Adam learning rate of the actor.")
     critic_lr: float = _f(1e-3, "Adam learning rate of the critics.")
     batch_size: int = _f(256, "Transitions per update.")
-    policy_delay: int = _f(2, "Critic updates per actor (and target) update.")
-    target_noise: float = _f(0.2, "Std of target-policy smoothing noise, in [-1, 1] action units.")
+    policy_delay: int | None = _f(
+        None, "Critic updates per actor (and target) update (unset: 2, ddpg 1)."
+    )
+    target_noise: float | None = _f(
+        None, "Std of target-policy smoothing noise, in [-1, 1] action units (unset: 0.2, ddpg 0)."
+    )
     target_noise_clip: float = _f(0.5, "Clip of target-policy smoothing noise.")
     # TD7 (algo td7 only; training/td7.py): SALE, LAP, value clipping, policy checkpoints
     td7_zs_dim: int = _f(256, "Size of the SALE embeddings zs and zsa.")
@@ -75,6 +113,8 @@ class TrainConfig:
     rand_push: list[float] = _f([], "Velocity kick on the body on 1% of steps, m/s.")
 
     def __post_init__(self) -> None:
+        check_types(self)
+        self._algorithm_settings()
         checks = {
             "algo must be td3, ddpg or td7": self.algo in ("td3", "ddpg", "td7"),
             "noise must be gaussian or ou": self.noise in ("gaussian", "ou"),
@@ -114,8 +154,26 @@ class TrainConfig:
         from training.randomization import check_ranges
 
         check_ranges(self.randomization)
-        if self.algo == "ddpg":  # DDPG is TD3 with these three settings
-            self.n_critics, self.target_noise, self.policy_delay = 1, 0.0, 1
+
+    def _algorithm_settings(self) -> None:
+        """Fill the algorithm's own settings where unset; refuse a setting that contradicts the
+        algorithm, or one it would ignore (`ALGO_SETTINGS`, `IGNORED`)."""
+        if self.algo not in ALGO_SETTINGS:
+            return  # refused with the other checks
+        errors = []
+        for name, value in ALGO_SETTINGS[self.algo].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+            elif self.algo == "ddpg" and getattr(self, name) != value:
+                errors.append(f"{name}={getattr(self, name)} (ddpg is TD3 with {name}={value})")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, why in IGNORED[self.algo].items():
+            if getattr(self, name) != defaults[name]:
+                errors.append(f"{name}={getattr(self, name)} ({why})")
+        if errors:
+            raise ValueError(
+                f"invalid TrainConfig: algo {self.algo} does not take " + "; ".join(errors)
+            )
 
     @property
     def randomization(self) -> dict[str, list[float]]:
@@ -130,11 +188,11 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+    def from_dict(cls, data: dict[str, Any], where: str = "TrainConfig") -> TrainConfig:
+        names = sorted(f.name for f in dataclasses.fields(cls))
+        for name in data:
+            if name not in names:
+                raise unknown_field(name, names, where)
         return cls(**data)
 
     @classmethod

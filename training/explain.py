@@ -84,8 +84,9 @@ def dpg_sides(
 def explain(source: str | Path, states: int = 3) -> str:
     """A readable report of both sides on `states` observations the policy visits."""
     cfg, agent, meta, state = checkpoint.load(source, "cpu")
-    if state is not None and state["replay"]["size"] >= states:
-        obs = state["replay"]["obs"][-states:].numpy()
+    replay = checkpoint.saved_replay(source, state)
+    if replay is not None and replay.size >= states:
+        obs = replay.recent_obs(states)
     else:
         obs = rollout_observations(agent, meta, states)
     lines = [

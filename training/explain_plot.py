@@ -63,8 +63,9 @@ def plot_action_slice(
     import matplotlib.pyplot as plt
 
     cfg, agent, meta, train_state = checkpoint.load(source, "cpu")
-    if train_state is not None and train_state["replay"]["size"] > state:
-        obs = train_state["replay"]["obs"][-(state + 1)]
+    replay = checkpoint.saved_replay(source, train_state)
+    if replay is not None and replay.size > state:
+        obs = torch.as_tensor(replay.recent_obs(state + 1)[0])
     else:
         obs = torch.as_tensor(rollout_observations(agent, meta, state + 1)[state])
     mu, dq_da, moved = one_actor_step(agent, obs, cfg.actor_lr)

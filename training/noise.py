@@ -15,6 +15,12 @@ class GaussianNoise:
     def reset(self) -> None:
         pass
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class OrnsteinUhlenbeckNoise:
     """Temporally correlated noise, x ← x + θ(-x)dt + σ√dt·N(0, 1); reset at episode start."""
@@ -40,6 +46,12 @@ class OrnsteinUhlenbeckNoise:
 
     def reset(self) -> None:
         self.x = np.zeros(self.act_dim)
+
+    def state_dict(self) -> dict:
+        return {"x": self.x.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.x = np.asarray(state["x"])
 
 
 def make_noise(kind: str, act_dim: int, std: float, rng: np.random.Generator):

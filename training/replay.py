@@ -67,11 +67,34 @@ class ReplayBuffer:
         }
         return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def recent_obs(self, n: int) -> np.ndarray:
-        """The last `n` stored observations (fewer if the buffer holds fewer)."""
+    def newest(self, n: int) -> dict[str, np.ndarray]:
+        """The last `n` stored transitions (fewer if the buffer holds fewer), oldest first."""
         n = min(n, self.size)
         idx = (self.pos - n + np.arange(n)) % self.capacity
-        return self.data["obs"][idx]
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def recent_obs(self, n: int) -> np.ndarray:
+        """The last `n` stored observations (fewer if the buffer holds fewer), oldest first."""
+        return self.newest(n)["obs"]
+
+    def extend(self, rows: dict[str, np.ndarray]) -> None:
+        """Append transitions in bulk ({field: [n, dim]}, oldest first; `newest`'s layout);
+        beyond the capacity only the newest are kept."""
+        n = min(len(rows["obs"]), self.capacity)
+        idx = (self.pos + np.arange(n)) % self.capacity
+        for k in FIELDS:
+            self.data[k][idx] = rows[k][len(rows[k]) - n :]
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    @classmethod
+    def from_state(cls, state: dict, device: str = "cpu") -> ReplayBuffer:
+        """The buffer a checkpoint saved (`state_dict`), rebuilt at its own capacity: how code
+        outside the trainer reads a checkpoint's replay."""
+        obs_dim, act_dim = state["obs"].shape[1], state["action"].shape[1]
+        buffer = ReplayBuffer(int(state["capacity"]), obs_dim, act_dim, device)
+        ReplayBuffer.load_state_dict(buffer, state)
+        return buffer
 
     def state_dict(self) -> dict:
         """Only the filled part is saved."""

@@ -13,10 +13,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from training.config import TrainConfig
 from training.networks import Actor, Critics, Normalizer, Policy
+from training.replay import ReplayBuffer
 
 
 @dataclass
@@ -74,6 +76,9 @@ class Agent:
         """Deterministic action in [-1, 1] for raw observations."""
         return self.actor(self.normalizer(obs))
 
+    # The parts a deployed actor acts through, each with the slot that holds the exported one.
+    DEPLOYED = {"normalizer": "normalizer", "actor": "actor"}
+
 
 def update(
     agent: Agent, batch: dict[str, torch.Tensor], cfg: TrainConfig, update_actor: bool
@@ -120,3 +125,47 @@ def update(
             torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), cfg.tau)
     out["actor_loss"] = actor_loss.detach()
     return out
+
+
+def learn(
+    agent: Agent,
+    buffer: ReplayBuffer,
+    rng: np.random.Generator,
+    cfg: TrainConfig,
+    n: int,
+    actor_ready: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Update number `n` (counted from 1): a uniform batch, then the TD3 step; the actor and the
+    targets follow every `policy_delay` updates, once `actor_ready`. The one TD3 step of the
+    trainer and of the online learner."""
+    batch = buffer.sample(cfg.batch_size, rng, cfg.n_step, cfg.gamma)
+    return update(agent, batch, cfg, actor_ready and n % cfg.policy_delay == 0)
+
+
+class StepSchedule:
+    """When TD3 and DDPG learn: `updates_per_step` updates after every step past
+    `learning_starts`."""
+
+    def __init__(
+        self, agent: Agent, buffer: ReplayBuffer, rng: np.random.Generator, cfg: TrainConfig
+    ):
+        self.agent, self.buffer, self.rng, self.cfg = agent, buffer, rng, cfg
+        self.updates = 0
+
+    def after_step(self, steps: int) -> dict[str, torch.Tensor] | None:
+        """After environment step number `steps`: the losses of the updates run, if any."""
+        if steps <= self.cfg.learning_starts:
+            return None
+        for _ in range(self.cfg.updates_per_step):
+            self.updates += 1
+            losses = learn(self.agent, self.buffer, self.rng, self.cfg, self.updates)
+        return losses
+
+    def after_episode(self, learned: int, ep_return: float) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = state["updates"]

@@ -137,24 +137,23 @@ class Agent:
         s = self.normalizer(obs)
         return self.actor(s, self.fixed_encoder.zs(s))
 
+    # The parts a deployed actor acts through, each with the slot that holds the exported one:
+    # the checkpoint policy's, which evaluations and `deployed` use.
+    DEPLOYED = {
+        "normalizer": "checkpoint_normalizer",
+        "fixed_encoder": "checkpoint_encoder",
+        "actor": "checkpoint_actor",
+    }
+
     def checkpointed(self) -> Agent:
         """A view in which the acting parts are the checkpoint's (shared, not copied)."""
-        return replace(
-            self,
-            normalizer=self.checkpoint_normalizer,
-            fixed_encoder=self.checkpoint_encoder,
-            actor=self.checkpoint_actor,
-        )
+        return replace(self, **{part: getattr(self, slot) for part, slot in self.DEPLOYED.items()})
 
     def save_checkpoint(self) -> None:
         """The acting actor, with the encoder and normalizer it acts through, becomes the
         checkpoint policy."""
-        for src, dst in (
-            (self.normalizer, self.checkpoint_normalizer),
-            (self.fixed_encoder, self.checkpoint_encoder),
-            (self.actor, self.checkpoint_actor),
-        ):
-            dst.load_state_dict(src.state_dict())
+        for part, slot in self.DEPLOYED.items():
+            getattr(self, slot).load_state_dict(getattr(self, part).state_dict())
 
 
 def update(
@@ -300,3 +299,41 @@ class CheckpointRule:
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
+
+
+class EpisodeSchedule:
+    """When TD7 learns: at episode ends, as many updates as steps were collected, after the
+    checkpoint rule has judged the episode (`CheckpointRule`)."""
+
+    def __init__(
+        self, agent: Agent, buffer: PrioritizedReplay, rng: np.random.Generator, cfg: TrainConfig
+    ):
+        self.agent, self.buffer, self.rng, self.cfg = agent, buffer, rng, cfg
+        self.rule = CheckpointRule(
+            cfg.td7_checkpoint_episodes, cfg.td7_checkpoint_switch, cfg.updates_per_step
+        )
+        self.updates = 0
+
+    def after_step(self, steps: int) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def after_episode(self, learned: int, ep_return: float) -> dict[str, torch.Tensor] | None:
+        """After an episode with `learned` steps past learning_starts: the losses of the
+        updates run, if any."""
+        if learned <= 0:
+            return None
+        take, owed = self.rule.episode_end(learned, ep_return, self.updates)
+        if take:
+            self.agent.save_checkpoint()
+        losses = None
+        for _ in range(owed):
+            self.updates += 1
+            losses = learn(self.agent, self.buffer, self.rng, self.cfg, self.updates)
+        return losses
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "checkpoint_rule": self.rule.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = state["updates"]
+        self.rule.load_state_dict(state["checkpoint_rule"])

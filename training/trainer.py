@@ -1,24 +1,30 @@
-"""The training loop: collect with exploration noise, update with `td3.update`, evaluate on a
+"""The training loop: collect with exploration noise, learn on the algorithm's schedule
+(`td3.StepSchedule`: after every step; `td7.EpisodeSchedule`: at episode ends), evaluate on a
 separately seeded env, log, checkpoint, and export at the end the actor with the best
 evaluation (`policy.onnx`, or the last with `export="last"`) and the last one
 (`policy.last.onnx`).
 
-TD7 (`td7.learn`) trains at episode ends instead, as many updates as steps were collected,
-and its checkpoint rule (`td7.CheckpointRule`), not the best evaluation, picks the deployed
-actor: evaluations and `policy.onnx` use the checkpoint policy.
+Evaluations measure every actor the agent has (`algos.actors`: TD7's checkpoint policy and its
+current actor; TD3's one actor), each a row of evals.csv naming it, and the best of all of them
+is kept: the exported policy is never worse, at nominal dynamics, than any evaluated actor.
 
-Every episode starts with `env.reset(seed=...)` drawn from the trainer's generator and
-checkpoints are taken at episode ends, so a resumed run continues exactly where it stopped.
+Every episode starts with `env.reset(seed=...)` drawn from the trainer's generator. A
+checkpoint holds how the episode under way started (its seed, the randomization's state) and
+its actions are in the replay, so a resumed run replays that episode's start and continues
+exactly where it stopped, whether it was checkpointed at an episode end, at the end of
+training or on Ctrl-C.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
-import dataclasses
 import logging
+import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +32,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training import checkpoint, td7
-from training.algos import AnyAgent, create_agent, create_buffer, deployed
+from training import checkpoint
+from training.algos import (
+    AnyAgent,
+    actors,
+    create_agent,
+    create_buffer,
+    create_schedule,
+    with_deployed,
+)
 from training.config import TrainConfig
 from training.envs import (
     EVAL_SEED_OFFSET,
@@ -39,11 +52,11 @@ from training.envs import (
 )
 from training.noise import make_noise
 from training.randomization import ObsNoise, find, randomize
-from training.td3 import update
+from training.snapshots import choose_export, snapshot, upgrade
 
 log = logging.getLogger(__name__)
 RANDOMIZATION_STREAM = 1  # seeds the randomization generator beside the run's seed
-EVAL_COLUMNS = ("step", "wall_s", "return_mean", "return_std", "success_rate")
+EVAL_COLUMNS = ("step", "wall_s", "return_mean", "return_std", "success_rate", "actor")
 
 
 @dataclass
@@ -51,6 +64,14 @@ class EvalResult:
     mean_return: float
     std_return: float
     success_rate: float | None
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C after writing its checkpoint: `mu train --resume out`."""
+
+    def __init__(self, out: Path, step: int):
+        super().__init__(f"interrupted at step {step}; checkpoint written to {out}")
+        self.out, self.step = out, step
 
 
 def evaluate(agent: AnyAgent, env: FlatObs, episodes: int, seed: int, device: str) -> EvalResult:
@@ -71,258 +92,314 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_eval: Callable[[dict], None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train per `cfg` into directory `out`; returns the path of the exported policy.onnx.
-    `on_eval` gets each evaluation as a row of evals.csv ({column: value}): how a sweep
-    reports to Ray Tune."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.torch_threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    # randomization draws from a stream of its own, so that runs without it are unchanged
-    rand_rng = np.random.default_rng([cfg.seed, RANDOMIZATION_STREAM])
-
-    flat = make_env(cfg.env_id, cfg.seed)
-    env = randomize(flat, cfg.randomization, rand_rng)
-    obs_noise = find(env, ObsNoise)  # the one randomizer with state beyond the generator
-    # evaluations stay at nominal dynamics: the export rule compares policies there
-    eval_env = make_env(cfg.env_id, cfg.seed + EVAL_SEED_OFFSET)
-    low, high = action_bounds(env)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    meta = {
-        "env_id": cfg.env_id,
-        "obs_dim": obs_dim,
-        "act_dim": act_dim,
-        "obs_layout": [list(p) for p in flat.layout],
-        "action_low": low.tolist(),
-        "action_high": high.tolist(),
-        "randomization": cfg.randomization,
-    }
-    agent = create_agent(cfg, obs_dim, act_dim)
-    buffer = create_buffer(cfg, obs_dim, act_dim)
-    rule = (
-        td7.CheckpointRule(
-            cfg.td7_checkpoint_episodes, cfg.td7_checkpoint_switch, cfg.updates_per_step
-        )
-        if cfg.algo == "td7"
-        else None
-    )
-    noise = make_noise(cfg.noise, act_dim, cfg.noise_std, rng)
-    start, updates, wall_before, evals = 0, 0, 0.0, []
-    best: dict | None = None  # the best evaluated actor so far (`_snapshot`)
+    `out` must hold no run unless `resume` (continue it) or `overwrite` (replace it).
+    `on_eval` gets each evaluation of the deployed actor as a row of evals.csv ({column:
+    value}): how a sweep reports to Ray Tune. Raises `Interrupted` on Ctrl-C."""
+    run = Run(cfg, prepare_dir(Path(out), resume, overwrite), on_eval)
     if resume:
-        _, agent, _, state = checkpoint.load(out / "checkpoint.pt", cfg.device)
-        if state is None:
-            raise ValueError(f"{out / 'checkpoint.pt'} holds no training state to resume from")
-        buffer.load_state_dict(state["replay"])
-        torch.set_rng_state(state["torch_rng"])
-        rng.bit_generator.state = state["numpy_rng"]
-        if "randomization_rng" in state:  # absent in checkpoints from before randomization
-            rand_rng.bit_generator.state = state["randomization_rng"]
-        if obs_noise:
-            obs_noise.load_state_dict(state["obs_noise"])
-        start, updates, wall_before = state["step"], state["updates"], state["wall_s"]
-        evals, best = state["evals"], state.get("best")
-        if rule is not None:
-            rule.load_state_dict(state["checkpoint_rule"])
-        log.info("resumed %s at step %d", out, start)
-    (out / "config.json").write_text(cfg.to_json())
-
-    writer = _tensorboard(out)
-    csv_path = out / "evals.csv"
-    # On resume, the rows of the checkpoint only: a run killed after an evaluation but before
-    # its next checkpoint evaluates that step again.
-    with open(csv_path, "w", newline="") as f:
-        f.write(",".join(EVAL_COLUMNS) + "\n")
-        csv.writer(f).writerows(evals)
-    t0 = time.perf_counter() - wall_before
-    next_eval = (start // cfg.eval_every + 1) * cfg.eval_every
-    next_ckpt = (start // cfg.checkpoint_every + 1) * cfg.checkpoint_every
-    obs, _ = env.reset(seed=int(rng.integers(2**31)))
-    noise.reset()
-    ep_return, ep_len = 0.0, 0
-    bar = tqdm(
-        total=cfg.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True
-    )
-    for step in range(start, cfg.steps):
-        # act: uniform random until learning starts, then μ(s) + noise, in [-1, 1]
-        if step < cfg.learning_starts:
-            a = rng.uniform(-1.0, 1.0, act_dim).astype(np.float32)
-        else:
-            a = agent.act(torch.as_tensor(obs, device=cfg.device).unsqueeze(0))[0].cpu().numpy()
-            a = np.clip(a + noise(), -1.0, 1.0)
-        next_obs, r, terminated, truncated, _ = env.step(to_env_units(a, low, high))
-        buffer.add(obs, a, r, next_obs, terminated, truncated)
-        agent.normalizer.update(torch.as_tensor(obs, device=cfg.device))
-        obs, ep_return, ep_len = next_obs, ep_return + float(r), ep_len + 1
-
-        if step + 1 > cfg.learning_starts and rule is None:
-            for _ in range(cfg.updates_per_step):
-                updates += 1
-                losses = update(
-                    agent,
-                    buffer.sample(cfg.batch_size, rng, cfg.n_step, cfg.gamma),
-                    cfg,
-                    updates % cfg.policy_delay == 0,
-                )
-            if (step + 1) % 1000 == 0:
-                for k, v in losses.items():
-                    writer.add_scalar(f"train/{k}", float(v), step + 1)
-
-        if step + 1 >= next_eval:
-            next_eval += cfg.eval_every
-            res = evaluate(
-                deployed(agent),
-                eval_env,
-                cfg.eval_episodes,
-                cfg.seed + EVAL_SEED_OFFSET,
-                cfg.device,
-            )
-            evals.append(
-                [
-                    step + 1,
-                    time.perf_counter() - t0,
-                    res.mean_return,
-                    res.std_return,
-                    res.success_rate,
-                ]
-            )
-            with open(csv_path, "a", newline="") as f:
-                csv.writer(f).writerow(evals[-1])
-            if on_eval is not None:
-                on_eval(dict(zip(EVAL_COLUMNS, evals[-1], strict=True)))
-            if rule is None and (best is None or res.mean_return > best["eval_return"]):
-                best = _snapshot(agent, res, step + 1)
-            writer.add_scalar("eval/return", res.mean_return, step + 1)
-            if res.success_rate is not None:
-                writer.add_scalar("eval/success_rate", res.success_rate, step + 1)
-            bar.set_postfix_str(_describe(res))
-
-        if terminated or truncated:
-            writer.add_scalar("train/episode_return", ep_return, step + 1)
-            learned = min(ep_len, step + 1 - cfg.learning_starts)  # steps past learning_starts
-            if rule is not None and learned > 0:
-                take, owed = rule.episode_end(learned, ep_return, updates)
-                if take:
-                    agent.save_checkpoint()
-                for _ in range(owed):
-                    updates += 1
-                    losses = td7.learn(agent, buffer, rng, cfg, updates)
-                if owed:
-                    for k, v in losses.items():
-                        writer.add_scalar(f"train/{k}", float(v), step + 1)
-            # checkpoint at the first episode end past each interval, before the next reset
-            # draws its seed, so that a resumed run redraws the same one
-            if step + 1 >= next_ckpt or step + 1 == cfg.steps:
-                next_ckpt = ((step + 1) // cfg.checkpoint_every + 1) * cfg.checkpoint_every
-                state = {
-                    "step": step + 1,
-                    "updates": updates,
-                    "wall_s": time.perf_counter() - t0,
-                    "evals": evals,
-                    "best": best,
-                    "replay": buffer.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "numpy_rng": rng.bit_generator.state,
-                    "randomization_rng": rand_rng.bit_generator.state,
-                    "obs_noise": obs_noise.state_dict() if obs_noise else None,
-                    "checkpoint_rule": rule.state_dict() if rule else None,
-                }
-                checkpoint.save(out / "checkpoint.pt", cfg, agent, meta, state)
-            obs, _ = env.reset(seed=int(rng.integers(2**31)))
-            noise.reset()
-            ep_return, ep_len = 0.0, 0
-        bar.update(1)
+        run.restore()
+    run.start_log()
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress, unit="step")
+    with _ctrl_c() as stop:
+        while run.step < cfg.steps:
+            if stop.is_set():
+                run.save()
+                raise Interrupted(run.out, run.step)
+            done = run.collect()
+            run.log_losses(run.schedule.after_step(run.step), every=1000)
+            if run.step >= run.next_eval:
+                bar.set_postfix_str(run.evaluate())
+            if done:
+                run.end_episode()
+            bar.update(1)
     bar.close()
-    writer.close()
+    if run.saved_at != run.step:
+        run.save()
+    return run.export()
 
-    last_eval = evals[-1] if evals and evals[-1][0] == cfg.steps else None
-    eval_seed = cfg.seed + EVAL_SEED_OFFSET
-    final = (
-        EvalResult(*last_eval[2:5])  # just evaluated at the last step
-        if last_eval
-        else evaluate(deployed(agent), eval_env, cfg.eval_episodes, eval_seed, cfg.device)
-    )
-    meta = {**meta, "train_steps": cfg.steps}
-    if rule is not None:  # TD7: `final` judged the checkpoint policy; the last actor is apart
-        final_checkpoint = final
-        final = evaluate(agent, eval_env, cfg.eval_episodes, eval_seed, cfg.device)
-    last_meta = {
-        **meta,
-        "eval_return": final.mean_return,
-        "eval_success_rate": final.success_rate,
-        "export_rule": "last",
-    }
-    exported, export_meta = agent, {**last_meta, "export_rule": cfg.export}
-    if rule is not None and cfg.export == "best":
-        exported = agent.checkpointed()
-        export_meta = {
-            **meta,
-            "eval_return": final_checkpoint.mean_return,
-            "eval_success_rate": final_checkpoint.success_rate,
-            "export_rule": "checkpoint",
+
+def prepare_dir(out: Path, resume: bool, overwrite: bool) -> Path:
+    """`out`, checked: a new run goes into a missing or empty directory, or replaces a run
+    with `overwrite`; `resume` needs a run's checkpoint."""
+    if resume:
+        if not (out / "checkpoint.pt").exists():
+            raise FileNotFoundError(f"no checkpoint.pt in {out}: nothing to resume")
+        return out
+    if out.exists() and any(out.iterdir()):
+        if not (out / "config.json").exists():
+            raise ValueError(f"{out} is not empty and holds no run; choose another --out")
+        if not overwrite:
+            raise ValueError(
+                f"{out} holds a run already: continue it with --resume {out}, replace it with "
+                "--overwrite, or choose another --out"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@contextmanager
+def _ctrl_c() -> Iterator[threading.Event]:
+    """The first Ctrl-C sets the event (the loop checkpoints and stops at the next step); a
+    second one interrupts at once. Only in the main thread (a Ray worker's trial has none)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Run:
+    """One training run's state, and each thing the loop does to it."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, on_eval: Callable[[dict], None] | None):
+        self.cfg, self.out, self.on_eval = cfg, out, on_eval
+        torch.set_num_threads(cfg.torch_threads)
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        # randomization draws from a stream of its own, so that runs without it are unchanged
+        self.rand_rng = np.random.default_rng([cfg.seed, RANDOMIZATION_STREAM])
+        flat = make_env(cfg.env_id, cfg.seed)
+        self.env = randomize(flat, cfg.randomization, self.rand_rng)
+        self.obs_noise = find(self.env, ObsNoise)  # the one randomizer with state of its own
+        # evaluations stay at nominal dynamics: the export rule compares policies there
+        self.eval_env = make_env(cfg.env_id, cfg.seed + EVAL_SEED_OFFSET)
+        self.low, self.high = action_bounds(self.env)
+        obs_dim, self.act_dim = self.env.observation_space.shape[0], self.env.action_space.shape[0]
+        self.meta = {
+            "env_id": cfg.env_id,
+            "obs_dim": obs_dim,
+            "act_dim": self.act_dim,
+            "obs_layout": [list(p) for p in flat.layout],
+            "action_low": self.low.tolist(),
+            "action_high": self.high.tolist(),
+            "randomization": cfg.randomization,
         }
-    elif cfg.export == "best" and best is not None and best["eval_return"] > final.mean_return:
-        exported = _restore(agent, best)
-        export_meta = {
-            **meta,
-            "eval_return": best["eval_return"],
-            "eval_success_rate": best["eval_success_rate"],
-            "eval_step": best["step"],
-            "export_rule": "best",
+        self.agent = create_agent(cfg, obs_dim, self.act_dim)
+        self.buffer = create_buffer(cfg, obs_dim, self.act_dim)
+        self.schedule = create_schedule(cfg, self.agent, self.buffer, self.rng)
+        self.noise = make_noise(cfg.noise, self.act_dim, cfg.noise_std, self.rng)
+        self.step, self.saved_at, self.wall_before = 0, -1, 0.0
+        self.evals: list[list] = []
+        self.best: dict | None = None  # the best evaluated actor so far (`snapshots`)
+        self.obs = self.reset()
+
+    # -- the loop's steps ----------------------------------------------------------------------
+
+    def reset(self) -> np.ndarray:
+        """A new episode; remembers how it started, for a checkpoint taken during it."""
+        self.episode = {
+            "randomization_rng": self.rand_rng.bit_generator.state,
+            "obs_noise": self.obs_noise.state_dict() if self.obs_noise else None,
+            "seed": int(self.rng.integers(2**31)),
         }
-    # agent.pt holds the exported actor (what fine-tuning starts from) with the last critics;
-    # a td7 agent holds its checkpoint policy beside the last actor
-    checkpoint.save(out / "agent.pt", cfg, agent if rule else exported, export_meta)
-    from training.export import export_policy
+        obs, _ = self.env.reset(seed=self.episode["seed"])
+        self.noise.reset()
+        self.ep_return, self.ep_len = 0.0, 0
+        return obs
 
-    replay_obs = buffer.recent_obs(1000)
-    export_policy(agent, last_meta, cfg, out / "policy.last.onnx", replay_obs=replay_obs)
-    policy_path = export_policy(
-        exported, export_meta, cfg, out / "policy.onnx", replay_obs=replay_obs
-    )
-    log.info(
-        "exported the %s actor (eval return %.1f%s) to %s; the last (eval return %.1f) to %s",
-        export_meta["export_rule"],
-        export_meta["eval_return"],
-        f" at step {export_meta['eval_step']}" if "eval_step" in export_meta else "",
-        policy_path,
-        final.mean_return,
-        out / "policy.last.onnx",
-    )
-    from training.plots import plot_runs
+    def collect(self) -> bool:
+        """One environment step: uniform random until learning starts, then μ(s) + noise, in
+        [-1, 1]; stored in the replay. True when the episode ended."""
+        cfg = self.cfg
+        if self.step < cfg.learning_starts:
+            a = self.rng.uniform(-1.0, 1.0, self.act_dim).astype(np.float32)
+        else:
+            obs = torch.as_tensor(self.obs, device=cfg.device).unsqueeze(0)
+            a = np.clip(self.agent.act(obs)[0].cpu().numpy() + self.noise(), -1.0, 1.0)
+        next_obs, r, terminated, truncated, _ = self.env.step(to_env_units(a, self.low, self.high))
+        self.buffer.add(self.obs, a, r, next_obs, terminated, truncated)
+        self.agent.normalizer.update(torch.as_tensor(self.obs, device=cfg.device))
+        self.obs, self.ep_return, self.ep_len = next_obs, self.ep_return + float(r), self.ep_len + 1
+        self.step += 1
+        return bool(terminated or truncated)
 
-    plot_runs([out], out / "curve.png")
-    return policy_path
+    def evaluate(self) -> str:
+        """Evaluate every actor (`algos.actors`), log each as a row, keep the best; returns a
+        line for the progress bar."""
+        self.next_eval += self.cfg.eval_every
+        text = []
+        for name, view in actors(self.agent).items():
+            res = self._measure(view)
+            self.evals.append([self.step, time.perf_counter() - self.t0, *vars(res).values(), name])
+            with open(self.out / "evals.csv", "a", newline="") as f:
+                csv.writer(f).writerow(self.evals[-1])
+            if self.on_eval is not None and not text:  # the deployed actor's, for sweeps
+                self.on_eval(dict(zip(EVAL_COLUMNS, self.evals[-1], strict=True)))
+            self._consider(view, name, self.step, res)
+            self.writer.add_scalar(f"eval/{name}/return", res.mean_return, self.step)
+            if res.success_rate is not None:
+                self.writer.add_scalar(f"eval/{name}/success_rate", res.success_rate, self.step)
+            text.append(f"{name} {_describe(res)}")
+        return "; ".join(text)
 
+    def end_episode(self) -> None:
+        """Let the schedule learn, checkpoint when due, and start the next episode."""
+        self.writer.add_scalar("train/episode_return", self.ep_return, self.step)
+        learned = min(self.ep_len, self.step - self.cfg.learning_starts)
+        self.log_losses(self.schedule.after_episode(learned, self.ep_return))
+        self.obs = self.reset()
+        # at the first episode end past each interval, where no episode is under way
+        if self.step >= self.next_ckpt:
+            self.next_ckpt = (
+                self.step // self.cfg.checkpoint_every + 1
+            ) * self.cfg.checkpoint_every
+            self.save()
 
-def _snapshot(agent: AnyAgent, res: EvalResult, step: int) -> dict:
-    """The actor and normalizer weights behind an evaluation, copied (plain tensors, so the
-    training checkpoint keeps loading with weights_only)."""
-    return {
-        "eval_return": res.mean_return,
-        "eval_success_rate": res.success_rate,
-        "step": step,
-        "actor": copy.deepcopy(agent.actor.state_dict()),
-        "normalizer": copy.deepcopy(agent.normalizer.state_dict()),
-    }
+    def log_losses(self, losses: dict | None, every: int = 1) -> None:
+        if losses is not None and self.step % every == 0:
+            for k, v in losses.items():
+                self.writer.add_scalar(f"train/{k}", float(v), self.step)
 
+    # -- logs, checkpoints, export ---------------------------------------------------------
 
-def _restore(agent: AnyAgent, snap: dict) -> AnyAgent:
-    """`agent` with the actor and normalizer of `snap` (copies; `agent` is left as it is)."""
-    actor, normalizer = copy.deepcopy(agent.actor), copy.deepcopy(agent.normalizer)
-    actor.load_state_dict(snap["actor"])
-    normalizer.load_state_dict(snap["normalizer"])
-    return dataclasses.replace(agent, actor=actor, normalizer=normalizer)
+    def start_log(self) -> None:
+        """config.json and evals.csv (on resume, the checkpoint's rows only: a run killed after
+        an evaluation but before its next checkpoint evaluates that step again)."""
+        (self.out / "config.json").write_text(self.cfg.to_json())
+        with open(self.out / "evals.csv", "w", newline="") as f:
+            f.write(",".join(EVAL_COLUMNS) + "\n")
+            csv.writer(f).writerows(self.evals)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.out / "tb"))
+        self.t0 = time.perf_counter() - self.wall_before
+        cfg = self.cfg
+        self.next_eval = (self.step // cfg.eval_every + 1) * cfg.eval_every
+        self.next_ckpt = (self.step // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+
+    def save(self) -> None:
+        """checkpoint.pt: everything a resumed run needs to continue exactly."""
+        state = {
+            "step": self.step,
+            "wall_s": time.perf_counter() - self.t0,
+            "evals": self.evals,
+            "best": self.best,
+            "replay": self.buffer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "randomization_rng": self.rand_rng.bit_generator.state,
+            "obs_noise": self.obs_noise.state_dict() if self.obs_noise else None,
+            "noise": self.noise.state_dict(),
+            "episode": {**self.episode, "length": self.ep_len, "return": self.ep_return},
+            "obs": torch.as_tensor(np.asarray(self.obs, np.float32)),
+            **self.schedule.state_dict(),
+        }
+        checkpoint.save(self.out / "checkpoint.pt", self.cfg, self.agent, self.meta, state)
+        self.saved_at = self.step
+
+    def restore(self) -> None:
+        """Continue from checkpoint.pt: weights, replay, generators, progress, and the episode
+        under way, replayed from its start."""
+        path = self.out / "checkpoint.pt"
+        _, self.agent, _, state = checkpoint.load(path, self.cfg.device)
+        if state is None:
+            raise ValueError(f"{path} holds no training state to resume from")
+        if state["step"] > self.cfg.steps or (
+            state["step"] == self.cfg.steps and (self.out / "policy.onnx").exists()
+        ):
+            raise ValueError(
+                f"{self.out} is at step {state['step']}: resume it with --steps above that"
+            )
+        self.buffer.load_state_dict(state["replay"])
+        self.schedule = create_schedule(self.cfg, self.agent, self.buffer, self.rng)
+        self.schedule.load_state_dict(state)
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.saved_at, self.wall_before = state["step"], state["step"], state["wall_s"]
+        self.evals, self.best = state["evals"], upgrade(state.get("best"))
+        if "episode" not in state:  # a checkpoint from before episodes were replayed: taken
+            self._restore_generators(state)  # at an episode end, before the next reset
+            self.obs = self.reset()
+        else:
+            self._replay_episode(state)
+        log.info("resumed %s at step %d", self.out, self.step)
+
+    def _restore_generators(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["numpy_rng"]
+        if "randomization_rng" in state:  # absent in checkpoints from before randomization
+            self.rand_rng.bit_generator.state = state["randomization_rng"]
+        if self.obs_noise:
+            self.obs_noise.load_state_dict(state["obs_noise"])
+
+    def _replay_episode(self, state: dict) -> None:
+        """Bring the env to where the checkpoint left it: reset it as the episode started and
+        step it through the episode's actions, read back from the replay."""
+        episode = state["episode"]
+        self.rand_rng.bit_generator.state = episode["randomization_rng"]
+        if self.obs_noise:
+            self.obs_noise.load_state_dict(episode["obs_noise"])
+        obs, _ = self.env.reset(seed=episode["seed"])
+        for a in self.buffer.newest(episode["length"])["action"] if episode["length"] else []:
+            obs = self.env.step(to_env_units(a, self.low, self.high))[0]
+        self._restore_generators(state)
+        if not np.array_equal(np.asarray(obs, np.float32), state["obs"].numpy()):
+            log.warning(
+                "%s did not replay the episode under way identically: it ends here (truncated) "
+                "and the run goes on from a new one, no longer bit-identical to a straight run",
+                self.cfg.env_id,
+            )
+            self.buffer.data["episode_end"][(self.buffer.pos - 1) % self.buffer.capacity] = 1.0
+            self.obs = self.reset()
+            return
+        self.noise.load_state_dict(state["noise"])
+        self.episode = {k: episode[k] for k in ("randomization_rng", "obs_noise", "seed")}
+        self.obs, self.ep_len, self.ep_return = obs, episode["length"], episode["return"]
+
+    def _measure(self, view: AnyAgent) -> EvalResult:
+        seed = self.cfg.seed + EVAL_SEED_OFFSET
+        return evaluate(view, self.eval_env, self.cfg.eval_episodes, seed, self.cfg.device)
+
+    def _consider(self, view: AnyAgent, name: str, step: int, res: EvalResult) -> None:
+        if self.best is None or res.mean_return > self.best["eval_return"]:
+            self.best = snapshot(view, name, step, res.mean_return, res.success_rate)
+
+    def export(self) -> Path:
+        """policy.onnx (per the export rule, `snapshots.choose_export`), policy.last.onnx,
+        agent.pt (the exported actor with the last critics: what fine-tuning and `mu export`
+        start from) and curve.png. Actors not evaluated at the last step are evaluated now."""
+        self.writer.close()
+        done = {row[-1]: row for row in self.evals if row[0] == self.step}
+        last = None
+        for name, view in actors(self.agent).items():
+            row = done.get(name)
+            res = EvalResult(*row[2:5]) if row else self._measure(view)
+            if name == "current":
+                last = snapshot(view, name, self.step, res.mean_return, res.success_rate)
+            elif not row:
+                self._consider(view, name, self.step, res)
+        meta = {**self.meta, "train_steps": self.cfg.steps}
+        pick, export_meta = choose_export(self.cfg.export, self.best, last, meta)
+        _, last_meta = choose_export("last", None, last, meta)
+        exported = with_deployed(self.agent, pick["weights"])
+        checkpoint.save(self.out / "agent.pt", self.cfg, exported, export_meta)
+        from training.export import export_policy
+        from training.plots import plot_runs
+
+        replay_obs = self.buffer.recent_obs(1000)
+        export_policy(self.agent, last_meta, self.cfg, self.out / "policy.last.onnx", replay_obs)
+        path = export_policy(exported, export_meta, self.cfg, self.out / "policy.onnx", replay_obs)
+        log.info(
+            "exported the %s actor of step %d (eval return %.1f) to %s; the last (eval return "
+            "%.1f) to %s",
+            pick["evaluated"], pick["step"], pick["eval_return"], path, last["eval_return"],
+            self.out / "policy.last.onnx",
+        )  # fmt: skip
+        plot_runs([self.out], self.out / "curve.png")
+        return path
 
 
 def _describe(res: EvalResult) -> str:
-    text = f"eval return {res.mean_return:.1f} ± {res.std_return:.1f}"
+    text = f"return {res.mean_return:.1f} ± {res.std_return:.1f}"
     return text if res.success_rate is None else f"{text}, success {res.success_rate:.2f}"
-
-
-def _tensorboard(out: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(out / "tb"))

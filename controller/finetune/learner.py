@@ -1,4 +1,4 @@
-"""The learner process: replay buffer, TD3 updates (training.td3.update, the training update
+"""The learner process: replay buffer, TD3 updates (training.td3.learn, the training step
 itself) and candidate export. The only fine-tuning code that imports torch.
 
 It runs at the lowest priority (SCHED_IDLE) on one CPU with one torch thread, takes chunks from
@@ -35,7 +35,7 @@ from controller.finetune.versions import (
 from training import checkpoint
 from training.export import ParityError, export_policy
 from training.replay import ReplayBuffer
-from training.td3 import update
+from training.td3 import learn
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,9 @@ class Learner:
         self.agent.normalizer.eval()
         obs_dim, act_dim = self.meta["obs_dim"], self.meta["act_dim"]
         self.buffer = ReplayBuffer(cfg.buffer_size, obs_dim, act_dim)
-        if state is not None and state.get("replay", {}).get("size"):
-            self._seed_offline(state["replay"])
+        offline = checkpoint.saved_replay(source, state)
+        if offline is not None:
+            self._seed_offline(offline)
         self.rng = np.random.default_rng(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.online_seen = 0
@@ -92,12 +93,10 @@ class Learner:
             for group in opt.param_groups:
                 group["lr"] = lr
 
-    def _seed_offline(self, replay: dict[str, Any]) -> None:
-        n = min(int(replay["size"]), self.buffer.capacity // 2)  # leave room for online data
-        for k in ("obs", "action", "reward", "next_obs", "terminal", "episode_end"):
-            self.buffer.data[k][:n] = replay[k][-n:].numpy()
-        self.buffer.pos, self.buffer.size = n % self.buffer.capacity, n
-        log.info("learner: replay seeded with %d offline transitions", n)
+    def _seed_offline(self, offline: ReplayBuffer) -> None:
+        # the newest transitions of the training run, leaving room for online data
+        self.buffer.extend(offline.newest(self.buffer.capacity // 2))
+        log.info("learner: replay seeded with %d offline transitions", self.buffer.size)
 
     def add(self, rows: np.ndarray) -> None:
         """Store a chunk of transition rows (see controller.finetune.experience)."""
@@ -121,15 +120,9 @@ class Learner:
     def step(self) -> dict[str, torch.Tensor]:
         """One TD3 update; the actor follows once the critic has seen `actor_warmup` transitions."""
         self.updates += 1
-        update_actor = (
-            self.online_seen >= self.cfg.actor_warmup
-            and self.updates % self.train_cfg.policy_delay == 0
-        )
-        batch = self.buffer.sample(
-            self.train_cfg.batch_size, self.rng, self.train_cfg.n_step, self.train_cfg.gamma
-        )
-        losses = update(self.agent, batch, self.train_cfg, update_actor)
-        if update_actor:
+        ready = self.online_seen >= self.cfg.actor_warmup
+        losses = learn(self.agent, self.buffer, self.rng, self.train_cfg, self.updates, ready)
+        if "actor_loss" in losses:
             self.actor_updates += 1
         return losses
 

@@ -19,9 +19,8 @@ def agent_file(request, tmp_path_factory):
     env = make_env(ENV, 0)
     low, high = action_bounds(env)
     obs_dim = env.observation_space.shape[0]
-    cfg = TrainConfig(
-        env_id=ENV, algo=request.param, actor_hidden=[16], critic_hidden=[16], td7_zs_dim=8
-    )
+    td7 = {"td7_zs_dim": 8} if request.param == "td7" else {}  # a td7 setting, td7 only
+    cfg = TrainConfig(env_id=ENV, algo=request.param, actor_hidden=[16], critic_hidden=[16], **td7)
     torch.manual_seed(0)
     meta = {
         "env_id": ENV,
