@@ -27,7 +27,6 @@ from controller.config import (
     ServeConfig,
     is_local,
     parse_listen,
-    parse_overrides,
 )
 from controller.decoding import DecodeGuard
 from controller.finetune.config import FinetuneConfig
@@ -39,6 +38,7 @@ from controller.proto import controller_pb2_grpc as pb_grpc
 from controller.proto import grpc_service_pb2_grpc as inference_grpc
 from controller.service import SERVICE_NAME, ControllerService
 from controller.store import PolicyStore
+from training.fields import parse_sets
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -346,7 +346,7 @@ def finetune_from_args(args: argparse.Namespace) -> FinetuneConfig | None:
         if args.finetune_dir or args.explore_std or args.finetune_set:
             raise ValueError("--finetune-dir, --explore-std and --finetune-set need --finetune")
         return None
-    extra = parse_overrides(
+    extra = parse_sets(
         FinetuneConfig,
         args.finetune_set,
         "--finetune-set",

@@ -1,4 +1,4 @@
-"""Export the actor as one self-contained ONNX file (the contract in DESIGN.md):
+"""Export the actor as one self-contained ONNX file (the contract in docs/contract.md):
 
     obs [batch, obs_dim] → normalizer → MLP → tanh → scale, bias → action [batch, act_dim]
 
@@ -70,7 +70,7 @@ def export_policy(
 
 
 def contract_props(meta: dict[str, Any], algo: str) -> dict[str, str]:
-    """The metadata_props every policy file carries (contract 1 of DESIGN.md)."""
+    """The metadata_props every policy file carries (docs/contract.md, the policy file)."""
     return {
         "mu.format": FORMAT,
         "mu.env_id": meta["env_id"],
@@ -186,13 +186,10 @@ def rollout_observations(
 
 
 def export_checkpoint(source: str | Path, out: str | Path) -> Path:
-    """`mu export RUN_OR_CHECKPOINT --out policy.onnx` (a td7 run exports its checkpoint
-    policy unless it was trained with export="last")."""
+    """`mu export RUN_OR_CHECKPOINT --out policy.onnx`: the deployed actor (`algos.deployed`)
+    of the run's agent.pt, which is the actor of its policy.onnx, or of the given checkpoint
+    file (TD7's: its checkpoint policy)."""
     cfg, agent, meta, state = checkpoint.load(source, "cpu")
-    if cfg.algo == "td7" and cfg.export == "best":
-        agent, meta = deployed(agent), {**meta, "export_rule": "checkpoint"}
-    replay = None
-    if state is not None:
-        rb = state["replay"]
-        replay = rb["obs"][-PARITY_SAMPLES:].numpy() if rb["size"] else None
-    return export_policy(agent, meta, cfg, out, replay_obs=replay)
+    replay = checkpoint.saved_replay(source, state)
+    obs = replay.recent_obs(PARITY_SAMPLES) if replay is not None else None
+    return export_policy(deployed(agent), meta, cfg, out, replay_obs=obs)
