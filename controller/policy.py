@@ -18,6 +18,8 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
+from controller.onnxfile import NonFinite, check_finite
+
 log = logging.getLogger(__name__)
 
 # What onnxruntime raises for a bad model or a failed run (its own classes are not RuntimeError).
@@ -45,6 +47,10 @@ REQUIRED_KEYS = (
     "mu.action_high",
     "mu.obs_layout",
 )
+
+
+# Observations run through a policy before it is served (controller.policy._probe).
+PROBE_ROWS = 8
 
 
 class PolicyLoadError(ValueError):
@@ -246,6 +252,10 @@ def load_policy(data: bytes, *, source: str, version: int) -> Policy:
         session = ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
     except ORT_ERRORS as e:
         raise PolicyLoadError(f"{source} is not a loadable ONNX model: {_short(e)}") from e
+    try:
+        check_finite(data)
+    except NonFinite as e:
+        raise PolicyLoadError(f"{source}: {e}; refusing to serve it") from None
     meta = dict(session.get_modelmeta().custom_metadata_map)
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
@@ -342,17 +352,30 @@ def _check_signature(
 
 
 def _probe(policy: Policy, source: str) -> None:
-    """Run the zero observation and a batch of two through both code paths before serving."""
+    """Run probe observations through both code paths before serving: the zero observation
+    alone, then a batch of it and seeded normal draws. Their unclamped actions must be finite
+    (the clamp would hide an infinite one) and must not all be equal: a policy whose action
+    ignores the observation (an infinite bias saturating a layer, say) is broken."""
+    rows = np.random.default_rng(0).normal(0.0, 1.0, (PROBE_ROWS, policy.obs_dim))
+    rows[0] = 0.0
     try:
         single = policy.act([0.0] * policy.obs_dim)
-        batch = policy.act_batch([0.0] * (2 * policy.obs_dim), 2)
+        batch = policy.act_batch(rows.ravel().tolist(), PROBE_ROWS)
+        (raw,) = policy.session.run([OUTPUT_NAME], {INPUT_NAME: rows.astype(np.float32)})
     except ActError as e:
         raise PolicyLoadError(f"{source} fails the probe inference: {e.message}") from None
     except ORT_ERRORS as e:
         raise PolicyLoadError(f"{source} fails the probe inference: {_short(e)}") from e
-    if single.shape != (policy.act_dim,) or batch.shape != (2, policy.act_dim):
+    if single.shape != (policy.act_dim,) or batch.shape != (PROBE_ROWS, policy.act_dim):
         raise PolicyLoadError(
             f"{source}: probe produced actions of shape {batch.shape}; "
-            f"expected (2, {policy.act_dim})"
+            f"expected ({PROBE_ROWS}, {policy.act_dim})"
+        )
+    if not np.isfinite(raw).all():
+        raise PolicyLoadError(f"{source} outputs infinite actions on probe observations")
+    if (raw == raw[0]).all():
+        raise PolicyLoadError(
+            f"{source} outputs the same action for {PROBE_ROWS} different probe observations: "
+            "its action does not depend on the observation"
         )
     log.debug("probe ok for %s: %s", source, single)

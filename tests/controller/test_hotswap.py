@@ -8,11 +8,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import helper, numpy_helper
 
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
+from tests.controller.conftest import policy_model
 
 SWAPS = 8
 STREAMS = 3
@@ -123,6 +126,57 @@ def test_bad_file_is_refused_and_old_version_keeps_serving(
     ok = pb.LoadPolicyRequest(path=str(make_policy("ok.onnx", 3)))
     info = connected.stub.LoadPolicy(ok, timeout=30)
     assert info.version == 2
+
+
+def _variant(change) -> bytes:
+    """The test policy with `change(model)` applied: its bytes."""
+    model = policy_model(0)
+    change(model)
+    return model.SerializeToString()
+
+
+def _set(name: str, index: tuple[int, ...], value: float):
+    def change(model: onnx.ModelProto) -> None:
+        init = next(i for i in model.graph.initializer if i.name == name)
+        array = numpy_helper.to_array(init).copy()
+        array[index] = value
+        init.CopyFrom(numpy_helper.from_array(array, name))
+
+    return change
+
+
+def _nan_clip_bound(model: onnx.ModelProto) -> None:
+    """An observation normalizer's clip whose upper bound is a NaN Constant."""
+    nodes = [
+        helper.make_node("Constant", [], ["lo"], value=numpy_helper.from_array(np.float32(-5))),
+        helper.make_node("Constant", [], ["hi"], name="clip_hi",
+                         value=numpy_helper.from_array(np.float32("nan"))),
+        helper.make_node("Clip", ["obs", "lo", "hi"], ["obs_clipped"]),
+    ]  # fmt: skip
+    model.graph.node[0].input[0] = "obs_clipped"
+    for i, node in enumerate(nodes):
+        model.graph.node.insert(i, node)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (_nan_clip_bound, "attribute 'value' of Constant node 'clip_hi' contains NaN or infinite"),
+        (_set("w2", (3, 2), np.inf), "initializer 'w2' contains NaN or infinite values"),
+        (_set("b1", (0,), np.inf), "initializer 'b1' contains NaN or infinite values"),
+        (_set("w1", (slice(None),), 0.0), "its action does not depend on the observation"),
+    ],
+    ids=["nan-clip-bound", "inf-weight", "inf-bias", "constant-action"],
+)
+def test_policies_with_non_finite_parameters_or_a_constant_action_are_refused(
+    connected, change, match
+) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        connected.stub.LoadPolicy(pb.LoadPolicyRequest(onnx=_variant(change)), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert match in refused.value.details()
+    reply = connected.stub.Act(pb.ActRequest(obs=[0.0] * 26), timeout=5)
+    assert reply.policy_version == 1 and len(reply.action) == 6
 
 
 def test_load_needs_a_source(connected) -> None:
