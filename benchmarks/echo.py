@@ -2,7 +2,7 @@
 
 Same grpc.aio server and options (`server_options`) as `mu serve`. The echo servicer decodes
 each request and encodes a reply of act_dim values with the request's seq (the proto work
-included). `--bare` is the floor DESIGN.md measures against: a generic handler with no
+included). `--bare` is the floor docs/targets.md measures against: a generic handler with no
 deserializer and no serializer, bytes in, pre-serialized bytes out; the only work per message is
 finding where the request's seq field starts and appending those bytes to the pre-serialized
 reply, so the same lock-step client can match replies by seq. Run it as a process:

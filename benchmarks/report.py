@@ -1,4 +1,4 @@
-"""The `mu bench` table (latency as ratios to its floors, targets from DESIGN.md) and its plot."""
+"""The `mu bench` table (latency against its floors, targets in docs/targets.md) and its plot."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ FLOORS = {
 
 
 def targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """(target, measured, met) for each DESIGN.md serving target this run measures."""
+    """(target, measured, met) for each serving target (docs/targets.md) this run measures."""
     lat = r["latency_us"]
     ours, echo = lat["ours stream"], lat.get("bare echo stream", lat["echo stream"])
     out = [
@@ -73,7 +73,7 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
 
 
 def local_targets(local: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """DESIGN.md's local-lane targets."""
+    """The local-lane targets (docs/targets.md)."""
     loop, fast, swap, kill = local["loop"], local["fast"], local["swap"], local["kill"]
     cost = loop["round_trip_us"]["p99.9"]
     out = [("local: per-tick policy cost p99.9 <= 150 µs", f"{cost:.0f} µs", cost <= 150)]
@@ -250,7 +250,7 @@ def table(r: dict[str, Any]) -> str:
             f"{base['throughput_rps']:16.0f} {base['p99']:8.0f} "
             f"{ours['throughput_rps'] / base['throughput_rps']:6.2f}"
         )
-    lines += ["", "targets (DESIGN.md):"]
+    lines += ["", "targets (docs/targets.md):"]
     for what, measured, met in targets(r):
         lines.append(f"  [{'met' if met else 'MISSED'}] {what}: {measured}")
     lines.append(f"bench took {r['seconds']:.0f} s")

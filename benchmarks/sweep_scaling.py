@@ -4,7 +4,7 @@
 
 Both sides run as fresh `mu` processes from this checkout, the sweep's configurations × seeds
 exactly (`mu train --preset-file` with each configuration, `--seed` each seed). The target
-(DESIGN.md, Scale): 2 workers finish 4 runs in ≤ 0.6× the sequential wall-clock. The machine's
+(docs/targets.md, Scale): 2 workers finish 4 runs in ≤ 0.6× the sequential wall-clock. The machine's
 load average is recorded before and after: a figure taken beside other work means little.
 Prints a table, writes JSON to --out.
 """

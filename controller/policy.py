@@ -1,4 +1,4 @@
-"""Load, validate and run one ONNX policy file (contract 1 of docs/DESIGN).
+"""Load, validate and run one ONNX policy file (docs/contract.md, the policy file).
 
 Serving needs onnxruntime and numpy only: metadata is read through onnxruntime, never `onnx`.
 """

@@ -54,7 +54,7 @@ BY_ENV: dict[str, dict[str, Any]] = {
 }
 
 # `robust`: the env's default preset plus domain randomization with published-practice ranges
-# (../shared/REFERENCES.md and docs/sim_to_real.md): friction ×[0.5, 1.25] (legged_gym,
+# (sources in docs/sim_to_real.md): friction ×[0.5, 1.25] (legged_gym,
 # Minitaur), mass and motor strength ×[0.8, 1.2] (Minitaur), latency 0-2 control steps
 # (Minitaur 0-40 ms; Playground's Panda 1-3 steps), small joint damping, calibration offsets
 # and sensor noise.

@@ -53,7 +53,7 @@ def test_bench_runs_every_part(tiny: BenchConfig, tmp_path: Path) -> None:
     assert all(row["throughput_rps"] > 0 for row in r["sweep"]["per-request"])
     assert 0 < r["rss_mb"]["ours"] and r["machine"]["cores"] >= 1
     text = report.table(r)
-    assert "p50/floor" in text and "targets (DESIGN.md)" in text and "echo stream" in text
+    assert "p50/floor" in text and "targets (docs/targets.md)" in text and "echo stream" in text
     assert "the machine's floor" in text
     assert len(report.targets(r)) >= 6
     png = tmp_path / "bench.png"  # matplotlib is in the dev extra: the plot always runs

@@ -1,6 +1,6 @@
 """docs/deployment.md: the Envoy example is well-formed and names the right ports and health
 check (envoy itself is not run here), and replicas watching one shared policy file all move to a
-promoted version (the single-writer fine-tuning recipe)."""
+promoted version (how a fine-tuned version reaches a fleet)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_replicas_follow_the_promoted_file(server_factory, tmp_path: Path) -> No
     shared = write_policy(tmp_path / "promoted.onnx", seed=0)
     replicas = [server_factory(shared, watch=True, watch_interval_s=0.05) for _ in range(2)]
     assert [_version(r.target) for r in replicas] == [1, 1]
-    # The learner promotes: write next to the file, then rename over it (atomic).
+    # The operator promotes: write next to the file, then rename over it (atomic).
     write_policy(tmp_path / "next.onnx", seed=1)
     os.replace(tmp_path / "next.onnx", shared)
     deadline = time.monotonic() + 20

@@ -1,4 +1,4 @@
-"""The policy file: ONNX contract of DESIGN.md, parity with torch, refusal on mismatch."""
+"""The policy file: ONNX contract of docs/contract.md, parity with torch, refusal on mismatch."""
 
 import json
 
