@@ -56,7 +56,8 @@ def train_run(env_id: str, variant: str, seed: int, steps: int, runs: str) -> st
     # unfinished one resumed from its last checkpoint (every 25k steps)
     same = saved.exists() and TrainConfig.load(saved) == cfg
     if not (same and policy.exists()):
-        train(cfg, run, resume=same and (run / "checkpoint.pt").exists(), progress=False)
+        resume = same and (run / "checkpoint.pt").exists()
+        train(cfg, run, resume=resume, overwrite=not resume, progress=False)
     return str(policy)
 
 

@@ -27,6 +27,7 @@ uniform against LAP's sum-tree (draw + priority write).
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import logging
@@ -39,6 +40,7 @@ import numpy as np
 from training.envs import EVAL_SEED_OFFSET
 from training.presets import ZOO
 
+CURVE_COLUMNS = ("step", "wall_s", "return_mean", "return_std", "success_rate")  # of evals.csv
 WIDTHS = [6, 4, 9, 9, 8, 8, 14, 6]
 
 
@@ -79,15 +81,25 @@ def run_ours(
     same = saved.exists() and saved.read_text() == cfg.to_json()
     reused = same and _finished(run / "evals.csv", steps)
     if not reused:
-        on_eval = (lambda row: report(list(row.values()))) if report else None
+        on_eval = (lambda row: report(_row(row))) if report else None
         resume = same and (run / "checkpoint.pt").exists()
-        train(cfg, run, resume=resume, progress=False, on_eval=on_eval)
-    rows = [line.split(",") for line in (run / "evals.csv").read_text().splitlines()[1:]]
-    rows = [[float(x) if x and x != "None" else None for x in r] for r in rows]
+        train(cfg, run, resume=resume, overwrite=not resume, progress=False, on_eval=on_eval)
+    rows = [_row(r) for r in csv.DictReader(open(run / "evals.csv")) if _deployed(r, algo)]
     for row in rows if reused and report else []:
         report(row)
     impl = "mu" if algo == "td3" else f"mu-{algo}"
     return _curve(impl, env_id, seed, rows)
+
+
+def _deployed(row: dict[str, str], algo: str) -> bool:
+    """A row of the actor the curve follows: TD7's checkpoint policy (the paper's), TD3's one
+    actor (evals.csv from before the `actor` column has TD3's rows only)."""
+    return row.get("actor") in (None, "checkpoint" if algo == "td7" else "current")
+
+
+def _row(row: dict) -> list[float | None]:
+    """The numbers of a row of evals.csv (text, or `train`'s on_eval values)."""
+    return [float(row[c]) if row[c] not in ("", "None", None) else None for c in CURVE_COLUMNS]
 
 
 def _finished(evals_csv: Path, steps: int) -> bool:

@@ -12,51 +12,69 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from controller.extras import install_hint
 
+# `mu train` flags a resumed run would ignore (it keeps its config.json): refused with --resume
+NOT_ON_RESUME = ("env", "seed", "algo", "device", "preset", "preset_file", "set", "out",
+                 "overwrite", "export")  # fmt: skip
+
 
 def _train(args: argparse.Namespace) -> int:
-    from controller.config import parse_overrides
     from training.config import TrainConfig
-    from training.presets import preset
-    from training.trainer import train
+    from training.fields import describe_fields
+    from training.trainer import Interrupted, train
 
+    if args.list_fields:
+        print(describe_fields(TrainConfig))
+        return 0
     if args.resume:
-        from pathlib import Path
-
-        saved = json.loads((Path(args.resume) / "config.json").read_text())
-        if args.steps:
-            saved["steps"] = args.steps
-        cfg = TrainConfig.from_dict(saved)
-        path = train(cfg, args.resume, resume=True)
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in NOT_ON_RESUME
+            if getattr(args, name) not in (None, [], False)
+        ]
+        if given:
+            raise ValueError(
+                f"--resume continues a run with its own config.json: {', '.join(given)} would "
+                "be ignored; only --steps (to train on further) goes with --resume"
+            )
+        out = args.resume
+        saved = json.loads(_run_file(out, "config.json").read_text())
+        cfg = TrainConfig.from_dict({**saved, **({"steps": args.steps} if args.steps else {})})
     else:
-        from training.presets import load_preset_file
+        from training.resolve import FLAGS, resolve, run_dir
 
-        from_file = load_preset_file(args.preset_file) if args.preset_file else {}
-        env = args.env or from_file.get("env_id")
-        if not env:
-            raise SystemExit("mu train: --env is required (or --resume RUN, or --preset-file)")
-        if from_file.get("env_id", env) != env:
-            raise ValueError(f"--preset-file {args.preset_file} is for {from_file['env_id']}")
-        sets = parse_overrides(TrainConfig, args.set, "--set")
-        algo = args.algo or sets.get("algo") or from_file.get("algo", "td3")
-        overrides = {**preset(env, args.preset, algo), **from_file, **sets}
-        cfg = TrainConfig.from_dict(
-            {
-                **overrides,
-                "env_id": env,
-                "algo": algo,
-                "seed": args.seed,
-                "device": args.device,
-                "export": args.export,
-                **({"steps": args.steps} if args.steps else {}),
-            }
+        flags = {name: getattr(args, name) for name in FLAGS}
+        cfg = resolve(flags, args.set, args.preset, args.preset_file)
+        out = args.out or run_dir(cfg)
+    preset = args.preset or (args.preset_file and f"file {args.preset_file}") or "the env's"
+    print(
+        f"mu train: {cfg.env_id}, {cfg.algo}, seed {cfg.seed}, {cfg.steps} steps, preset "
+        f"{preset}{' (resumed)' if args.resume else ''}, into {out}"
+    )
+    if cfg.steps <= cfg.learning_starts:
+        print(
+            f"mu train: warning: {cfg.steps} steps <= learning_starts {cfg.learning_starts}: "
+            "the actor acts at random throughout and is never trained",
+            file=sys.stderr,
         )
-        out = args.out or f"runs/{env}-{cfg.algo}-s{args.seed}"
-        path = train(cfg, out)
+    try:
+        path = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite)
+    except Interrupted as stop:
+        print(f"\nmu train: {stop}; continue with: mu train --resume {out}", file=sys.stderr)
+        return 130
     print(f"policy: {path}")
     return 0
+
+
+def _run_file(run: str, name: str) -> Path:
+    """`run`/`name`, or a one-line error that says what `run` should be."""
+    path = Path(run) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} is not a run directory of mu train (no {name})")
+    return path
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -132,6 +150,9 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"mu sweep: {err}", file=sys.stderr)
         return 2
     print(result.table)
+    stopped = any(o["status"] == "stopped" for row in result.rows for o in row["trials"])
+    if stopped and not sweep.asha:  # not early stopping: interrupted
+        print(f"trials stopped: run the same command again to resume them in {args.storage}")
     print(f"results: {result.out}/results.txt, results.json")
     if result.curves:
         print(f"curves: {result.curves}")
@@ -188,20 +209,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train TD3/DDPG/TD7 in a Gymnasium env, export policy.onnx")
-    p.add_argument("--env", help="Gymnasium id, e.g. InvertedPendulumBulletEnv-v0")
+    p.description = (
+        "Settings resolve in one order: the env's preset, --preset, the algorithm's, "
+        "--preset-file, --set, then the flags (each a shortcut for --set of its field; a flag "
+        "and a --set that disagree are refused). --list-fields shows every field."
+    )
+    p.add_argument("--env", help="Gymnasium id, e.g. InvertedPendulumBulletEnv-v0 (env_id)")
     p.add_argument("--steps", type=int, help="environment steps (default: the config's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="seed (default 0)")
     p.add_argument(
         "--algo", choices=["td3", "ddpg", "td7"], help="default: the preset file's, else td3"
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--preset", help="named preset (zoo, default); default: the env's own")
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--preset", help="named preset (zoo, default, robust); default: the env's own")
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override a TrainConfig field",
+        help="set a TrainConfig field (typed: numbers, true/false, lists like [64,64])",
+    )
+    p.add_argument(
+        "--list-fields", action="store_true", help="list every field with its type, default, doc"
     )
     p.add_argument(
         "--preset-file",
@@ -210,11 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
         "after --preset, before --set",
     )
     p.add_argument("--out", help="run directory (default runs/ENV-ALGO-sSEED)")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue the run in RUN from its checkpoint (with --steps to train on further)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument(
         "--export",
         choices=["best", "last"],
-        default="best",
         help="actor in policy.onnx: the best evaluated (default) or the last; "
         "policy.last.onnx always holds the last",
     )

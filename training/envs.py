@@ -55,7 +55,7 @@ def obs_layout(space: gym.Space) -> ObsLayout:
         return [(key, int(np.prod(sub.shape))) for key, sub in space.spaces.items()]
     if isinstance(space, gym.spaces.Box):
         return [("obs", int(np.prod(space.shape)))]
-    raise TypeError(f"unsupported observation space {space}; expected Box or Dict of Box")
+    raise ValueError(f"unsupported observation space {space}; mu needs Box or Dict of Box")
 
 
 class FlatObs(gym.ObservationWrapper):
@@ -88,9 +88,13 @@ def make_env(env_id: str, seed: int | None = None) -> FlatObs:
         except gym.error.UnregisteredEnv as err:
             hint = " (Panda*-v3 ids come with panda-gym)" if env_id.startswith("Panda") else ""
             raise ValueError(f"{env_id}: {err}{hint}") from None
+        if not isinstance(made.action_space, gym.spaces.Box):
+            made.close()
+            raise ValueError(
+                f"{env_id} has {made.action_space} actions; deterministic actor-critics (TD3, "
+                "DDPG, TD7) need continuous (Box) actions"
+            )
         env = FlatObs(made)
-        if not isinstance(env.action_space, gym.spaces.Box):
-            raise TypeError(f"{env_id}: deterministic actor-critics need a Box action space")
         env.reset(seed=seed)
     env.action_space.seed(seed)
     return env

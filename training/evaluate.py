@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from training.envs import make_env, run_episodes
 from training.randomization import randomize
+
+# onnxruntime's own errors for a file it cannot load (none derives from a builtin error)
+LOAD_ERRORS = (ort_state.Fail, ort_state.InvalidProtobuf, ort_state.InvalidGraph)
 
 
 @dataclass
@@ -28,14 +33,27 @@ class OnnxEval:
         return float(np.mean(self.returns))
 
 
-def load_session(path: str) -> ort.InferenceSession:
+def load_session(path: str | Path) -> ort.InferenceSession:
+    """onnxruntime's session of a policy file, or a one-line error saying what to give."""
+    path = Path(path)
+    if path.is_dir():
+        hint = f"; its policy is {path / 'policy.onnx'}" if (path / "policy.onnx").exists() else ""
+        raise ValueError(f"{path} is a directory: give a policy file (.onnx){hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no policy file at {path}")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except LOAD_ERRORS as err:
+        raise ValueError(f"{path} is not an ONNX policy file: {str(err)[:200]}") from None
 
 
 def policy_env_id(sess: ort.InferenceSession) -> str:
-    return sess.get_modelmeta().custom_metadata_map["mu.env_id"]
+    meta = sess.get_modelmeta().custom_metadata_map
+    if "mu.env_id" not in meta:
+        raise ValueError("not a mu policy file (no mu.env_id metadata; `mu export` writes one)")
+    return meta["mu.env_id"]
 
 
 def shifted_env(env_id: str, seed: int, shifts: dict[str, float]) -> gym.Env:

@@ -15,9 +15,11 @@ import numpy as np
 
 
 def read_evals(run: Path) -> dict[str, np.ndarray]:
-    """evals.csv as columns; success_rate is NaN where the env reports none."""
+    """evals.csv as columns, the deployed actor's rows (the first named: TD7's checkpoint
+    policy); success_rate is NaN where the env reports none."""
     path = Path(run) / "evals.csv"
     rows = list(csv.DictReader(open(path)))
+    rows = [r for r in rows if r.get("actor") == rows[0].get("actor")]
     return {
         key: np.array([float(r[key]) if r[key] not in ("", "None") else np.nan for r in rows])
         for key in ("step", "wall_s", "return_mean", "success_rate")

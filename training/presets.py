@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from training.config import ALGO_SETTINGS
+
 ZOO: dict[str, Any] = {
     "gamma": 0.98,
     "buffer_size": 200_000,
@@ -98,8 +100,11 @@ NAMED: dict[str, dict[str, Any]] = {"zoo": ZOO, "default": {}, "robust": {}}
 # 256 units in every layer of actor, critics and encoder). The locomotion presets' wider
 # [400, 300] nets are RL Zoo's TD3 choice; under TD7 they cost 1.8× the update time
 # (11.2 against 20.2 updates/s on CPU) for an architecture TD7 was not tuned with.
+# DDPG's own settings (`config.ALGO_SETTINGS`) come over a preset's TD3 values (zoo's delay and
+# target noise), so that only a user's own contrary value is refused.
 BY_ALGO: dict[str, dict[str, Any]] = {
     "td7": {"actor_hidden": [256, 256], "critic_hidden": [256, 256]},
+    "ddpg": ALGO_SETTINGS["ddpg"],
 }
 
 

@@ -274,7 +274,13 @@ def run_sweep(sweep: SweepConfig, runner: RunnerConfig) -> SweepResult:
     for result in grid:
         label = result.config["trial"]["label"]
         by_label[label] = _trial_outcome(result, sweep, out / "runs" / label, remote)
-    return summarize(sweep, [by_label[t["label"]] for t in trials], out)
+    # a sweep stopped by Ctrl-C returns without the trials it never started
+    unstarted = {"status": "stopped", "step": 0}
+    outcomes = [
+        by_label.get(t["label"], {"label": t["label"], "seed": t["seed"], **unstarted})
+        for t in trials
+    ]
+    return summarize(sweep, outcomes, out)
 
 
 def _trial_outcome(result: Any, sweep: SweepConfig, link: Path, remote: bool) -> dict[str, Any]:

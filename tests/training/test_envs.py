@@ -35,7 +35,7 @@ def test_pybullet_prints_nothing(capfd):
 def test_config_validation_names_the_problem():
     with pytest.raises(ValueError, match="gamma"):
         TrainConfig(gamma=1.5)
-    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+    with pytest.raises(ValueError, match="no field 'gama'; did you mean gamma"):
         TrainConfig.from_dict({"gama": 0.9})
 
 
