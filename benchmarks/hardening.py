@@ -3,6 +3,12 @@ a table and writes JSON to --out:
 
     python -m benchmarks.hardening keepalive [--keepalive 1 5] [--trials 5]
 
+    python -m benchmarks.hardening memory [--requests 400] [--values 1000000]
+
+memory: a `mu serve` process's resident memory (VmRSS, and its peak VmHWM) before and after
+`--requests` refused `Act`s of `--values` values each (4 MB: refused for their length), then
+after as many valid `ActBatch`es of the same size.
+
 keepalive: a local-lane loop behind a relay that, once cut, drops every byte and closes nothing
 (a server that lost power); the time from the cut until the watcher notices, against the
 documented bound of 2 × keepalive_s.
@@ -18,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from controller.robot.demo import POLICY, ServerProcess, serve_command
 
 
 class Blackhole:
@@ -57,18 +65,12 @@ class Blackhole:
             s.close()
 
 
-def _test_policy(directory: Path) -> Path:
-    from tests.controller.conftest import write_policy
-
-    return write_policy(directory / "policy.onnx")
-
-
 def keepalive(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from controller.config import ServeConfig
     from controller.robot.client import PolicyClient
     from controller.server import start_in_thread
 
-    server = start_in_thread(ServeConfig(policy=_test_policy(work), listen="127.0.0.1:0"))
+    server = start_in_thread(ServeConfig(policy=POLICY, listen="127.0.0.1:0"))
     rows = []
     try:
         for keepalive_s in args.keepalive:
@@ -76,7 +78,7 @@ def keepalive(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 relay = Blackhole(server.target)
                 try:
                     with PolicyClient(relay.target, local=True, keepalive_s=keepalive_s) as robot:
-                        robot.act([0.0] * 26)
+                        robot.act([0.0] * robot.policy.policy.obs_dim)
                         robot.watcher.wait_handled(1, timeout=30)
                         relay.cut.set()
                         cut = time.perf_counter()
@@ -100,6 +102,62 @@ def keepalive(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {"trials": rows, "all_within": all(r["within"] for r in rows)}
 
 
+def _rss_mb(pid: int) -> dict[str, float]:
+    """VmRSS (resident now) and VmHWM (its peak) of process `pid`, in MB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import grpc
+    import numpy as np
+
+    from controller.proto import controller_pb2 as pb
+    from controller.proto import controller_pb2_grpc as pb_grpc
+
+    server = ServerProcess(serve_command(POLICY, "127.0.0.1:0"))
+    address, pid = server.address, server.process.pid
+    try:
+        values = np.random.default_rng(0).normal(0, 1, args.values).astype(np.float32)
+        with grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)
+        ]) as channel:  # fmt: skip
+            stub = pb_grpc.ControllerStub(channel)
+            obs_dim = stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).obs_dim
+            start = _rss_mb(pid)
+            refused = pb.ActRequest(obs=values.tolist())
+            codes: dict[str, int] = {}
+            for _ in range(args.requests):
+                try:
+                    stub.Act(refused, timeout=60)
+                    code = "OK"
+                except grpc.RpcError as e:
+                    code = e.code().name
+                codes[code] = codes.get(code, 0) + 1
+            after_refused = _rss_mb(pid)
+            batch = args.values // obs_dim
+            valid = pb.ActBatchRequest(obs=values[: batch * obs_dim].tolist(), batch_size=batch)
+            for _ in range(args.requests):
+                stub.ActBatch(valid, timeout=60)
+            after_valid = _rss_mb(pid)
+    finally:
+        server.stop()
+    request_mb = 4 * args.values / 1e6
+    result = {
+        "request_mb": request_mb, "requests": args.requests, "refused_codes": codes,
+        "start": start, "after_refused": after_refused, "after_valid": after_valid,
+        "refused_growth_mb": after_refused["VmRSS"] - start["VmRSS"],
+        "valid_rss_over_request": after_valid["VmRSS"] / request_mb,
+    }  # fmt: skip
+    print(f"server RSS: start {start['VmRSS']:.0f} MB; after {args.requests} refused "
+          f"{request_mb:.0f} MB Acts ({codes}) {after_refused['VmRSS']:.0f} MB (peak "
+          f"{after_refused['VmHWM']:.0f}); after {args.requests} valid ActBatches of the same "
+          f"size {after_valid['VmRSS']:.0f} MB (peak {after_valid['VmHWM']:.0f})")  # fmt: skip
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/hardening"))
@@ -107,9 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("keepalive", help="time for a local-lane loop to notice a vanished server")
     p.add_argument("--keepalive", type=float, nargs="+", default=[1.0, 5.0])
     p.add_argument("--trials", type=int, default=5)
+    p = sub.add_parser("memory", help="server memory after refused and valid large requests")
+    p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--values", type=int, default=1_000_000)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
-        result = {"keepalive": keepalive}[args.what](args, Path(work))
+        result = {"keepalive": keepalive, "memory": memory}[args.what](args, Path(work))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.what}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -13,6 +13,7 @@ handler, streamed requests included.
 from __future__ import annotations
 
 import inspect
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -68,7 +69,16 @@ def _guarded(behavior: Callable[..., Any], streamed: bool) -> Callable[..., Any]
         return each_reply
 
     async def reply(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await behavior(await requests(request, context), context)
+        call = behavior(await requests(request, context), context)
+        del request  # from here only the handler's frame holds it
+        try:
+            return await call
+        except BaseException as e:
+            # grpc keeps an abort's exception in a reference cycle with the RPC's state, and the
+            # exception's traceback holds the handler's frames and so the request: without
+            # this, every refused request stayed in memory until the cyclic collector ran.
+            traceback.clear_frames(e.__traceback__)
+            raise
 
     return reply
 

@@ -25,6 +25,7 @@ from controller.metrics import Metrics
 from controller.policy import INPUT_NAME, OUTPUT_NAME, ActError, Policy
 from controller.proto import grpc_service_pb2 as pb
 from controller.proto import grpc_service_pb2_grpc as pb_grpc
+from controller.service import packed_floats, refuse
 from controller.store import PolicyStore
 
 INFERENCE_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -32,6 +33,7 @@ MODEL_NAME = "mu-policy"
 PLATFORM = "onnxruntime_onnx"
 DATATYPE = "FP32"
 _FLOAT32_LE = np.dtype("<f4")
+_FP32_FIELD = pb.InferTensorContents.DESCRIPTOR.fields_by_name["fp32_contents"].number
 
 
 def _server_version() -> str:
@@ -99,8 +101,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 actions = policy.act_batch(obs, batch)
         except ActError as e:
-            self._metrics.error("ModelInfer", e.code, perf_counter() - t0)
-            await context.abort(e.code, e.message)
+            refused = e.code, e.message  # answered outside the except: see refuse()
+        else:
+            return self._reply(request, policy, actions, batch, raw, t0)
+        await refuse(context, refused, self._metrics, "ModelInfer", t0)
+
+    def _reply(
+        self,
+        request: pb.ModelInferRequest,
+        policy: Policy,
+        actions: np.ndarray,
+        batch: int,
+        raw: bool,
+        t0: float,
+    ) -> pb.ModelInferResponse:
         output = pb.ModelInferResponse.InferOutputTensor(
             name=OUTPUT_NAME, datatype=DATATYPE, shape=[batch, policy.act_dim]
         )
@@ -108,7 +122,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raw_output = [actions.astype(_FLOAT32_LE, copy=False).tobytes()]
         else:
             raw_output = []
-            output.contents.fp32_contents.extend(actions.ravel().tolist())
+            output.contents.MergeFromString(packed_floats(_FP32_FIELD, actions))
         reply = pb.ModelInferResponse(
             model_name=MODEL_NAME,
             model_version=str(policy.version),
@@ -173,7 +187,10 @@ def _read_input(policy: Policy, request: pb.ModelInferRequest) -> tuple[Sequence
                 f"raw_input_contents holds {len(data)} bytes; shape {shape} in FP32 needs "
                 f"{4 * batch * policy.obs_dim}",
             )
-        return np.frombuffer(data, _FLOAT32_LE).tolist(), batch, True
+        values = np.frombuffer(data, _FLOAT32_LE)
+        # One observation: Python floats (Policy.act sums them in double precision); a batch
+        # stays an array (act_batch checks it with numpy).
+        return (values.tolist() if batch == 1 else values), batch, True
     values = tensor.contents.fp32_contents
     if len(values) != batch * policy.obs_dim:
         raise ActError(

@@ -12,7 +12,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Sequence
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 import numpy as np
@@ -111,11 +111,12 @@ class ControllerService(pb_grpc.ControllerServicer):
         try:
             action = policy.act_values(request.obs)
         except ActError as e:
-            self._metrics.error("Act", e.code, perf_counter() - t0)
-            await context.abort(e.code, e.message)
-        reply = pb.ActResponse(action=action, seq=request.seq, policy_version=policy.version)
-        self._metrics.ok("Act", perf_counter() - t0)
-        return reply
+            refused = e.code, e.message  # answered outside the except: see refuse()
+        else:
+            reply = pb.ActResponse(action=action, seq=request.seq, policy_version=policy.version)
+            self._metrics.ok("Act", perf_counter() - t0)
+            return reply
+        await refuse(context, refused, self._metrics, "Act", t0)
 
     async def ActStream(
         self, request_iterator: AsyncIterator[pb.ActRequest], context: grpc.aio.ServicerContext
@@ -190,17 +191,18 @@ class ControllerService(pb_grpc.ControllerServicer):
         try:
             actions = policy.act_batch(request.obs, request.batch_size)
         except ActError as e:
-            self._metrics.error("ActBatch", e.code, perf_counter() - t0)
-            await context.abort(e.code, e.message)
-        reply = pb.ActBatchResponse(
-            actions=actions.ravel().tolist(),
-            batch_size=request.batch_size,
-            act_dim=policy.act_dim,
-            seq=request.seq,
-            policy_version=policy.version,
-        )
-        self._metrics.ok("ActBatch", perf_counter() - t0)
-        return reply
+            refused = e.code, e.message  # answered outside the except: see refuse()
+        else:
+            reply = pb.ActBatchResponse(
+                batch_size=request.batch_size,
+                act_dim=policy.act_dim,
+                seq=request.seq,
+                policy_version=policy.version,
+            )
+            reply.MergeFromString(packed_floats(_ACTIONS_FIELD, actions))
+            self._metrics.ok("ActBatch", perf_counter() - t0)
+            return reply
+        await refuse(context, refused, self._metrics, "ActBatch", t0)
 
     async def GetPolicy(
         self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext
@@ -222,8 +224,10 @@ class ControllerService(pb_grpc.ControllerServicer):
                     grpc.StatusCode.INVALID_ARGUMENT, "LoadPolicy needs `path` or `onnx`"
                 )
         except SwapRefused as e:
-            await context.abort(e.code, e.message)
-        return self._info(policy)
+            refused = e.code, e.message  # answered outside the except: see refuse()
+        else:
+            return self._info(policy)
+        await refuse(context, refused)
 
     async def RollbackPolicy(
         self, request: pb.RollbackPolicyRequest, context: grpc.aio.ServicerContext
@@ -235,8 +239,10 @@ class ControllerService(pb_grpc.ControllerServicer):
             else:
                 policy = await self._store.rollback()
         except SwapRefused as e:
-            await context.abort(e.code, e.message)
-        return self._info(policy)
+            refused = e.code, e.message  # answered outside the except: see refuse()
+        else:
+            return self._info(policy)
+        await refuse(context, refused)
 
     async def ReportTransitions(
         self, request_iterator: AsyncIterator[pb.Transition], context: grpc.aio.ServicerContext
@@ -389,6 +395,44 @@ class ControllerService(pb_grpc.ControllerServicer):
 
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+_ACTIONS_FIELD = pb.ActBatchResponse.DESCRIPTOR.fields_by_name["actions"].number
+
+
+async def refuse(
+    context: grpc.aio.ServicerContext,
+    error: tuple[grpc.StatusCode, str],
+    metrics: Metrics | None = None,
+    method: str = "",
+    t0: float = 0.0,
+) -> NoReturn:
+    """End a refused RPC with `error` (code, message), counted in `metrics` under `method`.
+
+    Call it outside any `except` block, with the code and message only: an abort raised inside
+    one chains the exception, whose traceback holds the handler's frame and so the request,
+    into a reference cycle that only the cyclic collector frees (400 refused 4 MB Acts took a
+    server from 95 MB to 1.9 GB that way).
+    """
+    if metrics is not None:
+        metrics.error(method, error[0], perf_counter() - t0)
+    await context.abort(*error)
+    raise AssertionError("context.abort returned")  # it raises; this tells type checkers
+
+
+def packed_floats(field: int, values: np.ndarray) -> bytes:
+    """`values` as float32 field `field` of a message, in protobuf wire format: a reply merges
+    it with MergeFromString, which copies the bytes once in C, where assigning a list made a
+    Python float per value (seconds, and tens of MB, for a large batch)."""
+    data = np.ascontiguousarray(values, "<f4").tobytes()
+    return _varint(field << 3 | 2) + _varint(len(data)) + data  # wire type 2: packed
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def _to_int(text: str) -> int:
