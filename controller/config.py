@@ -25,6 +25,22 @@ def parse_shifts(items: list[str]) -> dict[str, float]:
     return out
 
 
+def keepalive_options(seconds: float) -> list[tuple[str, int]]:
+    """gRPC channel arguments for a connection that must notice a silent peer (power cut,
+    cable pulled): a ping every `seconds`, also on idle streams, and the connection closed when
+    one goes unanswered as long, so a dead peer is seen within 2 × `seconds`. gRPC times a
+    ping out by `grpc.http2.ping_timeout_ms` (60 s by default), not by the keepalive timeout
+    alone, so both are set."""
+    ms = round(seconds * 1000)
+    return [
+        ("grpc.keepalive_time_ms", ms),
+        ("grpc.keepalive_timeout_ms", ms),
+        ("grpc.http2.ping_timeout_ms", ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # an idle stream is what it is for
+    ]
+
+
 def parse_listen(listen: str) -> tuple[str, int | None]:
     """'HOST:PORT' -> (host, port); 'unix:PATH' -> (path, None). Raises ValueError."""
     if listen.startswith("unix:"):
@@ -75,6 +91,9 @@ class ServeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: Seconds that in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = 2.0
+    #: Seconds between the server's keepalive pings on each connection: a client that goes
+    #: silent is disconnected within twice this (its WatchPolicy loop then shows disconnected).
+    client_keepalive_s: float = 10.0
     #: Online fine-tuning (`--finetune CHECKPOINT`); None = off, and no torch is ever imported.
     finetune: FinetuneConfig | None = None
 
@@ -109,6 +128,10 @@ class ServeConfig:
         if self.max_message_bytes < 1024:
             raise ValueError(
                 f"max_message_bytes must be at least 1024, got {self.max_message_bytes}"
+            )
+        if not (math.isfinite(self.client_keepalive_s) and self.client_keepalive_s >= 1):
+            raise ValueError(
+                f"client_keepalive_s must be at least 1 s, got {self.client_keepalive_s}"
             )
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")

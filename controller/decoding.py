@@ -21,6 +21,14 @@ import grpc
 from google.protobuf.message import DecodeError
 
 
+def clipped(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters, saying how many were cut: what a client sent goes into
+    messages, logs and replies no longer than this."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text) - limit} more characters]"
+
+
 class Undecodable:
     """Stands in for a request whose bytes did not parse."""
 

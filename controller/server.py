@@ -26,6 +26,7 @@ from controller.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ServeConfig,
     is_local,
+    keepalive_options,
     parse_listen,
 )
 from controller.decoding import DecodeGuard
@@ -54,7 +55,10 @@ def server_options(config: ServeConfig) -> list[tuple[str, Any]]:
         # Local-lane loops ping their idle WatchPolicy stream (controller.robot.local) to notice
         # a vanished server; gRPC's default refuses pings more often than every 5 minutes.
         ("grpc.http2.min_ping_interval_without_data_ms", 500),
-        ("grpc.keepalive_permit_without_calls", 1),
+        # The server pings every connection too: one that stays silent (a client that lost
+        # power or its cable) is closed, so its WatchPolicy stream ends and its loop shows
+        # disconnected.
+        *keepalive_options(config.client_keepalive_s),
     ]
 
 
@@ -306,6 +310,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_MESSAGE_BYTES,
         help=f"largest request or reply in bytes (default {DEFAULT_MAX_MESSAGE_BYTES})",
     )
+    parser.add_argument(
+        "--client-keepalive-s",
+        type=float,
+        default=10.0,
+        help="ping each connection this often; a client silent for as long is disconnected "
+        "(default 10)",
+    )
     tune = parser.add_argument_group("online fine-tuning (docs/finetuning.md)")
     tune.add_argument(
         "--finetune",
@@ -373,6 +384,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         tls_client_ca=args.tls_client_ca,
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_bytes,
+        client_keepalive_s=args.client_keepalive_s,
         finetune=finetune_from_args(args),
     )
 

@@ -304,7 +304,9 @@ class ControllerService(pb_grpc.ControllerServicer):
                 "WatchPolicy needs a client_id naming the loop (e.g. host and process id)",
             )
         store, loops, finetune = self._store, self.local_loops, self._finetune
-        loops.opened(request, context.peer())
+        refused = loops.opened(request, context.peer())
+        if refused is not None:
+            await context.abort(*refused)
         self._metrics.set_local_loops(loops.connected())
         try:
             seen = -1

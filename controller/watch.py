@@ -13,8 +13,10 @@ import secrets
 import time
 from dataclasses import dataclass
 
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller.decoding import clipped
 from controller.policy import Policy
 from controller.proto import controller_pb2 as pb
 
@@ -22,8 +24,13 @@ log = logging.getLogger(__name__)
 
 # Nonces are remembered for this many updates (a late ack of an older one still counts).
 MAX_NONCES = 4096
-# Loops remembered; beyond this the disconnected ones that acked longest ago are forgotten.
+# Loops remembered; beyond this the disconnected ones that acked longest ago are forgotten, and
+# while all of them are connected another is refused.
 MAX_LOOPS = 1024
+# Longest client_id accepted, and the longest refusal reason kept from an ack (characters): 1024
+# loops then fit in a GetPolicy reply with room to spare.
+MAX_CLIENT_ID = 256
+MAX_ACK_ERROR = 1024
 
 
 @dataclass
@@ -47,23 +54,37 @@ class LocalLoops:
         self._nonces: dict[str, tuple[int, str]] = {}
         self._counter = itertools.count(1)
 
-    def opened(self, request: pb.WatchPolicyRequest, peer: str) -> None:
-        if request.client_id not in self._loops and len(self._loops) >= MAX_LOOPS:
+    def opened(
+        self, request: pb.WatchPolicyRequest, peer: str
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """Register a WatchPolicy stream; (code, why) when it is refused."""
+        client_id = request.client_id
+        if len(client_id) > MAX_CLIENT_ID:
+            return grpc.StatusCode.INVALID_ARGUMENT, (
+                f"client_id has {len(client_id)} characters; at most {MAX_CLIENT_ID}"
+            )
+        loop = self._loops.get(client_id)
+        if loop is None:
             gone = sorted((v.acked_at, k) for k, v in self._loops.items() if not v.connected)
-            for _, client_id in gone[: len(self._loops) - MAX_LOOPS + 1]:
-                del self._loops[client_id]
-        loop = self._loops.setdefault(request.client_id, _Loop(peer))
+            for _, forgotten in gone[: len(self._loops) - MAX_LOOPS + 1]:
+                del self._loops[forgotten]
+            if len(self._loops) >= MAX_LOOPS:
+                return grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                    f"{MAX_LOOPS} local loops are connected; no room for another"
+                )
+            loop = self._loops[client_id] = _Loop(peer)
         loop.peer = peer
         loop.connected += 1
         if request.running_version:  # what it kept running while it was away
             loop.applied_version = request.running_version
-            loop.applied_sha256 = request.running_sha256
+            loop.applied_sha256 = request.running_sha256[:64]
         log.info(
             "local loop %r watching from %s (runs version %d)",
-            request.client_id,
+            client_id,
             peer,
             request.running_version,
         )
+        return None
 
     def closed(self, client_id: str) -> None:
         loop = self._loops.get(client_id)
@@ -108,21 +129,23 @@ class LocalLoops:
             return "PolicyAck needs client_id"
         sent = self._nonces.get(ack.nonce)
         if sent is None:
-            return f"unknown nonce {ack.nonce!r}: not an update this server sent"
+            return f"unknown nonce {clipped(ack.nonce)!r}: not an update this server sent"
         if sent != (ack.version, ack.sha256):
             return (
                 f"nonce {ack.nonce!r} was version {sent[0]} (sha256 {sent[1][:12]}), "
-                f"not version {ack.version} (sha256 {ack.sha256[:12]})"
+                f"not version {ack.version} (sha256 {clipped(ack.sha256, 12)})"
             )
-        loop = self._loops.setdefault(ack.client_id, _Loop(peer))
+        # Only a loop that opened WatchPolicy is recorded: acks cannot add loops past the cap.
+        loop = self._loops.get(ack.client_id)
+        if loop is None:
+            return f"client_id {clipped(ack.client_id)!r} has no WatchPolicy stream on this server"
         loop.acked_at = time.time()
         if ack.applied:
             loop.applied_version, loop.applied_sha256 = ack.version, ack.sha256
         else:
-            loop.refused_version, loop.refused_error = ack.version, ack.error
-            log.warning(
-                "local loop %r refused version %d: %s", ack.client_id, ack.version, ack.error
-            )
+            error = clipped(ack.error, MAX_ACK_ERROR)
+            loop.refused_version, loop.refused_error = ack.version, error
+            log.warning("local loop %r refused version %d: %s", ack.client_id, ack.version, error)
         return None
 
     def snapshot(self) -> list[pb.LocalLoop]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from controller.config import keepalive_options
 from controller.policy import Policy, PolicyLoadError, load_policy
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
@@ -41,22 +42,15 @@ WARM_CALLS = 20
 def channel_options(keepalive_s: float) -> list[tuple[str, int]]:
     """The local lane's channel. Reconnection: gRPC's own defaults (1 s, growing to 120 s)
     would leave a restarted server unseen for minutes; the watcher adds its own backoff on top.
-    Keepalive: a ping every `keepalive_s` on the idle WatchPolicy stream, unanswered for as
-    long, closes the connection, so a server that vanished without closing it (power cut,
-    cable pulled) is noticed within 2 × keepalive_s, not after TCP's hours. The server accepts
-    pings down to every 0.5 s (controller.server.server_options); PolicyClient allows 1 s.
-    gRPC times an unanswered ping out by `grpc.http2.ping_timeout_ms` (default 60 s), not by
-    the keepalive timeout alone, so both are set."""
-    ms = round(keepalive_s * 1000)
+    Keepalive: a ping every `keepalive_s` on the idle WatchPolicy stream, so a server that
+    vanished without closing the connection is noticed within 2 × keepalive_s, not after TCP's
+    hours (controller.config.keepalive_options). The server accepts pings down to every 0.5 s
+    (controller.server.server_options); PolicyClient allows 1 s."""
     return [
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 500),
-        ("grpc.keepalive_time_ms", ms),
-        ("grpc.keepalive_timeout_ms", ms),
-        ("grpc.http2.ping_timeout_ms", ms),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),  # a watch stream is idle most of the time
+        *keepalive_options(keepalive_s),
     ]
 
 

@@ -167,6 +167,57 @@ def test_a_silently_vanished_server_is_noticed_by_keepalive(server_factory, poli
         relay.close()
 
 
+def test_a_silent_client_is_reaped_by_the_servers_keepalive(server_factory, policy_path) -> None:
+    """The loop's connection goes silent (no FIN, no RST): the server's own keepalive (1 s
+    here) closes it, and GetPolicy shows the loop disconnected. The bound, 10 s, is far from
+    the 2 s documented and from the never of a server without keepalive."""
+    server = server_factory(policy_path, client_keepalive_s=1.0)
+    relay = Blackhole(server.target)
+    try:
+        with (
+            PolicyClient(relay.target, local=True, client_id="arm-1") as robot,
+            PolicyClient(server.target) as admin,
+        ):
+            robot.watcher.wait_handled(1, timeout=WAIT_S)
+            assert [loop.connected for loop in admin.get_policy().local_loops] == [True]
+            relay.cut.set()
+            for _ in range(10 * 100):
+                if not admin.get_policy().local_loops[0].connected:
+                    break
+                threading.Event().wait(0.01)
+            (loop,) = admin.get_policy().local_loops
+            assert not loop.connected, "the silent loop still shows connected after 10 s"
+    finally:
+        relay.close()
+
+
+def test_local_loops_are_bounded_in_size_and_count(connected) -> None:
+    """A client_id longer than 256 characters is refused (two of 3 MB made every GetPolicy
+    reply too large), an AckPolicy cannot add a loop past the cap (only WatchPolicy does), and
+    a loop's refusal reason is kept to 1024 characters."""
+    stub = connected.stub
+    for _ in range(2):
+        with pytest.raises(grpc.RpcError) as refused:
+            next(stub.WatchPolicy(pb.WatchPolicyRequest(client_id="x" * 3_000_000), timeout=10))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "client_id has 3000000 characters; at most 256" in refused.value.details()
+    assert len(stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).local_loops) == 0
+
+    watch = stub.WatchPolicy(pb.WatchPolicyRequest(client_id="arm-1"), timeout=WAIT_S)
+    update = next(watch)
+    ack = {"nonce": update.nonce, "version": update.version, "sha256": update.sha256}
+    for i in range(20):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.AckPolicy(pb.PolicyAck(client_id=f"ghost-{i}", applied=True, **ack), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "has no WatchPolicy stream" in refused.value.details()
+    stub.AckPolicy(pb.PolicyAck(client_id="arm-1", error="e" * 100_000, **ack), timeout=10)
+    (loop,) = stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).local_loops
+    watch.cancel()
+    assert loop.client_id == "arm-1" and loop.refused_version == update.version
+    assert loop.refused_error.startswith("e" * 1024 + "... [98976 more characters]")
+
+
 def test_local_lane_runs_the_servers_safety_code(server_factory, policy_path: Path) -> None:
     """Same slew limit, same order, same numbers as ActStream: one implementation. A loop that
     warms the policy before each tick (run_loop on its own CPU) gets the same numbers too."""
