@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from controller.finetune.config import FinetuneConfig
+
+log = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -140,6 +143,13 @@ class ServeConfig:
         """The token from `admin_token_file` (surrounding whitespace stripped), or None."""
         if self.admin_token_file is None:
             return None
+        mode = self.admin_token_file.stat().st_mode
+        if mode & 0o077:
+            log.warning(
+                "admin token file %s can be read by other users (mode %o); chmod 600 it",
+                self.admin_token_file,
+                mode & 0o777,
+            )
         token = self.admin_token_file.read_text().strip()
         if not token:
             raise ValueError(f"admin_token_file {self.admin_token_file} is empty")

@@ -21,6 +21,7 @@ from time import perf_counter
 import grpc
 import numpy as np
 
+from controller.decoding import clipped
 from controller.metrics import Metrics
 from controller.policy import INPUT_NAME, OUTPUT_NAME, ActError, Policy
 from controller.proto import grpc_service_pb2 as pb
@@ -137,11 +138,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 def _model_error(policy: Policy, name: str, model_version: str) -> str | None:
     """Why (name, version) does not name the served policy, or None when it does."""
     if name != MODEL_NAME:
-        return f"no model {name!r}; this server serves {MODEL_NAME!r}"
+        return f"no model {clipped(name)!r}; this server serves {MODEL_NAME!r}"
     if model_version not in ("", str(policy.version)):
         return (
-            f"{MODEL_NAME} version {model_version!r} is not served; the current version is "
-            f"{policy.version} (leave model_version empty to always get the current one)"
+            f"{MODEL_NAME} version {clipped(model_version)!r} is not served; the current "
+            f"version is {policy.version} (leave model_version empty to always get the current one)"
         )
     return None
 
@@ -157,19 +158,23 @@ def _read_input(policy: Policy, request: pb.ModelInferRequest) -> tuple[Sequence
     if error is not None:
         raise ActError(grpc.StatusCode.NOT_FOUND, error)
     if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
-        names = [i.name for i in request.inputs]
+        names = clipped(str([i.name for i in request.inputs]))
         raise ActError(invalid, f"{MODEL_NAME} takes one input {INPUT_NAME!r}; got {names}")
     unknown = [o.name for o in request.outputs if o.name != OUTPUT_NAME]
     if unknown:
-        raise ActError(invalid, f"{MODEL_NAME} has one output {OUTPUT_NAME!r}; got {unknown}")
+        raise ActError(
+            invalid, f"{MODEL_NAME} has one output {OUTPUT_NAME!r}; got {clipped(str(unknown))}"
+        )
     tensor = request.inputs[0]
     if tensor.datatype != DATATYPE:
-        raise ActError(invalid, f"input {INPUT_NAME!r} must be {DATATYPE}, got {tensor.datatype!r}")
+        raise ActError(
+            invalid, f"input {INPUT_NAME!r} must be {DATATYPE}, got {clipped(tensor.datatype)!r}"
+        )
     shape = list(tensor.shape)
     if len(shape) != 2 or shape[0] < 1 or shape[1] != policy.obs_dim:
         raise ActError(
             invalid,
-            f"input {INPUT_NAME!r} has shape {shape}; {MODEL_NAME} expects "
+            f"input {INPUT_NAME!r} has shape {clipped(str(shape))}; {MODEL_NAME} expects "
             f"[batch, {policy.obs_dim}] with batch >= 1",
         )
     batch = shape[0]

@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
+from controller.decoding import clipped
 from controller.onnxfile import NonFinite, check_finite
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,11 @@ def read_policy_file(path: str | Path) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as e:
-        raise PolicyReadError(f"cannot read policy file {path}: {e.strerror or e}") from e
+        raise PolicyReadError(
+            f"cannot read policy file {clipped(str(path))}: {e.strerror or e}"
+        ) from e
+    except ValueError as e:  # a NUL byte in the path
+        raise PolicyLoadError(f"policy path {clipped(str(path))!r} is not a valid path: {e}") from e
 
 
 def load_policy(data: bytes, *, source: str, version: int) -> Policy:
@@ -266,13 +271,17 @@ def load_policy(data: bytes, *, source: str, version: int) -> Policy:
         check_finite(data)
     except NonFinite as e:
         raise PolicyLoadError(f"{source}: {e}; refusing to serve it") from None
-    meta = dict(session.get_modelmeta().custom_metadata_map)
+    try:
+        meta = dict(session.get_modelmeta().custom_metadata_map)
+    except UnicodeDecodeError as e:
+        raise PolicyLoadError(f"{source} has metadata that is not valid UTF-8: {e}") from None
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise PolicyLoadError(f"{source} lacks metadata {', '.join(missing)}; export it with mu")
     if meta["mu.format"] != FORMAT_TAG:
         raise PolicyLoadError(
-            f"{source} has mu.format {meta['mu.format']!r}; this server reads {FORMAT_TAG!r}"
+            f"{source} has mu.format {clipped(meta['mu.format'])!r}; this server reads "
+            f"{FORMAT_TAG!r}"
         )
     obs_dim = _positive_int(meta, "mu.obs_dim", source)
     act_dim = _positive_int(meta, "mu.act_dim", source)

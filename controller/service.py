@@ -440,7 +440,7 @@ def _varint(n: int) -> bytes:
 def _to_int(text: str) -> int:
     try:
         return max(int(float(text)), 0)
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, NaN, or infinite ("1e999")
         return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from controller.decoding import clipped
 from controller.policy import (
     Policy,
     PolicyLoadError,
@@ -85,7 +86,7 @@ class PolicyStore:
                     self._executor, lambda: load_policy(read(), source=source, version=version)
                 )
             except PolicyLoadError as e:
-                log.warning("refused policy %s: %s", source, e)
+                log.warning("refused policy %s: %s", clipped(source), e)
                 code = (
                     grpc.StatusCode.NOT_FOUND
                     if isinstance(e, PolicyReadError)

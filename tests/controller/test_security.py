@@ -1,5 +1,6 @@
 """Admin token and TLS refusals."""
 
+import logging
 from pathlib import Path
 
 import grpc
@@ -9,7 +10,10 @@ import pytest
 
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
+from controller.proto import grpc_service_pb2 as inference_pb
+from controller.proto import grpc_service_pb2_grpc as inference_grpc
 from controller.robot.client import PolicyClient
+from tests.controller.conftest import policy_model
 
 
 @pytest.fixture
@@ -137,3 +141,47 @@ def test_client_tls_refusals(mtls_server, certs, refused: str) -> None:
 def test_client_cert_needs_its_key(certs) -> None:
     with pytest.raises(ValueError, match="client_cert and client_key go together"):
         PolicyClient("unix:unused.sock", root_certificates=certs.ca, client_cert=certs.client_cert)
+
+
+def test_a_token_file_others_can_read_gets_a_warning(
+    server_factory, policy_path: Path, tmp_path: Path, caplog
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    token.chmod(0o600)
+    with caplog.at_level(logging.WARNING, logger="controller.config"):
+        server_factory(policy_path, admin_token_file=token)
+    assert "can be read by other users" not in caplog.text
+    token.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="controller.config"):
+        server_factory(policy_path, admin_token_file=token)
+    assert f"admin token file {token} can be read by other users (mode 644)" in caplog.text
+
+
+def _non_utf8_metadata() -> bytes:
+    data = policy_model(0, metadata={"mu.algo": "ZZZZ"}).SerializeToString()
+    return data.replace(b"ZZZZ", b"\xff\xfe\xfd\xfc")
+
+
+def test_no_input_gets_unknown_and_no_message_echoes_a_whole_input(connected) -> None:
+    """A NUL byte in a path, metadata that is not UTF-8 and a train_steps of 1e999 answered
+    UNKNOWN (the last one also broke GetPolicy); a 1 MB path or model name was echoed whole."""
+    stub = connected.stub
+    for request, code in (
+        (pb.LoadPolicyRequest(path="policy\0.onnx"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.LoadPolicyRequest(onnx=_non_utf8_metadata()), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.LoadPolicyRequest(path="p" * 1_000_000), grpc.StatusCode.NOT_FOUND),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.LoadPolicy(request, timeout=30)
+        assert refused.value.code() == code, refused.value.details()
+        assert len(refused.value.details()) < 1000
+    huge = policy_model(0, metadata={"mu.train_steps": "1e999"}).SerializeToString()
+    assert stub.LoadPolicy(pb.LoadPolicyRequest(onnx=huge), timeout=30).train_steps == 0
+    assert stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).version == 2
+
+    infer = inference_grpc.GRPCInferenceServiceStub(connected.channel)
+    with pytest.raises(grpc.RpcError) as refused:
+        infer.ModelInfer(inference_pb.ModelInferRequest(model_name="m" * 1_000_000), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len(refused.value.details()) < 1000
