@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -247,15 +249,24 @@ def _non_finite_error(x: np.ndarray) -> ActError:
 
 
 def read_policy_file(path: str | Path) -> bytes:
-    """The file's bytes; PolicyReadError (with the path) when it cannot be read."""
+    """The file's bytes; PolicyReadError (with the path) when it cannot be read, PolicyLoadError
+    when it is not a regular file: reading a FIFO would block every later load until a writer
+    came, a device might never end."""
+    shown = clipped(str(path))
     try:
-        return Path(path).read_bytes()
+        # O_NONBLOCK: a FIFO opens without waiting for a writer (a regular file ignores it).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
-        raise PolicyReadError(
-            f"cannot read policy file {clipped(str(path))}: {e.strerror or e}"
-        ) from e
+        raise PolicyReadError(f"cannot read policy file {shown}: {e.strerror or e}") from e
     except ValueError as e:  # a NUL byte in the path
-        raise PolicyLoadError(f"policy path {clipped(str(path))!r} is not a valid path: {e}") from e
+        raise PolicyLoadError(f"policy path {shown!r} is not a valid path: {e}") from e
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PolicyLoadError(f"policy path {shown} is not a regular file; not read")
+        try:
+            return f.read()
+        except OSError as e:
+            raise PolicyReadError(f"cannot read policy file {shown}: {e.strerror or e}") from e
 
 
 def load_policy(data: bytes, *, source: str, version: int) -> Policy:

@@ -143,7 +143,10 @@ class PolicyStore:
         return self.generation
 
     async def watch(self, path: Path, interval_s: float) -> None:
-        """Reload `path` whenever the file is replaced or rewritten; runs until cancelled."""
+        """Reload `path` whenever the file is replaced or rewritten; runs until cancelled.
+
+        Survives any file: what cannot be read or loaded is logged (once per change of the
+        file) and the next change is tried."""
         last = _file_key(path)
         while True:
             await asyncio.sleep(interval_s)
@@ -156,14 +159,23 @@ class PolicyStore:
                 await self.load_path(path)
             except SwapRefused as e:
                 log.warning("watch: keeping version %d: %s", self.current.version, e.message)
+            except Exception:  # a bug must not stop the watching silently
+                log.exception(
+                    "watch: keeping version %d: loading %s failed", self.current.version, path
+                )
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _file_key(path: Path) -> tuple[int, int, int] | None:
+def _file_key(path: Path) -> tuple[int, int, int] | str | None:
+    """What identifies the file's content: inode, mtime and size; the error when it cannot be
+    examined (a symlink loop, no permission), so that it is reported once; None while it is
+    missing (mid-replace: wait for the new file to appear)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return None  # mid-replace: wait for the new file to appear
+        return None
+    except OSError as e:
+        return str(e)
     return st.st_ino, st.st_mtime_ns, st.st_size

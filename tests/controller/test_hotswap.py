@@ -243,6 +243,58 @@ def test_watch_reloads_a_replaced_file(server_factory, make_policy, tmp_path: Pa
         store_log.removeHandler(refused)
 
 
+def test_watch_survives_any_file_and_says_what_it_refused(
+    server_factory, make_policy, tmp_path: Path
+) -> None:
+    """Metadata that is not UTF-8, a symlink loop and a FIFO at the watched path each get a
+    warning, and the next good file is still loaded."""
+    served = make_policy("served.onnx", seed=0)
+    server = server_factory(served, watch=True, watch_interval_s=0.05)
+    store_log = logging.getLogger("controller.store")
+    bad_meta = tmp_path / "bad_meta.onnx"
+    data = policy_model(1, metadata={"mu.algo": "ZZZZ"}).SerializeToString()
+    bad_meta.write_bytes(data.replace(b"ZZZZ", b"\xff\xfe\xfd\xfc"))
+    loop = tmp_path / "loop"
+    loop.symlink_to(served.name)  # renamed over `served`, it points at itself
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        for replacement, reason in (
+            (bad_meta, "metadata that is not valid UTF-8"),
+            (loop, "Too many levels of symbolic links"),
+            (fifo, "is not a regular file"),
+        ):
+            seen = _LogSeen(reason)
+            store_log.addHandler(seen)
+            try:
+                os.replace(replacement, served)
+                assert seen.event.wait(30), f"the watcher said nothing of {replacement.name}"
+            finally:
+                store_log.removeHandler(seen)
+        os.replace(make_policy("good.onnx", seed=6), served)
+        assert _wait_for_version(stub, 2), "the watcher stopped"
+
+
+def test_load_policy_of_a_fifo_is_refused_without_blocking_later_loads(
+    connected, make_policy, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            connected.stub.LoadPolicy(pb.LoadPolicyRequest(path=str(fifo)), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "is not a regular file" in refused.value.details()
+        good = pb.LoadPolicyRequest(path=str(make_policy("good.onnx", seed=2)))
+        assert connected.stub.LoadPolicy(good, timeout=10).version == 2
+    finally:  # a reader still blocked on the FIFO (a broken build) gets its end of file
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # ENXIO: nobody reads it, as it should be
+            pass
+
+
 def _wait_for_version(stub: pb_grpc.ControllerStub, version: int) -> bool:
     """Poll GetPolicy until the version is reached (bounded: about 20 s)."""
     event = threading.Event()
