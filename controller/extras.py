@@ -60,7 +60,10 @@ def install_hint(command: str, err: ModuleNotFoundError) -> str | None:
     carriers = ALSO_IN.get(top, set()) | {MODULE_EXTRA[top]}
     if not carriers & set(extras.split(",")):  # the command reached beyond its extras
         extras = f"{extras},{MODULE_EXTRA[top]}"
-    return (
+    hint = (
         f"mu {command} needs the module {top!r}, which this install lacks: "
         f"pip install 'mu-control[{extras}]' (from a checkout: pip install -e '.[{extras}]')"
     )
+    if "train" in extras.split(","):  # a plain resolve of torch takes a multi-GB CUDA build
+        hint += "; install torch's CPU build first (pip install torch==2.13.0 from a CPU index)"
+    return hint

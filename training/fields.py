@@ -89,8 +89,8 @@ def coerce(tp: Any, value: Any) -> Any:
             raise ValueError(f"expects a list like [{type_name(item)}, ...]")
         try:
             return [_scalar(item, v) for v in value]
-        except ValueError as err:
-            raise ValueError(f"expects a list of {type_name(item)}: {err}") from None
+        except ValueError:
+            raise ValueError(f"expects a list of {type_name(item)}") from None
     return _scalar(inner, value)
 
 

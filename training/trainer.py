@@ -39,6 +39,7 @@ from training.algos import (
     create_agent,
     create_buffer,
     create_schedule,
+    deployed,
     with_deployed,
 )
 from training.config import TrainConfig
@@ -191,7 +192,7 @@ class Run:
         self.buffer = create_buffer(cfg, obs_dim, self.act_dim)
         self.schedule = create_schedule(cfg, self.agent, self.buffer, self.rng)
         self.noise = make_noise(cfg.noise, self.act_dim, cfg.noise_std, self.rng)
-        self.step, self.saved_at, self.wall_before = 0, -1, 0.0
+        self.step, self.saved_at, self.wall_before, self.evaluated_at = 0, -1, 0.0, -1
         self.evals: list[list] = []
         self.best: dict | None = None  # the best evaluated actor so far (`snapshots`)
         self.obs = self.reset()
@@ -230,6 +231,7 @@ class Run:
         """Evaluate every actor (`algos.actors`), log each as a row, keep the best; returns a
         line for the progress bar."""
         self.next_eval += self.cfg.eval_every
+        self.evaluated_at = self.schedule.updates  # the actors change with the next update
         text = []
         for name, view in actors(self.agent).items():
             res = self._measure(view)
@@ -368,9 +370,11 @@ class Run:
     def export(self) -> Path:
         """policy.onnx (per the export rule, `snapshots.choose_export`), policy.last.onnx,
         agent.pt (the exported actor with the last critics: what fine-tuning and `mu export`
-        start from) and curve.png. Actors not evaluated at the last step are evaluated now."""
+        start from) and curve.png. Actors not evaluated as they are now (TD7 learns after an
+        evaluation at an episode's end) are evaluated now."""
         self.writer.close()
-        done = {row[-1]: row for row in self.evals if row[0] == self.step}
+        same = self.evaluated_at == self.schedule.updates
+        done = {row[-1]: row for row in self.evals if row[0] == self.step and same}
         last = None
         for name, view in actors(self.agent).items():
             row = done.get(name)
@@ -389,7 +393,9 @@ class Run:
 
         replay_obs = self.buffer.recent_obs(1000)
         export_policy(self.agent, last_meta, self.cfg, self.out / "policy.last.onnx", replay_obs)
-        path = export_policy(exported, export_meta, self.cfg, self.out / "policy.onnx", replay_obs)
+        path = export_policy(
+            deployed(exported), export_meta, self.cfg, self.out / "policy.onnx", replay_obs
+        )
         log.info(
             "exported the %s actor of step %d (eval return %.1f) to %s; the last (eval return "
             "%.1f) to %s",
