@@ -76,6 +76,7 @@ class Metrics:
             "Local-lane loops with an open WatchPolicy stream (GetPolicy lists what each runs)",
             registry=self.registry,
         )
+        self._learner_alive: Gauge | None = None
         self._ok = {
             method: self._latency.get(method, grpc.StatusCode.OK.name)
             for method in ("Act", "ActStream", "ActBatch", "ModelInfer")
@@ -92,6 +93,16 @@ class Metrics:
 
     def set_local_loops(self, n: int) -> None:
         self._local_loops.set(n)
+
+    def set_learner_alive(self, alive: bool) -> None:
+        """Fine-tuning only: the series appears when the learner starts."""
+        if self._learner_alive is None:
+            self._learner_alive = Gauge(
+                "mu_finetune_learner_alive",
+                "1 while the fine-tuning learner process runs, 0 once it died",
+                registry=self.registry,
+            )
+        self._learner_alive.set(int(alive))
 
     def serve_http(self, port: int, addr: str) -> tuple[int, Callable[[], None]]:
         """Expose /metrics on `addr:port` in a daemon thread; returns (bound port, stop)."""

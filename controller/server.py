@@ -165,7 +165,9 @@ async def create_server(config: ServeConfig) -> tuple[ControllerServer, int]:
         store = PolicyStore(resumed, on_swap=on_swap)
         on_swap(resumed)
     if config.finetune is not None:
-        finetuner = Finetuner(config.finetune, store, logging.getLogger().getEffectiveLevel())
+        finetuner = Finetuner(
+            config.finetune, store, logging.getLogger().getEffectiveLevel(), metrics
+        )
     admin_token = config.read_admin_token()
     server = grpc.aio.server(options=server_options(config))
     service = ControllerService(

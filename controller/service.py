@@ -161,7 +161,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                     continue
                 if experience is not None:
                     experience.report(request.obs, request)
-                explored = explorer is not None and not finetune.paused
+                explored = explorer is not None and finetune.learning
                 if explored:
                     action = explorer.perturb(action, policy.low, policy.high).tolist()
                 if delta is not None:
@@ -313,7 +313,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             while True:
                 if store.generation != seen:
                     seen = store.generation
-                    exploring = finetune is not None and not finetune.paused
+                    exploring = finetune is not None and finetune.learning
                     yield loops.update(
                         store.current,
                         max_delta=self._max_delta,

@@ -203,6 +203,14 @@ def run(cfg: FinetuneConfig, inbox: Queue, commands: Queue, outbox: Queue, log_l
     if cfg.learner_idle_priority:
         _lowest_priority()
     torch.set_num_threads(1)
+    try:
+        _serve_learner(cfg, inbox, commands, outbox)
+    except Exception as e:  # the server logs it and shows it in GetFinetuneStatus
+        outbox.put({"kind": "died", "error": f"{type(e).__name__}: {e}"[:1000]})
+        raise
+
+
+def _serve_learner(cfg: FinetuneConfig, inbox: Queue, commands: Queue, outbox: Queue) -> None:
     learner = Learner(cfg)
     outbox.put({"kind": "ready", "env_id": learner.meta["env_id"]})
     last_stats = 0.0

@@ -36,6 +36,7 @@ from controller.finetune.experience import (
 from controller.finetune.gates import check_candidate
 from controller.finetune.monitor import RollbackMonitor, Verdict
 from controller.finetune.versions import read_pointer
+from controller.metrics import Metrics
 from controller.policy import Policy, load_policy, read_policy_file
 from controller.store import PolicyStore, SwapRefused
 
@@ -84,9 +85,14 @@ class _Stats:
 class Finetuner:
     """Owns the learner process and decides promotions and rollbacks for one server."""
 
-    def __init__(self, cfg: FinetuneConfig, store: PolicyStore, log_level: int) -> None:
+    def __init__(
+        self, cfg: FinetuneConfig, store: PolicyStore, log_level: int, metrics: Metrics
+    ) -> None:
         self.cfg = cfg
         self._store = store
+        self._metrics = metrics
+        #: Why the learner process died; None while it runs (or starts).
+        self.learner_error: str | None = None
         policy = store.current
         check_algo(policy.metadata.get("mu.algo", ""), policy.source)  # before any process starts
         self.obs_dim, self.act_dim = policy.obs_dim, policy.act_dim
@@ -126,6 +132,7 @@ class Finetuner:
         """Start the learner process and the pump (inside the event loop). Serving does not
         wait for the learner: it starts learning once torch has loaded."""
         self._process.start()
+        self._metrics.set_learner_alive(True)
         self._pump_task = asyncio.create_task(self._pump())
         log.info(
             "fine-tuning from %s (versions in %s, exploration std %g)",
@@ -216,16 +223,39 @@ class Finetuner:
 
     # -- control path -----------------------------------------------------------------------
 
+    @property
+    def learning(self) -> bool:
+        """Not paused, and the learner has not died: exploration is worth its cost."""
+        return not self.paused and self.learner_error is None
+
     async def _pump(self) -> None:
-        while True:
+        while self.learner_error is None:
             await asyncio.sleep(PUMP_INTERVAL_S)
             self.sink.flush()
+            # Checked before reading: a learner that died has already sent its last message.
+            dead = not self._process.is_alive()
             while True:
                 try:
                     message = self._outbox.get_nowait()
                 except queue.Empty:
                     break
                 await self._handle(message)
+            if dead:
+                self._died(f"exit code {self._process.exitcode}")
+
+    def _died(self, why: str) -> None:
+        """The learner is gone: say so everywhere, and stop exploring (nothing learns from it)."""
+        if self.learner_error is not None:
+            return
+        self.learner_error = why
+        self._metrics.set_learner_alive(False)
+        self._store.notify()  # local-lane loops stop exploring
+        log.error(
+            "fine-tuning learner died (%s): exploration is off and no candidates will come "
+            "until the server restarts; the served version (%d) keeps serving",
+            why,
+            self._store.current.version,
+        )
 
     async def _handle(self, message: dict[str, Any]) -> None:
         kind = message["kind"]
@@ -234,6 +264,8 @@ class Finetuner:
             self.stats.actor_updates = message["actor_updates"]
         elif kind == "ready":
             log.info("learner ready (%s)", message["env_id"])
+        elif kind == "died":
+            self._died(message["error"])
         elif kind == "refused":
             self.stats.candidates += 1
             self._refuse(message["index"], message["reason"])
@@ -360,7 +392,7 @@ class Finetuner:
         judging = self.monitor.judging
         return {
             "paused": self.paused,
-            "learner_alive": self._process.is_alive(),
+            "learner_alive": self.learner_error is None and self._process.is_alive(),
             "transitions_received": self.counters.received,
             "transitions_rejected": self.counters.rejected,
             "transitions_dropped": self.counters.dropped,
@@ -377,4 +409,5 @@ class Finetuner:
             "current_episodes": len(judged),
             "explore_std": self.cfg.explore_std,
             "versions_dir": str(self.cfg.versions_dir),
+            "learner_error": self.learner_error or "",
         }

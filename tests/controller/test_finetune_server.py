@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,6 +139,37 @@ def test_only_trusted_callers_report_experience_and_only_finite_returns(
         assert reply.first_error == "transition 1: episode_return is not finite"
         status = stub.GetFinetuneStatus(control, timeout=10, metadata=admin)
         assert status.current_episodes == 2
+
+
+def test_a_dead_learner_is_logged_shown_and_stops_exploration(
+    server_factory, tmp_path, caplog
+) -> None:
+    """A checkpoint the learner cannot load kills it: the server logs it, GetFinetuneStatus
+    and the metrics show it, and ActStream stops exploring."""
+    bad = tmp_path / "agent.pt"
+    bad.write_bytes(b"not a checkpoint")
+    cfg = FinetuneConfig(checkpoint=bad, versions_dir=tmp_path / "v", explore_std=0.2, **FAST)
+    server = server_factory(POLICY, finetune=cfg, metrics_port=0)
+    control = pb.FinetuneControlRequest()
+    obs = np.zeros(12).tolist()
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        stream = LockStep(stub)
+        for _ in range(DEADLINE_S * 10):  # the learner dies once torch has loaded (seconds)
+            status = stub.GetFinetuneStatus(control, timeout=10)
+            if status.learner_error:
+                break
+            threading.Event().wait(0.1)
+        assert not status.learner_alive
+        assert status.learner_error.startswith("ValueError") and "not a mu checkpoint" in (
+            status.learner_error
+        )
+        assert not any(stream.step(obs=obs).explored for _ in range(10))
+        stream.close()
+    port = server.server.metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        assert "mu_finetune_learner_alive 0.0" in page.read().decode()
+    assert f"fine-tuning learner died ({status.learner_error})" in caplog.text
 
 
 def test_regression_under_a_promoted_version_rolls_back(server_factory, tmp_path) -> None:
