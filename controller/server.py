@@ -162,8 +162,9 @@ async def create_server(config: ServeConfig) -> tuple[ControllerServer, int]:
     if resumed is None:
         store = PolicyStore.from_file(config.policy, on_swap=on_swap)
     else:  # a restart under fine-tuning serves the last committed version, not --policy
-        store = PolicyStore(resumed, on_swap=on_swap)
-        on_swap(resumed)
+        policy, max_version = resumed
+        store = PolicyStore(policy, on_swap=on_swap, next_version=max_version + 1)
+        on_swap(policy)
     if config.finetune is not None:
         finetuner = Finetuner(
             config.finetune, store, logging.getLogger().getEffectiveLevel(), metrics

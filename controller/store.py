@@ -40,11 +40,20 @@ class SwapRefused(Exception):
 class PolicyStore:
     """Holds the current and previous policy; versions are assigned 1, 2, 3, ... per load."""
 
-    def __init__(self, initial: Policy, on_swap: Callable[[Policy], None] | None = None) -> None:
+    def __init__(
+        self,
+        initial: Policy,
+        on_swap: Callable[[Policy], None] | None = None,
+        *,
+        next_version: int | None = None,
+    ) -> None:
         self.current = initial
         self.previous: Policy | None = None
-        self._next_version = initial.version + 1
+        self._next_version = initial.version + 1 if next_version is None else next_version
         self._on_swap = on_swap
+        #: Called in the loader thread with a policy about to be swapped in (fine-tuning makes
+        #: it durable there); a SwapRefused it raises refuses a load.
+        self.before_swap: Callable[[Policy], None] | None = None
         self._lock = asyncio.Lock()
         #: Bumped by every swap and by notify(): WatchPolicy streams send an update per change.
         self.generation = 0
@@ -73,6 +82,10 @@ class PolicyStore:
                 raise SwapRefused(
                     grpc.StatusCode.FAILED_PRECONDITION, "no previous policy to roll back to"
                 )
+            try:
+                await self._before_swap(self.previous)
+            except SwapRefused as e:  # a rollback is a safety action: it happens regardless
+                log.error("rolling back anyway, unrecorded: %s", e.message)
             self._swap(self.previous)
             log.info("rolled back to version %d (%s)", self.current.version, self.current.source)
             return self.current
@@ -94,7 +107,8 @@ class PolicyStore:
                 )
                 raise SwapRefused(code, str(e)) from None
             self._check_compatible(policy)
-            self._next_version += 1
+            self._next_version += 1  # taken even if refused below: it may be on disk already
+            await self._before_swap(policy)
             self._swap(policy)
             log.info(
                 "serving %s version %d (sha256 %s), previous %d",
@@ -104,6 +118,11 @@ class PolicyStore:
                 self.previous.version if self.previous else 0,
             )
             return policy
+
+    async def _before_swap(self, policy: Policy) -> None:
+        if self.before_swap is not None:
+            hook = self.before_swap
+            await asyncio.get_running_loop().run_in_executor(self._executor, hook, policy)
 
     def _check_compatible(self, new: Policy) -> None:
         """Clients mid-stream rely on the interface: env id and dimensions must not change."""

@@ -3,7 +3,7 @@ itself) and candidate export. The only fine-tuning code that imports torch.
 
 It runs at the lowest priority (SCHED_IDLE) on one CPU with one torch thread, takes chunks from
 a queue the server fills without ever waiting, and reports candidates back; it never touches the
-serving path. It is also the only writer of the versions directory (candidates, snapshots, pointer).
+serving path. It writes the candidates and their agent snapshots; the server writes the pointer.
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ import torch
 from controller.finetune.config import FinetuneConfig, check_algo
 from controller.finetune.experience import split_rows
 from controller.finetune.versions import (
-    Pointer,
     agent_for,
     candidate_paths,
     next_candidate_index,
     read_pointer,
-    write_pointer,
 )
 from training import checkpoint
 from training.export import ParityError, export_policy
@@ -155,20 +153,16 @@ class Learner:
             "updates": self.updates,
         }
 
-    def served(self, version: int, policy: str, sha256: str, rolled_back: bool) -> None:
-        """The server now serves `policy`: commit the pointer; after a rollback, continue from
-        that version's agent (the actor that regressed is abandoned; the replay buffer stays)."""
-        assert self.cfg.versions_dir is not None
-        snapshot = agent_for(policy)
+    def served(self, policy: str, rolled_back: bool) -> None:
+        """The server now serves `policy` (and has recorded it in the versions pointer): after a
+        rollback, continue from that version's agent (the actor that regressed is abandoned;
+        the replay buffer stays)."""
         if rolled_back:
+            snapshot = agent_for(policy)
             _, self.agent, _, _ = checkpoint.load(snapshot or self.cfg.checkpoint, "cpu")
             self._set_learning_rates()
             self.agent.normalizer.eval()
-        write_pointer(
-            self.cfg.versions_dir,
-            Pointer(version, str(policy), sha256, None if snapshot is None else str(snapshot)),
-        )
-        log.info("committed version %d (%s)", version, policy)
+            log.info("continuing from the agent of %s", policy)
 
 
 def _die_with_parent() -> None:

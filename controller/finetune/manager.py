@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from controller.finetune.config import FinetuneConfig, check_algo
@@ -35,7 +36,7 @@ from controller.finetune.experience import (
 )
 from controller.finetune.gates import check_candidate
 from controller.finetune.monitor import RollbackMonitor, Verdict
-from controller.finetune.versions import read_pointer
+from controller.finetune.versions import Pointer, agent_for, read_pointer, write_pointer
 from controller.metrics import Metrics
 from controller.policy import Policy, load_policy, read_policy_file
 from controller.store import PolicyStore, SwapRefused
@@ -46,9 +47,10 @@ PUMP_INTERVAL_S = 0.05
 RECENT_STATES = 2048
 
 
-def resume_policy(cfg: FinetuneConfig) -> Policy | None:
-    """The policy the last run committed to (versions pointer), with its version number; None
-    when there is no pointer. Raises ValueError when the pointed file is not the one recorded."""
+def resume_policy(cfg: FinetuneConfig) -> tuple[Policy, int] | None:
+    """The policy the last run committed to (versions pointer), with its version number, and
+    the highest version number that run gave out; None when there is no pointer. Raises
+    ValueError when the pointed file is not the one recorded."""
     assert cfg.versions_dir is not None
     pointer = read_pointer(cfg.versions_dir)
     if pointer is None:
@@ -61,7 +63,7 @@ def resume_policy(cfg: FinetuneConfig) -> Policy | None:
             f"{cfg.versions_dir} recorded {pointer.sha256[:12]}; refusing to guess what to serve"
         )
     log.info("resuming fine-tuned version %d from %s", pointer.version, pointer.policy)
-    return policy
+    return policy, pointer.max_version
 
 
 def _learner_main(*args: Any) -> None:
@@ -93,6 +95,12 @@ class Finetuner:
         self._metrics = metrics
         #: Why the learner process died; None while it runs (or starts).
         self.learner_error: str | None = None
+        assert cfg.versions_dir is not None
+        cfg.versions_dir.mkdir(parents=True, exist_ok=True)
+        pointer = read_pointer(cfg.versions_dir)
+        # The highest version number given out, kept in the pointer: never reused.
+        self._max_version = store.current.version if pointer is None else pointer.max_version
+        store.before_swap = self.commit
         policy = store.current
         check_algo(policy.metadata.get("mu.algo", ""), policy.source)  # before any process starts
         self.obs_dim, self.act_dim = policy.obs_dim, policy.act_dim
@@ -319,15 +327,35 @@ class Finetuner:
             result.mean_change,
         )
 
-    def on_swap(self, policy: Policy) -> None:
-        """Every swap (promotion, rollback, LoadPolicy): the learner commits the pointer."""
+    def commit(self, policy: Policy) -> None:
+        """Record `policy` in the versions pointer as what a restart serves, before anyone can
+        see it: the store calls this in its loader thread, between validating a policy and
+        swapping it in. Raises SwapRefused when the pointer cannot be written."""
+        assert self.cfg.versions_dir is not None
+        self._max_version = max(self._max_version, policy.version)
         if policy.source == "<bytes>":
             log.warning(
                 "version %d was uploaded as bytes: a restart will not resume it", policy.version
             )
             return
-        source = str(Path(policy.source).resolve())
-        self._commands.put(("served", policy.version, source, policy.sha256, self._rolling_back))
+        source = Path(policy.source).resolve()
+        snapshot = agent_for(source)
+        agent = None if snapshot is None else str(snapshot)
+        pointer = Pointer(policy.version, str(source), policy.sha256, agent, self._max_version)
+        try:
+            write_pointer(self.cfg.versions_dir, pointer)
+        except OSError as e:
+            raise SwapRefused(
+                grpc.StatusCode.UNAVAILABLE,
+                f"version {policy.version} not served: it cannot be recorded in "
+                f"{self.cfg.versions_dir} ({e.strerror or e}), so a restart would not serve it",
+            ) from None
+
+    def on_swap(self, policy: Policy) -> None:
+        """Every swap (promotion, rollback, LoadPolicy): after a rollback the learner continues
+        from the agent of the version served again."""
+        if policy.source != "<bytes>":
+            self._commands.put(("served", str(Path(policy.source).resolve()), self._rolling_back))
 
     def _episode(self, version: int, episode_return: float) -> None:
         """An episode served wholly by `version`, with a finite return (callers check)."""

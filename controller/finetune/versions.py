@@ -3,11 +3,13 @@ being served (torch-free to read).
 
     versions/candidate-0007.onnx         the actor (written atomically by training.export)
     versions/candidate-0007.agent.pt     the learner's agent when it was exported
-    versions/current.json                {"version", "policy", "sha256", "agent"}: what to serve
-                                         after a restart
+    versions/current.json                {"version", "policy", "sha256", "agent",
+                                         "max_version"}: what to serve after a restart
 
-Only the learner process writes here (one writer, so no two processes race on a file); the
-server tells it what it serves and reads the pointer at start.
+One writer per file: the learner process writes the candidates, the server the pointer, durably
+and before the version is served, so a restart serves the last version any client saw. The
+pointer also records the highest version number given out: a restarted server numbers on from
+there, so no version number ever names two files.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class Pointer:
     #: The learner's agent snapshot for that policy; None for the policy the server started with
     #: (the learner then starts from the --finetune checkpoint).
     agent: str | None
+    #: The highest version number given out (a rollback serves an older one); 0 = `version`.
+    max_version: int = 0
 
 
 def candidate_paths(versions_dir: Path, index: int) -> tuple[Path, Path]:
@@ -72,19 +76,40 @@ def read_pointer(versions_dir: Path) -> Pointer | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    return Pointer(int(data["version"]), data["policy"], data["sha256"], data.get("agent"))
+    version = int(data["version"])
+    return Pointer(
+        version,
+        data["policy"],
+        data["sha256"],
+        data.get("agent"),
+        max(int(data.get("max_version", 0)), version),
+    )
 
 
 def write_pointer(versions_dir: Path, pointer: Pointer) -> None:
-    """Atomically replace the pointer (learner process only: the atomic writer lives with the
-    torch checkpoint code)."""
-    from training.checkpoint import atomic_write
-
-    atomic_write(
-        versions_dir / POINTER,
-        json.dumps(asdict(pointer), indent=2).encode(),
-        before_replace=_fault_point(pointer.version),
-    )
+    """Replace the pointer so that a crash at any moment leaves the old one or the new one, and
+    return only once the new one is on disk: the data, then the rename, each fsynced. (The
+    server's own copy of training.checkpoint.atomic_write, which imports torch.) Raises OSError
+    (a full disk, say), the old pointer intact."""
+    path = versions_dir / POINTER
+    tmp = path.with_name(f".{POINTER}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(asdict(pointer), indent=2).encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    pause = _fault_point(pointer.version)
+    if pause is not None:
+        pause(tmp)
+    os.replace(tmp, path)
+    dir_fd = os.open(versions_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _fault_point(version: int) -> Callable[[Path], None] | None:
@@ -96,7 +121,7 @@ def _fault_point(version: int) -> Callable[[Path], None] | None:
 
     def pause(tmp: Path) -> None:
         log.warning(
-            "fault injection: pointer of version %d written to %s, not renamed; learner pid %d "
+            "fault injection: pointer of version %d written to %s, not renamed; server pid %d "
             "waits to be killed",
             version,
             tmp,

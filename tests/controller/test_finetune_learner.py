@@ -13,7 +13,7 @@ import torch
 from controller.finetune.config import FinetuneConfig
 from controller.finetune.experience import row_width
 from controller.finetune.learner import Learner
-from controller.finetune.versions import Pointer, candidate_paths, read_pointer
+from controller.finetune.versions import candidate_paths
 from training import checkpoint
 from training.config import TrainConfig
 from training.explain import chain_rule_sides
@@ -163,31 +163,26 @@ def test_after_a_rollback_the_learner_continues_from_that_versions_agent(
 
     train(learner, rng)
     v2, at_v2 = candidate(1), weights(learner)
-    learner.served(2, str(v2), "sha-2", False)
-    assert read_pointer(versions).agent == str(candidate_paths(versions, 1)[1])
+    learner.served(str(v2), False)
     train(learner, rng)
     v3 = candidate(2)
-    learner.served(3, str(v3), "sha-3", False)
+    learner.served(str(v3), False)
     train(learner, rng)
     assert weights(learner).keys() == at_v2.keys()
     assert any(not torch.equal(v, at_v2[k]) for k, v in weights(learner).items())
 
-    learner.served(2, str(v2), "sha-2", True)  # version 3 regressed: back to version 2
+    learner.served(str(v2), True)  # version 3 regressed: back to version 2
     for k, v in weights(learner).items():
         assert torch.equal(v, at_v2[k]), f"{k} is not version 2's"
-    assert read_pointer(versions) == Pointer(
-        2, str(v2), "sha-2", str(candidate_paths(versions, 1)[1])
-    )
     assert [g["lr"] for g in learner.agent.actor_opt.param_groups] == [learner.cfg.actor_lr]
     assert not learner.agent.normalizer.training
 
     # back to the policy the server started with (no snapshot): the --finetune checkpoint
-    learner.served(1, str(tmp_path / "policy.onnx"), "sha-1", True)
+    learner.served(str(tmp_path / "policy.onnx"), True)
     _, original, _, _ = checkpoint.load(learner.cfg.checkpoint)
     for name, module in original.modules().items():
         for k, v in module.state_dict().items():
             assert torch.equal(learner.agent.modules()[name].state_dict()[k], v)
-    assert read_pointer(versions).agent is None
 
 
 def test_start_paused_holds_updates_until_resumed(tmp_path: Path) -> None:

@@ -26,13 +26,14 @@ import pytest
 
 from controller.finetune.config import FinetuneConfig
 from controller.finetune.manager import resume_policy
-from controller.finetune.versions import PAUSE_POINTER_ENV, Pointer, write_pointer
+from controller.finetune.versions import PAUSE_POINTER_ENV, Pointer, read_pointer, write_pointer
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "policies" / "panda_reach" / "policy.onnx"
 AGENT = REPO / "policies" / "panda_reach" / "agent.pt"
+ROBUST = REPO / "policies" / "panda_reach_robust" / "policy.onnx"
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 # Small and quick: a candidate every 2 actor updates, judged on 2-3 episodes; the learner at
 # normal priority (test-only), so a busy machine cannot starve it past the deadlines below.
@@ -279,6 +280,39 @@ def test_start_paused_pause_resume_and_where_exploration_applies(server_factory,
         stream.close()
 
 
+def test_a_version_is_on_disk_before_it_is_served_and_numbers_are_never_reused(
+    server_factory, tmp_path
+) -> None:
+    """Each swap is in the versions pointer by the time LoadPolicy or RollbackPolicy answers;
+    a restart serves the last version served, and numbers on after the highest one given out
+    (3, rolled back from), not after the one it resumes (2)."""
+    versions = tmp_path / "v"
+    cfg = FinetuneConfig(checkpoint=AGENT, versions_dir=versions, start_paused=True, **FAST)
+    files = [shutil.copy(p, tmp_path / f"p{i}.onnx") for i, p in enumerate((ROBUST, POLICY))]
+    server = server_factory(POLICY, finetune=cfg)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        for version, path in ((2, files[0]), (3, files[1])):
+            assert stub.LoadPolicy(pb.LoadPolicyRequest(path=str(path)), timeout=30).version == (
+                version
+            )
+            assert read_pointer(versions) == Pointer(version, str(path), _sha(path), None, version)
+        assert stub.RollbackPolicy(pb.RollbackPolicyRequest(), timeout=30).version == 2
+        assert read_pointer(versions) == Pointer(2, str(files[0]), _sha(files[0]), None, 3)
+    server.stop()
+
+    again = server_factory(POLICY, finetune=cfg)
+    with grpc.insecure_channel(again.target) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        info = stub.GetPolicy(pb.GetPolicyRequest(), timeout=10)
+        assert (info.version, info.sha256) == (2, _sha(files[0]))
+        assert stub.LoadPolicy(pb.LoadPolicyRequest(path=str(files[1])), timeout=30).version == 4
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_a_restart_refuses_a_pointer_whose_sha256_differs(server_factory, tmp_path) -> None:
     versions = tmp_path / "v"
     versions.mkdir()
@@ -287,7 +321,7 @@ def test_a_restart_refuses_a_pointer_whose_sha256_differs(server_factory, tmp_pa
     sha = hashlib.sha256(served.read_bytes()).hexdigest()
     cfg = FinetuneConfig(checkpoint=AGENT, versions_dir=versions, **FAST)
     write_pointer(versions, Pointer(2, str(served), sha, None))
-    assert resume_policy(cfg).version == 2  # the recorded file: resumed
+    assert resume_policy(cfg)[0].version == 2  # the recorded file: resumed
     write_pointer(versions, Pointer(2, str(served), "0" * 64, None))
     with pytest.raises(ValueError, match="refusing to guess what to serve"):
         server_factory(POLICY, finetune=cfg)
@@ -332,45 +366,54 @@ def _gone(pid: int, timeout: float) -> bool:
         os.close(fd)
 
 
-def test_kill_9_during_a_promotion_resumes_the_last_committed_version(tmp_path: Path) -> None:
-    """The learner stops between writing version 3's pointer and renaming it (the fault point in
-    controller.finetune.versions); kill -9 lands there, every time."""
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return [int(c) for t in tasks for c in (t / "children").read_text().split()]
+
+
+def test_kill_9_during_a_promotion_resumes_the_last_version_clients_saw(tmp_path: Path) -> None:
+    """The server stops between writing version 3's pointer and renaming it (the fault point in
+    controller.finetune.versions), before version 3 is served; kill -9 lands there, every
+    time. No client saw version 3, and the restart serves version 2, the last one they saw."""
     versions = tmp_path / "versions"
     args = ["--policy", str(POLICY), "--listen", "127.0.0.1:0", "--finetune", str(AGENT),
             "--finetune-dir", str(versions), "--finetune-set", "rollback_window=2",
             *[f"--finetune-set={k}={json.dumps(v)}" for k, v in FAST.items()]]  # fmt: skip
     env = {**ENV, PAUSE_POINTER_ENV: "3"}
     process, lines, address = _start(args, env)
-    learner_pid = None
+    children: list[int] = []
     try:
         rng = np.random.default_rng(1)
-        committed = 0
+        seen = 0
         with grpc.insecure_channel(address) as channel:
             stream = LockStep(pb_grpc.ControllerStub(channel))
-            for _ in episodes(stream, rng, lambda v: -1.0):
+            for reply in episodes(stream, rng, lambda v: -1.0):
+                seen = max(seen, reply.policy_version)
                 try:
                     line = lines.get_nowait()
                 except queue.Empty:
                     continue
-                if m := re.search(r"committed version (\d+)", line):
-                    committed = max(committed, int(m.group(1)))
-                elif m := re.search(r"fault injection: pointer of version 3 .* pid (\d+)", line):
-                    learner_pid = int(m.group(1))
+                if re.search(r"fault injection: pointer of version 3 ", line):
+                    children = _children(process.pid)  # the learner among them
+                    # the clients go on, and still see version 2 only
+                    for reply in itertools.islice(episodes(stream, rng, lambda v: -1.0), 20):
+                        seen = max(seen, reply.policy_version)
                     process.send_signal(signal.SIGKILL)  # between write and rename
                     break
         assert process.wait(timeout=30) == -signal.SIGKILL
     finally:
         if process.poll() is None:
             process.kill()
-    assert committed == 2 and learner_pid is not None
-    gone = _gone(learner_pid, timeout=30)
-    if not gone:
-        os.kill(learner_pid, signal.SIGKILL)  # do not leave it behind for the next tests
-    assert gone, "the learner outlived the server"
+    assert seen == 2 and children
+    for pid in children:
+        gone = _gone(pid, timeout=30)
+        if not gone:
+            os.kill(pid, signal.SIGKILL)  # do not leave it behind for the next tests
+        assert gone, "a child outlived the server"
     # the new pointer reached the disk but was never renamed: the old one is intact
     assert json.loads((versions / ".current.json.tmp").read_text())["version"] == 3
     pointer = json.loads((versions / "current.json").read_text())
-    assert pointer["version"] == 2
+    assert pointer["version"] == seen
     assert hashlib.sha256(Path(pointer["policy"]).read_bytes()).hexdigest() == pointer["sha256"]
 
     process, lines, address = _start(args)
