@@ -9,6 +9,12 @@ memory: a `mu serve` process's resident memory (VmRSS, and its peak VmHWM) befor
 `--requests` refused `Act`s of `--values` values each (4 MB: refused for their length), then
 after as many valid `ActBatch`es of the same size.
 
+    python -m benchmarks.hardening promotions [--trials 8]
+
+promotions: a fine-tuning `mu serve` driven by one ActStream until versions get promoted, then
+SIGKILLed at a random moment while promotions go on, and restarted on the same versions
+directory, `--trials` times: what the restart serves against the last version the client saw.
+
 keepalive: a local-lane loop behind a relay that, once cut, drops every byte and closes nothing
 (a server that lost power); the time from the cut until the watcher notices, against the
 documented bound of 2 × keepalive_s.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import socket
 import tempfile
 import threading
@@ -158,6 +165,67 @@ def memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return result
 
 
+def promotions(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import random
+    import signal
+
+    import grpc
+    import numpy as np
+
+    from controller.proto import controller_pb2 as pb
+    from controller.proto import controller_pb2_grpc as pb_grpc
+
+    agent = POLICY.with_name("agent.pt")
+    fast = {"actor_warmup": 0, "candidate_every": 2, "batch_size": 32, "gate_states": 32,
+            "chunk_size": 8, "learner_idle_priority": False, "rollback_window": 2}  # fmt: skip
+    command = serve_command(POLICY, "127.0.0.1:0") + [
+        "--finetune", str(agent), "--finetune-dir", str(work / "versions"),
+        *[f"--finetune-set={k}={json.dumps(v)}" for k, v in fast.items()],
+    ]  # fmt: skip
+    rng = np.random.default_rng(0)
+    rows, seen = [], None
+    for trial in range(args.trials):
+        server = ServerProcess(command)
+        try:
+            with grpc.insecure_channel(server.address) as channel:
+                stub = pb_grpc.ControllerStub(channel)
+                restarted = stub.GetPolicy(pb.GetPolicyRequest(), timeout=10)
+                if seen is not None:
+                    rows.append({"trial": trial, "last_seen": seen, "restart_serves":
+                                 restarted.version, "ok": restarted.version == seen})  # fmt: skip
+                    print(f"restart {trial}: the client last saw version {seen}; the restarted "
+                          f"server serves {restarted.version}")  # fmt: skip
+                first, kill_at = restarted.version, None
+                requests: queue.SimpleQueue[pb.ActRequest | None] = queue.SimpleQueue()
+                replies = stub.ActStream(iter(requests.get, None), timeout=300)
+                step = 0
+                while kill_at is None or time.monotonic() < kill_at:
+                    done = step % 5 == 4
+                    obs = rng.normal(0, 0.1, 12).tolist()
+                    requests.put(pb.ActRequest(obs=obs, reward=-1.0, truncated=done,
+                                               final_obs=obs if done else []))  # fmt: skip
+                    seen = next(replies).policy_version
+                    step += 1
+                    if kill_at is None and seen > first:  # promotions are under way
+                        kill_at = time.monotonic() + random.uniform(0.0, 3.0)
+                server.process.send_signal(signal.SIGKILL)
+                server.process.wait(30)
+                requests.put(None)
+        finally:
+            server.stop()
+    server = ServerProcess(command)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            version = pb_grpc.ControllerStub(channel).GetPolicy(pb.GetPolicyRequest()).version
+        rows.append({"trial": args.trials, "last_seen": seen, "restart_serves": version,
+                     "ok": version == seen})  # fmt: skip
+        print(f"restart {args.trials}: the client last saw version {seen}; the restarted "
+              f"server serves {version}")  # fmt: skip
+    finally:
+        server.stop()
+    return {"restarts": rows, "all_ok": all(r["ok"] for r in rows)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/hardening"))
@@ -168,9 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("memory", help="server memory after refused and valid large requests")
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--values", type=int, default=1_000_000)
+    p = sub.add_parser("promotions", help="SIGKILL during promotions, then restart")
+    p.add_argument("--trials", type=int, default=8)
     args = parser.parse_args(argv)
+    run = {"keepalive": keepalive, "memory": memory, "promotions": promotions}[args.what]
     with tempfile.TemporaryDirectory() as work:
-        result = {"keepalive": keepalive, "memory": memory}[args.what](args, Path(work))
+        result = run(args, Path(work))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.what}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
