@@ -21,14 +21,14 @@ AnySchedule = td3.StepSchedule | td7.EpisodeSchedule
 OPTIMIZERS = ("actor_opt", "critic_opt", "encoder_opt")  # those an agent has are checkpointed
 
 
-def create_agent(cfg: TrainConfig, obs_dim: int, act_dim: int) -> AnyAgent:
+def create_agent(cfg: TrainConfig, obs_dim: int, act_dim: int, priv_dim: int = 0) -> AnyAgent:
     agent_cls = td7.Agent if cfg.algo == "td7" else td3.Agent
-    return agent_cls.create(cfg, obs_dim, act_dim)
+    return agent_cls.create(cfg, obs_dim, act_dim, priv_dim)
 
 
-def create_buffer(cfg: TrainConfig, obs_dim: int, act_dim: int) -> ReplayBuffer:
+def create_buffer(cfg: TrainConfig, obs_dim: int, act_dim: int, priv_dim: int = 0) -> ReplayBuffer:
     buffer_cls = PrioritizedReplay if cfg.algo == "td7" else ReplayBuffer
-    return buffer_cls(cfg.buffer_size, obs_dim, act_dim, cfg.device)
+    return buffer_cls(cfg.buffer_size, obs_dim, act_dim, cfg.device, priv_dim)
 
 
 def create_schedule(

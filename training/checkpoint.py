@@ -102,7 +102,7 @@ def load(
         )
     cfg = TrainConfig.from_dict({**json.loads(payload["config"]), "device": device})
     meta = payload["meta"]
-    agent = create_agent(cfg, meta["obs_dim"], meta["act_dim"])
+    agent = create_agent(cfg, meta["obs_dim"], meta["act_dim"], meta.get("priv_dim", 0))
     for name, module in agent.modules().items():
         module.load_state_dict(payload["agent"][name])
     for name in OPTIMIZERS:

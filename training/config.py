@@ -111,6 +111,19 @@ class TrainConfig:
     rand_offset: list[float] = _f([], "Action bias per dimension, fraction of half range.")
     rand_obs_noise: list[float] = _f([], "Observation noise std, fraction of feature std.")
     rand_push: list[float] = _f([], "Velocity kick on the body on 1% of steps, m/s.")
+    rand_widen_steps: int = _f(
+        0, "Steps over which the rand_* ranges widen linearly from nominal to full; 0 = full."
+    )
+    # adaptation to what the actor cannot see (training/history.py, docs/sim_to_real.md)
+    history_obs: int = _f(0, "Past observations beside the current one in the actor's input.")
+    history_actions: int = _f(
+        0, "Past applied actions in the actor's input; with rand_latency, its largest value + 1."
+    )
+    privileged_critic: bool = _f(
+        False,
+        "Critics also see the episode's randomization draws and the noise-free observation; "
+        "the exported actor does not (asymmetric actor-critic).",
+    )
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -141,6 +154,10 @@ class TrainConfig:
                 h > 0 for h in [*self.actor_hidden, *self.critic_hidden]
             ),
             "torch_threads must be >= 1": self.torch_threads >= 1,
+            "history_obs, history_actions, rand_widen_steps must be >= 0": min(
+                self.history_obs, self.history_actions, self.rand_widen_steps
+            )
+            >= 0,
             "td7 sizes and periods must be >= 1": min(
                 self.td7_zs_dim, self.td7_target_every, self.td7_checkpoint_episodes
             )
@@ -154,6 +171,8 @@ class TrainConfig:
         from training.randomization import check_ranges
 
         check_ranges(self.randomization)
+        if self.rand_widen_steps and not self.randomization:
+            raise ValueError("invalid TrainConfig: rand_widen_steps widens no rand_* range")
 
     def _algorithm_settings(self) -> None:
         """Fill the algorithm's own settings where unset; refuse a setting that contradicts the
@@ -181,7 +200,7 @@ class TrainConfig:
         return {
             f.name.removeprefix("rand_"): getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name.startswith("rand_") and getattr(self, f.name)
+            if f.name.startswith("rand_") and f.name != "rand_widen_steps" and getattr(self, f.name)
         }
 
     def to_json(self) -> str:

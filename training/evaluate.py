@@ -15,6 +15,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from training.envs import make_env, run_episodes
+from training.history import with_history
 from training.randomization import randomize
 
 # onnxruntime's own errors for a file it cannot load (none derives from a builtin error)
@@ -72,7 +73,10 @@ def evaluate_session(
     """Deterministic returns of `sess` on `env_id` under `shifts` ({knob: value}); episode i
     is reset with seed + i, and noise draws come from a generator seeded with `seed`."""
     shifts = dict(shifts or {})
+    history = json.loads(sess.get_modelmeta().custom_metadata_map.get("mu.history", "null"))
     env = shifted_env(env_id, seed, shifts)
+    if history:  # the policy reads its own recent past: the same input as in training
+        env = with_history(env, history["obs"], history["actions"])
     returns, rate = run_episodes(
         env, lambda obs: sess.run(["action"], {"obs": obs[None]})[0][0], episodes, seed
     )

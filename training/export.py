@@ -32,6 +32,7 @@ from training import checkpoint
 from training.algos import AnyAgent, deployed
 from training.config import TrainConfig
 from training.envs import make_env, to_env_units
+from training.history import with_history
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def contract_props(meta: dict[str, Any], algo: str) -> dict[str, str]:
         "mu.created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mu.randomization": json.dumps(meta.get("randomization", {})),
         "mu.export_rule": meta.get("export_rule", "last"),
+        **({"mu.history": json.dumps(meta["history"])} if meta.get("history") else {}),
     }
 
 
@@ -171,7 +173,8 @@ def rollout_observations(
     agent: AnyAgent, meta: dict[str, Any], n: int, seed: int = 0
 ) -> np.ndarray:
     """Observations the policy itself visits, for parity checks when no replay buffer is at hand."""
-    env = make_env(meta["env_id"], seed)
+    history = meta.get("history") or {"obs": 0, "actions": 0}
+    env = with_history(make_env(meta["env_id"], seed), history["obs"], history["actions"])
     low, high = np.asarray(meta["action_low"]), np.asarray(meta["action_high"])
     out = []
     obs, _ = env.reset(seed=seed)

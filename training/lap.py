@@ -60,15 +60,19 @@ class SumTree:
 class PrioritizedReplay(ReplayBuffer):
     """`ReplayBuffer` (same storage and n-step targets) sampled in proportion to priorities."""
 
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: str = "cpu"):
-        super().__init__(capacity, obs_dim, act_dim, device)
+    def __init__(
+        self, capacity: int, obs_dim: int, act_dim: int, device: str = "cpu", priv_dim: int = 0
+    ):
+        super().__init__(capacity, obs_dim, act_dim, device, priv_dim)
         self.priority = SumTree(capacity)
         self.max_priority = 1.0
 
-    def add(self, obs, action, reward: float, next_obs, terminal: bool, truncated: bool) -> None:
+    def add(
+        self, obs, action, reward: float, next_obs, terminal: bool, truncated: bool, *priv
+    ) -> None:
         """New transitions get the largest priority seen, so each is drawn soon at least once."""
         self.priority.set(np.array([self.pos]), np.array([self.max_priority]))
-        super().add(obs, action, reward, next_obs, terminal, truncated)
+        super().add(obs, action, reward, next_obs, terminal, truncated, *priv)
 
     def sample(
         self, batch_size: int, rng: np.random.Generator, n_step: int = 1, gamma: float = 0.99

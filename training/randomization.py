@@ -22,6 +22,14 @@ every reset applies nominal × draw, so shifts never compound across episodes.
     push       horizontal velocity kick on the robot's body, m/s, on 1% of steps
                (locomotion only: the panda arms are position-controlled with a fixed base)
 
+Ranges can widen from nominal (`Widening`): each draw is pulled toward the knob's nominal value
+by a scale that the trainer grows from 0 to 1 (`rand_widen_steps`), so a policy first learns
+the nominal task and then meets ever larger shifts, instead of the cautious average that a
+fixed wide range teaches from the first step.
+
+The privileged critic reads what the actor cannot see (`privileged`): every knob's draw of the
+episode, normalized to its range, and the observation before noise (`CleanObs`).
+
 Dynamics knobs work on the PyBullet locomotion envs and the panda-gym arms; the other knobs on
 any Gymnasium env. A knob an env cannot honour raises ValueError naming both. No torch here:
 `mu eval --shift/--sweep` runs on a serving install with the simulator.
@@ -72,10 +80,31 @@ def check_ranges(ranges: dict[str, Any]) -> Ranges:
     return out
 
 
-def randomize(env: gym.Env, ranges: dict[str, Any], rng: np.random.Generator) -> gym.Env:
+class Widening:
+    """How far draws reach from nominal: `scale` 0 holds every knob at its nominal value, 1
+    draws from the full range (each draw v becomes nominal + scale · (v - nominal))."""
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def __call__(self, value: Any, nominal: float) -> Any:
+        return value if self.scale >= 1 else nominal + self.scale * (value - nominal)
+
+
+FULL = Widening()
+
+
+def randomize(
+    env: gym.Env,
+    ranges: dict[str, Any],
+    rng: np.random.Generator,
+    widening: Widening = FULL,
+) -> gym.Env:
     """`env` wrapped with the knobs in `ranges` ({} returns `env` unchanged). All draws come
-    from `rng`, in a fixed order, so a seeded run is reproducible."""
+    from `rng`, in a fixed order, so a seeded run is reproducible; `widening` pulls them toward
+    nominal."""
     ranges = check_ranges(ranges)
+    inner = env
     # innermost first: the offset is added last, after the motor gain (applied = m·a + b, as a
     # miscalibrated actuator), and the latency FIFO delays what the policy chose
     if "offset" in ranges:
@@ -89,7 +118,64 @@ def randomize(env: gym.Env, ranges: dict[str, Any], rng: np.random.Generator) ->
         env = ActionLatency(env, ranges["latency"], rng)
     if "obs_noise" in ranges:
         env = ObsNoise(env, ranges["obs_noise"], rng)
+    wrapper = env
+    while wrapper is not inner:
+        wrapper.widening = widening
+        wrapper = wrapper.env
     return env
+
+
+class CleanObs(gym.ObservationWrapper):
+    """Keeps the last observation before any randomization touches it (`privileged`); wrap the
+    plain env with it, then randomize."""
+
+    def observation(self, obs: np.ndarray) -> np.ndarray:
+        self.last = np.asarray(obs, np.float32)
+        return obs
+
+
+def privileged_dim(ranges: dict[str, Any], obs_dim: int, act_dim: int) -> int:
+    """The size of `privileged`'s vector."""
+    knobs = [k for k in check_ranges(ranges) if k != "push"]
+    return sum(act_dim if k == "offset" else 1 for k in knobs) + obs_dim
+
+
+def privileged(env: gym.Env, ranges: dict[str, Any]) -> np.ndarray:
+    """What the critic knows and the actor must infer (`privileged_vector`), read from the
+    randomizers around `env` and the `CleanObs` below them."""
+    values: dict[str, Any] = {}
+    for name in check_ranges(ranges):
+        if name in DYNAMICS:
+            values[name] = find(env, Dynamics).values[name]
+        elif name == "offset":
+            wrapper = find(env, ActionOffset)
+            values[name] = wrapper.bias / wrapper._half
+        elif name == "latency":
+            values[name] = find(env, ActionLatency).k
+        elif name == "obs_noise":
+            values[name] = find(env, ObsNoise).scale
+    return privileged_vector(ranges, values, find(env, CleanObs).last)
+
+
+def nominal_privileged(ranges: dict[str, Any], clean: np.ndarray, act_dim: int) -> np.ndarray:
+    """`privileged_vector` with every knob at its nominal value: what a robot, which knows no
+    draws, gives a privileged critic (online fine-tuning)."""
+    values = {k: np.zeros(act_dim) if k == "offset" else NOMINAL[k] for k in check_ranges(ranges)}
+    return privileged_vector(ranges, values, clean)
+
+
+def privileged_vector(ranges: dict[str, Any], values: dict[str, Any], clean) -> np.ndarray:
+    """The episode's draw of every randomized knob (sorted; push has no draw per episode and is
+    left out; offset one per action dimension, in fractions of the half range), each mapped
+    from its range to [-1, 1] (0 for a fixed value), then the noise-free observation."""
+    parts = []
+    for name, (lo, hi) in check_ranges(ranges).items():
+        if name == "push":
+            continue
+        value = np.atleast_1d(np.asarray(values[name], np.float64))
+        parts.append(np.zeros_like(value) if hi == lo else (value - lo) / (hi - lo) * 2 - 1)
+    parts.append(np.asarray(clean, np.float64).reshape(-1))
+    return np.concatenate(parts).astype(np.float32)
 
 
 def supported_knobs(env: gym.Env) -> list[str]:
@@ -155,6 +241,8 @@ class Dynamics(gym.Wrapper):
     """Friction, mass, strength and joint damping, redrawn at every reset from the nominal
     values read at the first reset (pybullet-envs-gymnasium loads the robot there)."""
 
+    widening: Widening = FULL  # `randomize` sets the run's
+
     def __init__(self, env: gym.Env, ranges: Ranges, rng: np.random.Generator) -> None:
         super().__init__(env)
         self.robot = _Robot(env)
@@ -176,7 +264,10 @@ class Dynamics(gym.Wrapper):
         out = self.env.reset(**kwargs)
         if self.nominal is None:
             self.nominal = self._read_nominal()
-        self.values = {k: float(self.rng.uniform(lo, hi)) for k, (lo, hi) in self.ranges.items()}
+        self.values = {
+            k: self.widening(float(self.rng.uniform(lo, hi)), NOMINAL[k])
+            for k, (lo, hi) in self.ranges.items()
+        }
         c, nom = self.robot.client, self.nominal
         for i, (b, link) in enumerate(self.robot.links()):
             if "mass" in self.values:
@@ -201,6 +292,8 @@ class Pushes(gym.Wrapper):
     """On 1% of steps, a horizontal velocity kick of a drawn size on the robot's body, given as
     the force that delivers it over one control step."""
 
+    widening: Widening = FULL  # `randomize` sets the run's
+
     def __init__(self, env: gym.Env, span: tuple[float, float], rng: np.random.Generator) -> None:
         super().__init__(env)
         self.robot = _Robot(env)
@@ -214,7 +307,7 @@ class Pushes(gym.Wrapper):
             body, link = part.bodies[part.bodyIndex], part.bodyPartIndex
             total = sum(c.getDynamicsInfo(b, k)[0] for b, k in self.robot.links())
             angle = self.rng.uniform(0.0, 2 * np.pi)
-            dv = self.rng.uniform(*self.span)
+            dv = self.widening(self.rng.uniform(*self.span), 0.0)
             force = total * dv / self.robot.dt * np.array([np.cos(angle), np.sin(angle), 0.0])
             at = part.pose().xyz().tolist()
             c.applyExternalForce(body, link, force.tolist(), at, c.WORLD_FRAME)
@@ -225,6 +318,8 @@ class Pushes(gym.Wrapper):
 class ActionLatency(gym.Wrapper):
     """The env applies the action the policy chose k control steps ago, k drawn per episode."""
 
+    widening: Widening = FULL  # `randomize` sets the run's
+
     def __init__(self, env: gym.Env, span: tuple[float, float], rng: np.random.Generator) -> None:
         super().__init__(env)
         self.span, self.rng = (int(span[0]), int(span[1])), rng
@@ -234,7 +329,9 @@ class ActionLatency(gym.Wrapper):
         self._fifo: deque[np.ndarray] = deque()
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict]:
-        self.k = int(self.rng.integers(self.span[0], self.span[1] + 1))
+        self.k = int(
+            round(self.widening(int(self.rng.integers(self.span[0], self.span[1] + 1)), 0))
+        )
         self._fifo = deque([self._idle] * self.k)
         return self.env.reset(**kwargs)
 
@@ -247,6 +344,8 @@ class ActionOffset(gym.ActionWrapper):
     """A calibration bias per action dimension, drawn per episode, in fractions of the half
     range; the biased action is clipped to the bounds as a real actuator saturates."""
 
+    widening: Widening = FULL  # `randomize` sets the run's
+
     def __init__(self, env: gym.Env, span: tuple[float, float], rng: np.random.Generator) -> None:
         super().__init__(env)
         self.span, self.rng = span, rng
@@ -254,7 +353,7 @@ class ActionOffset(gym.ActionWrapper):
         self.bias = np.zeros(env.action_space.shape, env.action_space.dtype)
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict]:
-        draw = self.rng.uniform(*self.span, size=self.bias.shape)
+        draw = self.widening(self.rng.uniform(*self.span, size=self.bias.shape), 0.0)
         self.bias = (draw * self._half).astype(self.bias.dtype)
         return self.env.reset(**kwargs)
 
@@ -267,6 +366,8 @@ class ObsNoise(gym.ObservationWrapper):
     """Gaussian noise of (drawn fraction) × each feature's running std on what the policy sees.
     The running statistics are of the clean observations (Welford), kept across episodes."""
 
+    widening: Widening = FULL  # `randomize` sets the run's
+
     def __init__(self, env: gym.Env, span: tuple[float, float], rng: np.random.Generator) -> None:
         super().__init__(env)
         self.span, self.rng = span, rng
@@ -275,7 +376,7 @@ class ObsNoise(gym.ObservationWrapper):
         self.scale = 0.0
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict]:
-        self.scale = float(self.rng.uniform(*self.span))
+        self.scale = self.widening(float(self.rng.uniform(*self.span)), 0.0)
         return super().reset(**kwargs)
 
     def observation(self, obs: np.ndarray) -> np.ndarray:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-FIELDS = ("obs", "action", "reward", "next_obs", "terminal", "episode_end")
-
 
 class ReplayBuffer:
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: str = "cpu"):
+    """`priv_dim` > 0 adds the privileged critic's inputs (`priv`, `next_priv`: the episode's
+    randomization draws and the noise-free observation) beside each transition."""
+
+    def __init__(
+        self, capacity: int, obs_dim: int, act_dim: int, device: str = "cpu", priv_dim: int = 0
+    ):
         self.capacity = capacity
         self.device = torch.device(device)
         shapes = {
@@ -19,16 +22,30 @@ class ReplayBuffer:
             "next_obs": obs_dim,
             "terminal": 1,  # a real termination: the value after it is zero
             "episode_end": 1,  # termination or truncation: n-step sums stop here
+            **({"priv": priv_dim, "next_priv": priv_dim} if priv_dim else {}),
         }
         self.data = {k: np.zeros((capacity, d), np.float32) for k, d in shapes.items()}
         self.pos = 0
         self.size = 0
 
-    def add(self, obs, action, reward: float, next_obs, terminal: bool, truncated: bool) -> None:
+    def add(
+        self,
+        obs,
+        action,
+        reward: float,
+        next_obs,
+        terminal: bool,
+        truncated: bool,
+        priv=None,
+        next_priv=None,
+    ) -> None:
         """Store one step. `terminal` is true only for a real termination: a time-limit
         truncation is stored as non-terminal so that its value is bootstrapped; it only ends
         the sum of rewards of n-step returns."""
         i = self.pos
+        if "priv" in self.data:
+            self.data["priv"][i] = priv
+            self.data["next_priv"][i] = next_priv
         self.data["obs"][i] = obs
         self.data["action"][i] = action
         self.data["reward"][i] = reward
@@ -65,6 +82,8 @@ class ReplayBuffer:
             "terminal": d["terminal"][last, 0],
             "discount": (gamma**m).astype(np.float32),
         }
+        if "priv" in d:
+            batch["priv"], batch["next_priv"] = d["priv"][idx], d["next_priv"][last]
         return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def newest(self, n: int) -> dict[str, np.ndarray]:
@@ -82,8 +101,8 @@ class ReplayBuffer:
         beyond the capacity only the newest are kept."""
         n = min(len(rows["obs"]), self.capacity)
         idx = (self.pos + np.arange(n)) % self.capacity
-        for k in FIELDS:
-            self.data[k][idx] = rows[k][len(rows[k]) - n :]
+        for k, column in self.data.items():
+            column[idx] = rows[k][len(rows[k]) - n :]
         self.pos = (self.pos + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
@@ -92,7 +111,8 @@ class ReplayBuffer:
         """The buffer a checkpoint saved (`state_dict`), rebuilt at its own capacity: how code
         outside the trainer reads a checkpoint's replay."""
         obs_dim, act_dim = state["obs"].shape[1], state["action"].shape[1]
-        buffer = ReplayBuffer(int(state["capacity"]), obs_dim, act_dim, device)
+        priv_dim = state["priv"].shape[1] if "priv" in state else 0
+        buffer = ReplayBuffer(int(state["capacity"]), obs_dim, act_dim, device, priv_dim)
         ReplayBuffer.load_state_dict(buffer, state)
         return buffer
 
@@ -108,6 +128,8 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         if state["capacity"] != self.capacity:
             raise ValueError(f"replay capacity {state['capacity']} != configured {self.capacity}")
+        if ("priv" in state) != ("priv" in self.data):
+            raise ValueError("replay: privileged critic inputs in one of saved and configured")
         self.pos, self.size = int(state["pos"]), int(state["size"])
-        for k in FIELDS:
-            self.data[k][: self.size] = state[k].numpy()
+        for k, column in self.data.items():
+            column[: self.size] = state[k].numpy()

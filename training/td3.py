@@ -2,6 +2,7 @@
 critic, no target-policy noise and no delay (see `TrainConfig.__post_init__`).
 
     critic:  y = r + γ^n (1 - terminal) min_i Q'_i(s', clip(μ'(s') + clip(ε, ±c), -1, 1))
+             (with a privileged critic, Q reads s beside ξ: Q(s, ξ, a); μ reads s alone)
              minimise Σ_i mean (Q_i(s, a) - y)²
     actor:   every `policy_delay` critic steps, minimise -Q_1(s, μ(s)).mean(); autograd gives
              ∂/∂u = -∂Q_1/∂a · ∂μ/∂u, the deterministic policy gradient (docs/actor_update.md)
@@ -32,13 +33,16 @@ class Agent:
     critic_target: Critics
     actor_opt: torch.optim.Adam
     critic_opt: torch.optim.Adam
+    # the privileged critic's extra inputs, normalized apart (None: the critic sees what the
+    # actor sees)
+    priv_normalizer: Normalizer | None = None
 
     @classmethod
-    def create(cls, cfg: TrainConfig, obs_dim: int, act_dim: int) -> Agent:
+    def create(cls, cfg: TrainConfig, obs_dim: int, act_dim: int, priv_dim: int = 0) -> Agent:
         normalizer = Normalizer(obs_dim, enabled=cfg.normalize_obs).to(cfg.device)
         actor = Actor(obs_dim, act_dim, cfg.actor_hidden).to(cfg.device)
         critic = Critics(
-            cfg.n_critics, obs_dim, act_dim, cfg.critic_hidden, cfg.critic_layer_norm
+            cfg.n_critics, obs_dim + priv_dim, act_dim, cfg.critic_hidden, cfg.critic_layer_norm
         ).to(cfg.device)
         actor_target, critic_target = copy.deepcopy(actor), copy.deepcopy(critic)
         for p in [*actor_target.parameters(), *critic_target.parameters()]:
@@ -52,6 +56,7 @@ class Agent:
             # fused: one kernel for all parameters, 4–7% more updates/s on CPU here
             torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr, fused=True),
             torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, fused=True),
+            Normalizer(priv_dim).to(cfg.device) if priv_dim else None,
         )
 
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -61,6 +66,7 @@ class Agent:
             "critic": self.critic,
             "actor_target": self.actor_target,
             "critic_target": self.critic_target,
+            **({"priv_normalizer": self.priv_normalizer} if self.priv_normalizer else {}),
         }
 
     def policy(self, low, high) -> Policy:
@@ -80,6 +86,14 @@ class Agent:
     DEPLOYED = {"normalizer": "normalizer", "actor": "actor"}
 
 
+def critic_obs(
+    priv_normalizer: Normalizer | None, s: torch.Tensor, priv: torch.Tensor | None
+) -> torch.Tensor:
+    """What the critics read: the actor's (normalized) input, and beside it the privileged
+    inputs where the critic has them (Baisero & Amato 2022: beside, not instead)."""
+    return s if priv_normalizer is None else torch.cat([s, priv_normalizer(priv)], -1)
+
+
 def update(
     agent: Agent, batch: dict[str, torch.Tensor], cfg: TrainConfig, update_actor: bool
 ) -> dict[str, torch.Tensor]:
@@ -88,6 +102,8 @@ def update(
     Returns detached losses (tensors, so no device sync happens here)."""
     s = agent.normalizer(batch["obs"])
     s2 = agent.normalizer(batch["next_obs"])
+    c = critic_obs(agent.priv_normalizer, s, batch.get("priv"))
+    c2 = critic_obs(agent.priv_normalizer, s2, batch.get("next_priv"))
     a, r = batch["action"], batch["reward"]
     terminal, discount = batch["terminal"], batch["discount"]
 
@@ -97,11 +113,11 @@ def update(
             -cfg.target_noise_clip, cfg.target_noise_clip
         )
         a2 = (agent.actor_target(s2) + eps).clamp(-1.0, 1.0)
-        q2 = agent.critic_target(s2, a2).min(dim=0).values
+        q2 = agent.critic_target(c2, a2).min(dim=0).values
         y = r + discount * (1.0 - terminal) * q2
 
     # 2. critic regression onto the target, all ensemble members at once
-    q = agent.critic(s, a)
+    q = agent.critic(c, a)
     critic_loss = ((q - y) ** 2).mean(dim=1).sum()
     agent.critic_opt.zero_grad(set_to_none=True)
     critic_loss.backward()
@@ -113,7 +129,7 @@ def update(
     # 3. actor: ascend Q_1(s, μ(s)); backward applies ∂Q/∂a · ∂μ/∂u. Only Q_1 is evaluated, and
     #    the critic's own weights are frozen for this pass, so no work is spent on the others.
     agent.critic.requires_grad_(False)
-    actor_loss = -agent.critic(s, agent.actor(s), members=1)[0].mean()
+    actor_loss = -agent.critic(c, agent.actor(s), members=1)[0].mean()
     agent.actor_opt.zero_grad(set_to_none=True)
     actor_loss.backward()
     agent.actor_opt.step()

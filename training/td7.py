@@ -29,6 +29,7 @@ from training.config import TrainConfig
 from training.lap import PrioritizedReplay
 from training.networks import Normalizer
 from training.sale import Encoder, SaleActor, SaleCritics, SalePolicy
+from training.td3 import critic_obs
 
 CHECKPOINT_RESET_WEIGHT = 0.9  # the bar is lowered by this when assessments lengthen (paper's)
 
@@ -76,14 +77,18 @@ class Agent:
     encoder_opt: torch.optim.Adam
     actor_opt: torch.optim.Adam
     critic_opt: torch.optim.Adam
+    priv_normalizer: Normalizer | None = None  # as in td3.Agent
 
     @classmethod
-    def create(cls, cfg: TrainConfig, obs_dim: int, act_dim: int) -> Agent:
+    def create(cls, cfg: TrainConfig, obs_dim: int, act_dim: int, priv_dim: int = 0) -> Agent:
         zs_dim, dev = cfg.td7_zs_dim, cfg.device
         normalizer = Normalizer(obs_dim, enabled=cfg.normalize_obs).to(dev)
+        # SALE's encoders see what the actor sees; only the critics read the privileged inputs
         encoder = Encoder(obs_dim, act_dim, zs_dim, cfg.critic_hidden).to(dev)
         actor = SaleActor(obs_dim, act_dim, zs_dim, cfg.actor_hidden).to(dev)
-        critic = SaleCritics(cfg.n_critics, obs_dim, act_dim, zs_dim, cfg.critic_hidden).to(dev)
+        critic = SaleCritics(
+            cfg.n_critics, obs_dim + priv_dim, act_dim, zs_dim, cfg.critic_hidden
+        ).to(dev)
         copies = [copy.deepcopy(m) for m in (encoder, encoder, actor, critic, encoder, actor)]
         for p in (p for m in copies for p in m.parameters()):
             p.requires_grad_(False)
@@ -104,6 +109,7 @@ class Agent:
             torch.optim.Adam(encoder.parameters(), lr=cfg.critic_lr, fused=True),
             torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr, fused=True),
             torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, fused=True),
+            Normalizer(priv_dim).to(dev) if priv_dim else None,
         )
 
     def modules(self) -> dict[str, nn.Module]:
@@ -122,7 +128,9 @@ class Agent:
                 "checkpoint_normalizer",
                 "checkpoint_encoder",
                 "checkpoint_actor",
+                "priv_normalizer",
             )
+            if getattr(self, name) is not None
         }
 
     def policy(self, low, high) -> SalePolicy:
@@ -165,6 +173,8 @@ def update(
     s = agent.normalizer(batch["obs"])
     s1 = agent.normalizer(batch["next_obs_1"])
     s2 = agent.normalizer(batch["next_obs"])
+    c = critic_obs(agent.priv_normalizer, s, batch.get("priv"))
+    c2 = critic_obs(agent.priv_normalizer, s2, batch.get("next_priv"))
     a, r = batch["action"], batch["reward"]
     terminal, discount = batch["terminal"], batch["discount"]
 
@@ -186,7 +196,7 @@ def update(
         )
         a2 = (agent.actor_target(s2, zs2) + eps).clamp(-1.0, 1.0)
         zsa2 = agent.fixed_encoder_target.zsa(zs2, a2)
-        q2 = agent.critic_target(s2, a2, zsa2, zs2).min(dim=0).values
+        q2 = agent.critic_target(c2, a2, zsa2, zs2).min(dim=0).values
         y = r + discount * (1.0 - terminal) * agent.value_range.clip(q2)
         agent.value_range.observe(y)
         zs = agent.fixed_encoder.zs(s)
@@ -194,7 +204,7 @@ def update(
 
     # 3. critic regression onto the target with LAP's loss: quadratic below min_priority and
     #    linear above, the loss whose gradient prioritized sampling leaves unbiased
-    q = agent.critic(s, a, zsa, zs)
+    q = agent.critic(c, a, zsa, zs)
     td = (q - y).abs()
     k = cfg.td7_min_priority
     critic_loss = torch.where(td < k, 0.5 * td**2, k * td).sum(0).mean()
@@ -217,7 +227,7 @@ def update(
     #    action, so ∂Q/∂a includes the path through it; zs is an input, untouched by u.
     agent.critic.requires_grad_(False)
     a_pi = agent.actor(s, zs)
-    actor_loss = -agent.critic(s, a_pi, agent.fixed_encoder.zsa(zs, a_pi), zs).mean()
+    actor_loss = -agent.critic(c, a_pi, agent.fixed_encoder.zsa(zs, a_pi), zs).mean()
     agent.actor_opt.zero_grad(set_to_none=True)
     actor_loss.backward()
     agent.actor_opt.step()

@@ -51,8 +51,17 @@ from training.envs import (
     run_episodes,
     to_env_units,
 )
+from training.history import with_history
 from training.noise import make_noise
-from training.randomization import ObsNoise, find, randomize
+from training.randomization import (
+    CleanObs,
+    ObsNoise,
+    Widening,
+    find,
+    privileged,
+    privileged_dim,
+    randomize,
+)
 from training.snapshots import choose_export, snapshot, upgrade
 
 log = logging.getLogger(__name__)
@@ -173,12 +182,21 @@ class Run:
         # randomization draws from a stream of its own, so that runs without it are unchanged
         self.rand_rng = np.random.default_rng([cfg.seed, RANDOMIZATION_STREAM])
         flat = make_env(cfg.env_id, cfg.seed)
-        self.env = randomize(flat, cfg.randomization, self.rand_rng)
+        self.widening = Widening(0.0 if cfg.rand_widen_steps else 1.0)
+        base = CleanObs(flat) if cfg.privileged_critic else flat
+        randomized = randomize(base, cfg.randomization, self.rand_rng, self.widening)
+        self.env = with_history(randomized, cfg.history_obs, cfg.history_actions)
         self.obs_noise = find(self.env, ObsNoise)  # the one randomizer with state of its own
         # evaluations stay at nominal dynamics: the export rule compares policies there
-        self.eval_env = make_env(cfg.env_id, cfg.seed + EVAL_SEED_OFFSET)
+        eval_env = make_env(cfg.env_id, cfg.seed + EVAL_SEED_OFFSET)
+        self.eval_env = with_history(eval_env, cfg.history_obs, cfg.history_actions)
         self.low, self.high = action_bounds(self.env)
         obs_dim, self.act_dim = self.env.observation_space.shape[0], self.env.action_space.shape[0]
+        priv_dim = (
+            privileged_dim(cfg.randomization, flat.observation_space.shape[0], self.act_dim)
+            if cfg.privileged_critic
+            else 0
+        )
         self.meta = {
             "env_id": cfg.env_id,
             "obs_dim": obs_dim,
@@ -187,9 +205,11 @@ class Run:
             "action_low": self.low.tolist(),
             "action_high": self.high.tolist(),
             "randomization": cfg.randomization,
+            **({"history": self.env.history.spec()} if self.env is not randomized else {}),
+            **({"priv_dim": priv_dim} if priv_dim else {}),
         }
-        self.agent = create_agent(cfg, obs_dim, self.act_dim)
-        self.buffer = create_buffer(cfg, obs_dim, self.act_dim)
+        self.agent = create_agent(cfg, obs_dim, self.act_dim, priv_dim)
+        self.buffer = create_buffer(cfg, obs_dim, self.act_dim, priv_dim)
         self.schedule = create_schedule(cfg, self.agent, self.buffer, self.rng)
         self.noise = make_noise(cfg.noise, self.act_dim, cfg.noise_std, self.rng)
         self.step, self.saved_at, self.wall_before, self.evaluated_at = 0, -1, 0.0, -1
@@ -201,15 +221,25 @@ class Run:
 
     def reset(self) -> np.ndarray:
         """A new episode; remembers how it started, for a checkpoint taken during it."""
+        if self.cfg.rand_widen_steps:
+            self.widening.scale = min(1.0, self.step / self.cfg.rand_widen_steps)
         self.episode = {
             "randomization_rng": self.rand_rng.bit_generator.state,
             "obs_noise": self.obs_noise.state_dict() if self.obs_noise else None,
             "seed": int(self.rng.integers(2**31)),
+            "widening": self.widening.scale,
         }
         obs, _ = self.env.reset(seed=self.episode["seed"])
         self.noise.reset()
         self.ep_return, self.ep_len = 0.0, 0
+        self.priv = self._privileged()
         return obs
+
+    def _privileged(self) -> np.ndarray | None:
+        """The privileged critic's inputs now (None without one)."""
+        if not self.cfg.privileged_critic:
+            return None
+        return privileged(self.env, self.cfg.randomization)
 
     def collect(self) -> bool:
         """One environment step: uniform random until learning starts, then μ(s) + noise, in
@@ -221,8 +251,12 @@ class Run:
             obs = torch.as_tensor(self.obs, device=cfg.device).unsqueeze(0)
             a = np.clip(self.agent.act(obs)[0].cpu().numpy() + self.noise(), -1.0, 1.0)
         next_obs, r, terminated, truncated, _ = self.env.step(to_env_units(a, self.low, self.high))
-        self.buffer.add(self.obs, a, r, next_obs, terminated, truncated)
+        next_priv = self._privileged()
+        self.buffer.add(self.obs, a, r, next_obs, terminated, truncated, self.priv, next_priv)
         self.agent.normalizer.update(torch.as_tensor(self.obs, device=cfg.device))
+        if next_priv is not None:
+            self.agent.priv_normalizer.update(torch.as_tensor(self.priv, device=cfg.device))
+        self.priv = next_priv
         self.obs, self.ep_return, self.ep_len = next_obs, self.ep_return + float(r), self.ep_len + 1
         self.step += 1
         return bool(terminated or truncated)
@@ -339,6 +373,7 @@ class Run:
         """Bring the env to where the checkpoint left it: reset it as the episode started and
         step it through the episode's actions, read back from the replay."""
         episode = state["episode"]
+        self.widening.scale = episode.get("widening", 1.0)
         self.rand_rng.bit_generator.state = episode["randomization_rng"]
         if self.obs_noise:
             self.obs_noise.load_state_dict(episode["obs_noise"])
@@ -356,8 +391,9 @@ class Run:
             self.obs = self.reset()
             return
         self.noise.load_state_dict(state["noise"])
-        self.episode = {k: episode[k] for k in ("randomization_rng", "obs_noise", "seed")}
+        self.episode = {k: v for k, v in episode.items() if k not in ("length", "return")}
         self.obs, self.ep_len, self.ep_return = obs, episode["length"], episode["return"]
+        self.priv = self._privileged()
 
     def _measure(self, view: AnyAgent) -> EvalResult:
         seed = self.cfg.seed + EVAL_SEED_OFFSET

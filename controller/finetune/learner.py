@@ -32,6 +32,7 @@ from controller.finetune.versions import (
 )
 from training import checkpoint
 from training.export import ParityError, export_policy
+from training.randomization import nominal_privileged
 from training.replay import ReplayBuffer
 from training.td3 import learn
 
@@ -65,7 +66,9 @@ class Learner:
         # would move every action at once.
         self.agent.normalizer.eval()
         obs_dim, act_dim = self.meta["obs_dim"], self.meta["act_dim"]
-        self.buffer = ReplayBuffer(cfg.buffer_size, obs_dim, act_dim)
+        self.buffer = ReplayBuffer(
+            cfg.buffer_size, obs_dim, act_dim, priv_dim=self.meta.get("priv_dim", 0)
+        )
         offline = checkpoint.saved_replay(source, state)
         if offline is not None:
             self._seed_offline(offline)
@@ -107,8 +110,21 @@ class Learner:
                 cols["next_obs"][i],
                 bool(cols["terminated"][i]),
                 bool(cols["truncated"][i]),
+                *(self._nominal_privileged(cols[k][i]) for k in ("obs", "next_obs") if self.priv),
             )
         self.online_seen += len(rows)
+
+    @property
+    def priv(self) -> bool:
+        return self.agent.priv_normalizer is not None
+
+    def _nominal_privileged(self, obs: np.ndarray) -> np.ndarray:
+        """A robot reports no randomization draws: a privileged critic fine-tunes with every
+        knob at its nominal value and the observation as the noise-free one (the current
+        observation, the first block of a history input)."""
+        history = self.meta.get("history") or {"obs_dim": self.meta["obs_dim"]}
+        clean = obs[: history["obs_dim"]]
+        return nominal_privileged(self.meta["randomization"], clean, self.meta["act_dim"])
 
     def can_update(self) -> bool:
         """Not paused, a batch is available, and the update-to-data budget is not spent."""

@@ -21,7 +21,6 @@ from training import checkpoint
 from training.config import TrainConfig
 from training.envs import EVAL_SEED_OFFSET
 from training.evaluate import evaluate_onnx
-from training.resolve import resolve
 from training.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,6 +45,8 @@ def test_set_seed_trains_that_seed(tmp_path, monkeypatch):
 
 
 def test_set_values_are_typed():
+    from training.resolve import resolve
+
     cfg = resolve({"env": ENV}, ["normalize_obs=False", "actor_hidden=[64, 64]", "gamma=0.9"])
     assert cfg.normalize_obs is False and cfg.actor_hidden == [64, 64] and cfg.gamma == 0.9
     for item, says in (
@@ -68,6 +69,8 @@ def test_normalize_obs_false_turns_normalization_off(tmp_path):
 
 
 def test_flags_and_sets_that_disagree_are_refused(capsys):
+    from training.resolve import resolve
+
     assert main(["train", "--env", ENV, "--seed", "1", "--set", "seed=3"]) == 2
     assert "--seed 1 and --set seed=3 disagree" in capsys.readouterr().err
     # agreeing is fine: the flag is a shortcut for the --set
@@ -75,6 +78,8 @@ def test_flags_and_sets_that_disagree_are_refused(capsys):
 
 
 def test_algorithms_refuse_settings_they_contradict_or_ignore(capsys):
+    from training.resolve import resolve
+
     assert main(["train", "--env", ENV, "--algo", "ddpg", "--set", "n_critics=2"]) == 2
     assert "algo ddpg does not take n_critics=2" in capsys.readouterr().err
     assert main(["train", "--env", ENV, "--algo", "td7", "--set", "critic_layer_norm=true"]) == 2
@@ -101,7 +106,7 @@ def test_a_second_train_into_a_run_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--env", ENV, "--steps", "250", *SMALL, "--out", str(run)]) == 0
     before = (run / "policy.onnx").read_bytes()
-    assert main(["train", "--env", "Pendulum-v1", *SMALL, "--out", str(run)]) == 2
+    assert main(["train", "--env", "Pendulum-v1", "--steps", "250", *SMALL, "--out", str(run)]) == 2
     assert "holds a run already" in capsys.readouterr().err
     assert (run / "policy.onnx").read_bytes() == before
     assert (

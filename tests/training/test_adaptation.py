@@ -1,0 +1,159 @@
+"""Policies that adapt: history in the actor's input, a privileged critic, randomization that
+widens from nominal. Real PyBullet envs, real runs on tiny budgets."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from controller.finetune.config import FinetuneConfig
+from controller.finetune.learner import Learner
+from training import checkpoint
+from training.config import TrainConfig
+from training.envs import make_env
+from training.evaluate import evaluate_onnx
+from training.history import History, HistoryObs
+from training.randomization import (
+    ActionLatency,
+    CleanObs,
+    Dynamics,
+    Widening,
+    find,
+    nominal_privileged,
+    privileged,
+    randomize,
+)
+from training.trainer import train
+
+ENV = "InvertedPendulumBulletEnv-v0"  # 5 observations, 1 action in [-1, 1]
+RANGES = {"mass": [0.5, 1.5], "latency": [0, 2]}
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(env_id=ENV, steps=700, learning_starts=200, batch_size=32, actor_hidden=[16],
+                critic_hidden=[16], eval_every=350, eval_episodes=1, checkpoint_every=10_000,
+                rand_mass=RANGES["mass"], rand_latency=RANGES["latency"], history_obs=1,
+                history_actions=3, privileged_critic=True)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_history_holds_the_applied_actions_and_starts_fresh_each_episode():
+    env = HistoryObs(
+        randomize(make_env(ENV, 0), {"latency": [2, 2]}, np.random.default_rng(0)), 1, 3
+    )
+    first = env.reset(seed=1)[0]
+    obs0 = first[:5]
+    np.testing.assert_array_equal(first[5:10], obs0)  # the past observation: the first one
+    np.testing.assert_array_equal(first[10:], [0.0, 0.0, 0.0])  # past actions: the midpoint
+    sent = [0.5, -0.25, 0.75]
+    for a in sent:
+        x = env.step(np.array([a], np.float32))[0]
+    # newest first; the commanded actions, not the ones the 2-step latency let through
+    np.testing.assert_array_equal(x[10:], np.float32([0.75, -0.25, 0.5]))
+    assert find(env, ActionLatency).k == 2
+    again = env.reset(seed=2)[0]
+    np.testing.assert_array_equal(again[10:], [0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(again[5:10], again[:5])
+
+
+def test_history_from_a_policy_files_spec_builds_the_same_input():
+    env = HistoryObs(make_env(ENV, 0), 2, 2)
+    other = History.from_spec(env.history.spec(), [-1.0], [1.0])
+    x = env.reset(seed=3)[0]
+    np.testing.assert_array_equal(other.reset(x[:5]), x)
+    for a in (0.3, -0.6, 0.9):
+        x = env.step(np.array([a], np.float32))[0]
+        np.testing.assert_array_equal(other.step([a], x[:5]), x)
+
+
+def test_privileged_vector_is_the_episodes_draws_and_the_clean_observation():
+    ranges = {**RANGES, "offset": [-0.2, 0.2], "obs_noise": [0.05, 0.1]}
+    env = randomize(CleanObs(make_env(ENV, 0)), ranges, np.random.default_rng(0))
+    env.reset(seed=0)
+    for _ in range(3):  # the noise scales with a running std: none on the first observation
+        noisy = env.step(np.zeros(1, np.float32))[0]
+    xi = privileged(env, ranges)
+    k, mass = find(env, ActionLatency).k, find(env, Dynamics).values["mass"]
+    # sorted knobs: latency, mass, obs_noise, offset (1 action dimension); then 5 observations
+    assert xi[0] == pytest.approx(k - 1.0) and xi[1] == pytest.approx(2 * (mass - 0.5) - 1)
+    assert -1 <= xi[2] <= 1 and -1 <= xi[3] <= 1
+    np.testing.assert_array_equal(xi[4:], find(env, CleanObs).last)
+    assert not np.array_equal(xi[4:], noisy)  # the actor sees the noisy one
+    nominal = nominal_privileged(ranges, xi[4:], 1)
+    assert nominal[1] == pytest.approx(0.0)  # mass 1.0 is the middle of [0.5, 1.5]
+
+
+def test_widening_starts_at_nominal():
+    widening = Widening(0.0)
+    env = randomize(make_env(ENV, 0), {"mass": [0.5, 1.5]}, np.random.default_rng(0), widening)
+    env.reset(seed=0)
+    assert find(env, Dynamics).values["mass"] == 1.0
+    widening.scale = 0.5
+    draws = []
+    for seed in range(20):
+        env.reset(seed=seed)
+        draws.append(find(env, Dynamics).values["mass"])
+    assert 0.75 <= min(draws) < 1.0 < max(draws) <= 1.25
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapt")
+    train(cfg(rand_widen_steps=400), out, progress=False)
+    return out
+
+
+def test_replay_holds_the_envs_draws(run):
+    replay = checkpoint.load(run / "checkpoint.pt")[3]["replay"]
+    priv, obs = replay["priv"].numpy(), replay["obs"].numpy()
+    np.testing.assert_array_equal(priv[:, 2:], obs[:, :5])  # no sensor noise: clean = seen
+    ends = np.flatnonzero(replay["episode_end"].numpy().ravel())
+    for start, end in zip([0, *(ends + 1)], ends, strict=False):
+        assert len(np.unique(priv[start : end + 1, :2], axis=0)) == 1  # ξ holds for an episode
+    latencies = set(np.round(priv[:, 0] + 1).astype(int))  # latency 0..2 mapped to [-1, 1]
+    assert latencies <= {0, 1, 2}
+    assert priv[0, 0] == -1.0 and priv[0, 1] == 0.0  # widening: the first episode is nominal
+
+
+def test_the_exported_actor_has_no_privileged_input(run):
+    sess = ort.InferenceSession(str(run / "policy.onnx"))
+    (inp,) = sess.get_inputs()
+    assert (inp.name, inp.shape) == ("obs", ["batch", 5 * 2 + 1 * 3])
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["mu.history"]) == {"obs": 1, "actions": 3, "obs_dim": 5}
+    assert np.isfinite(evaluate_onnx(str(run / "policy.onnx"), 1).mean_return)
+
+
+@pytest.mark.parametrize("algo", ["td3", "td7"])
+def test_same_seed_is_bit_identical_and_resumes_exactly(algo, tmp_path):
+    extra = {"algo": algo, **({"td7_zs_dim": 8, "td7_target_every": 50} if algo == "td7" else {})}
+    train(cfg(**extra), tmp_path / "a", progress=False)
+    train(cfg(**extra, steps=433), tmp_path / "b", progress=False)  # stops mid-episode
+    train(cfg(**extra), tmp_path / "b", resume=True, progress=False)
+    a = checkpoint.load(tmp_path / "a" / "checkpoint.pt")
+    b = checkpoint.load(tmp_path / "b" / "checkpoint.pt")
+    assert "priv_normalizer" in a[1].modules()
+    for name, module in a[1].modules().items():
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, b[1].modules()[name].state_dict()[k]), f"{name}.{k}"
+    assert torch.equal(a[3]["replay"]["priv"], b[3]["replay"]["priv"])
+
+
+def test_finetuning_a_privileged_critic_fills_nominal_draws(run, tmp_path):
+    learner = Learner(
+        FinetuneConfig(checkpoint=run / "agent.pt", versions_dir=tmp_path / "v", batch_size=32)
+    )
+    offline = learner.buffer.size
+    obs = np.random.default_rng(0).normal(size=(40, 13)).astype(np.float32)
+    rows = np.concatenate(
+        [obs, np.zeros((40, 1)), np.ones((40, 1)), obs, np.zeros((40, 2))], axis=1
+    ).astype(np.float32)
+    learner.add(rows)
+    priv = learner.buffer.newest(40)["priv"]
+    np.testing.assert_array_equal(priv[:, :2], [[-1.0, 0.0]] * 40)  # latency 0 and mass 1.0
+    np.testing.assert_array_equal(priv[:, 2:], obs[:, :5])
+    assert learner.buffer.size == offline + 40
+    losses = learner.step()
+    assert np.isfinite(float(losses["critic_loss"]))
