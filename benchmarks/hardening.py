@@ -15,6 +15,12 @@ promotions: a fine-tuning `mu serve` driven by one ActStream until versions get 
 SIGKILLed at a random moment while promotions go on, and restarted on the same versions
 directory, `--trials` times: what the restart serves against the last version the client saw.
 
+    python -m benchmarks.hardening streams [--streams 16] [--seconds 10] [--rate 500]
+
+streams: a lock-step ActStream loop at `--rate` Hz against a `mu serve`, alone and then beside
+`--streams` streams that send requests as fast as they can and never read a reply; the loop's
+round-trip p99 in both phases (same server, same run), and the server's resident memory.
+
 keepalive: a local-lane loop behind a relay that, once cut, drops every byte and closes nothing
 (a server that lost power); the time from the cut until the watcher notices, against the
 documented bound of 2 × keepalive_s.
@@ -165,6 +171,97 @@ def memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return result
 
 
+def _loop_round_trips(address: str, rate: float, seconds: float) -> list[float]:
+    """A lock-step ActStream at `rate` Hz for `seconds`: each request's round trip in seconds."""
+    import grpc
+    import numpy as np
+
+    from controller.proto import controller_pb2 as pb
+    from controller.proto import controller_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        requests: queue.SimpleQueue[pb.ActRequest | None] = queue.SimpleQueue()
+        replies = stub.ActStream(iter(requests.get, None), timeout=seconds + 60)
+        obs = np.zeros(12).tolist()
+        times, period = [], 1.0 / rate
+        start = time.perf_counter()
+        for i in range(int(seconds * rate)):
+            delay = start + i * period - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            t0 = time.perf_counter()
+            requests.put(pb.ActRequest(obs=obs, seq=i))
+            next(replies)
+            times.append(time.perf_counter() - t0)
+        requests.put(None)
+    return times
+
+
+def _flood(address: str, streams: int, seconds: float, sent: Any) -> None:
+    """`streams` ActStreams that send requests as fast as they can and never read a reply, for
+    `seconds` (in its own process: the measured loop must not share a GIL with it)."""
+    import grpc
+    import numpy as np
+
+    from controller.proto import controller_pb2 as pb
+    from controller.proto import controller_pb2_grpc as pb_grpc
+
+    request = pb.ActRequest(obs=np.zeros(12).tolist())
+    end = time.monotonic() + seconds
+
+    def requests():
+        while time.monotonic() < end:
+            with sent.get_lock():
+                sent.value += 1
+            yield request
+
+    channels = [grpc.insecure_channel(address) for _ in range(streams)]
+    stubs = [pb_grpc.ControllerStub(c) for c in channels]
+    calls = [stub.ActStream(requests(), timeout=seconds + 60) for stub in stubs]
+    time.sleep(seconds)
+    for call, channel in zip(calls, channels, strict=True):
+        call.cancel()
+        channel.close()
+
+
+def streams(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import multiprocessing
+
+    import numpy as np
+
+    server = ServerProcess(serve_command(POLICY, "127.0.0.1:0"))
+    pid = server.process.pid
+    try:
+        _loop_round_trips(server.address, args.rate, 1.0)  # warm
+        alone = _loop_round_trips(server.address, args.rate, args.seconds)
+        start = _rss_mb(pid)
+        context = multiprocessing.get_context("spawn")
+        sent = context.Value("q", 0)
+        flood = context.Process(
+            target=_flood, args=(server.address, args.streams, args.seconds + 3, sent)
+        )
+        flood.start()
+        time.sleep(2.0)  # the streams are open and flooding
+        beside = _loop_round_trips(server.address, args.rate, args.seconds)
+        during = _rss_mb(pid)
+        flood.join(60)
+    finally:
+        server.stop()
+    p99_alone, p99_beside = (float(np.percentile(t, 99)) * 1e3 for t in (alone, beside))
+    result = {
+        "rate_hz": args.rate, "streams": args.streams, "seconds": args.seconds,
+        "p99_alone_ms": p99_alone, "p99_beside_ms": p99_beside,
+        "p99_ratio": p99_beside / p99_alone, "requests_sent_by_write_only_streams": sent.value,
+        "server_rss_mb": {"before": start, "during": during},
+    }  # fmt: skip
+    print(f"{args.rate:g} Hz loop p99: alone {p99_alone:.2f} ms, beside {args.streams} "
+          f"write-only streams {p99_beside:.2f} ms (x{p99_beside / p99_alone:.2f}); those "
+          f"streams sent {sent.value} requests; server RSS {start['VmRSS']:.0f} -> "
+          f"{during['VmRSS']:.0f} MB")  # fmt: skip
+    return result
+
+
 def promotions(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import random
     import signal
@@ -236,10 +333,15 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("memory", help="server memory after refused and valid large requests")
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--values", type=int, default=1_000_000)
+    p = sub.add_parser("streams", help="a loop's p99 beside streams that never read")
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--rate", type=float, default=500.0)
     p = sub.add_parser("promotions", help="SIGKILL during promotions, then restart")
     p.add_argument("--trials", type=int, default=8)
     args = parser.parse_args(argv)
-    run = {"keepalive": keepalive, "memory": memory, "promotions": promotions}[args.what]
+    run = {"keepalive": keepalive, "memory": memory, "streams": streams,
+           "promotions": promotions}[args.what]  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
         result = run(args, Path(work))
     args.out.mkdir(parents=True, exist_ok=True)
