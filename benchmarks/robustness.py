@@ -1,28 +1,35 @@
-"""Nominal against robust training: the same env, seeds and step budget, trained once with the
-env's default preset and once with `--preset robust` (domain randomization), then every policy
-evaluated on the same grid of shifted dynamics (training/robustness.py) with onnxruntime.
+"""The sim-to-real ablation: the same env, seeds and step budget trained as
+
+    nominal                     the env's default preset
+    robust                      `--preset robust`: domain randomization
+    robust+history              + past observations and applied actions in the actor's input
+    robust+history+privileged   + a critic that sees the randomization draws
+    adaptive                    + ranges that widen from nominal (`--preset adaptive`)
+
+(layers from training/presets.py `adaptation_layers`), then every policy evaluated on the same
+grid of shifted dynamics (training/robustness.py) with onnxruntime.
 
     python -m benchmarks.robustness --env PandaReachDense-v3=20000 \
-        --env HalfCheetahBulletEnv-v0=150000/3 --seeds 0 1 2 [--runs runs/robustness]
+        --env HalfCheetahBulletEnv-v0=150000/3 --seeds 0 1 2 [--variants nominal adaptive]
 
 `ID=STEPS/EPISODES` sets an env's evaluation episodes per cell (default `--episodes`): a
 HalfCheetah episode is 1000 steps of near-deterministic physics, a PandaReach one 50 steps
 with a random goal whose success rate needs more of them.
 
 Each run's last actor is evaluated (`policy.last.onnx`), so the export rule, which picks the
-best evaluation at nominal dynamics, favours neither side. Per policy: return at nominal
+best evaluation at nominal dynamics, favours no variant. Per policy: return at nominal
 dynamics; the share of grid cells where it holds, inside and outside the robust preset's
-training ranges; its mean and worst cell. A cell holds when the return is ≥ 80% of the
-*nominal-trained* policy's nominal return of the same seed, or, on envs that report success
-(PandaReach), when the success rate is ≥ 0.9. "Kept at nominal" is
-1 − (R_nominal − R_robust) / |R_nominal|, which reads as R_robust / R_nominal for positive
-returns and stays meaningful for negative ones.
+training ranges; its worst cell and the mean of its worst quarter of cells. A cell holds when
+the return is ≥ 80% of the *nominal-trained* policy's nominal return of the same seed, or, on
+envs that report success (PandaReach), when the success rate is ≥ 0.9. "Kept at nominal" is
+1 − (R_nominal − R_variant) / |R_nominal|, which reads as R_variant / R_nominal for positive
+returns and stays meaningful for negative ones. Over seeds, each figure is the interquartile
+mean with a 95% bootstrap interval (training/robust_stats.py).
 
-The runs are exactly what `mu train --env ENV --steps N --seed S [--preset robust]
+The runs are exactly what `mu train --env ENV --steps N --seed S [--preset P] --set ...
 --out RUNS/ENV-VARIANT-sS` writes; finished runs with the same config are reused, as are
 finished sweeps, and unfinished runs resume from their last checkpoint (every 25k steps), so an
-interrupted benchmark reruns cheaply. Prints a table and writes JSON and
-a PNG to --out.
+interrupted benchmark reruns cheaply. Prints a table and writes JSON and a PNG to --out.
 """
 
 from __future__ import annotations
@@ -36,19 +43,38 @@ from typing import Any
 
 import numpy as np
 
-VARIANTS = ("nominal", "robust")
+# variant -> the adaptation layers it stacks on `robust` (None: the nominal preset)
+VARIANTS: dict[str, tuple[str, ...] | None] = {
+    "nominal": None,
+    "robust": (),
+    "robust+history": ("history",),
+    "robust+history+privileged": ("history", "privileged"),
+    "adaptive": ("history", "privileged", "widening"),
+}
 HOLD_FRACTION = 0.8
 HOLD_SUCCESS = 0.9
+
+
+def overrides(env_id: str, variant: str) -> dict[str, Any]:
+    """TrainConfig fields of `variant` (VARIANTS) for `env_id`."""
+    from training.presets import adaptation_layers, preset
+
+    layers = VARIANTS[variant]
+    if layers is None:
+        return preset(env_id)
+    out = preset(env_id, "robust")
+    for name in layers:
+        out.update(adaptation_layers(env_id)[name])
+    return out
 
 
 def train_run(env_id: str, variant: str, seed: int, steps: int, runs: str) -> str:
     """Train (or reuse) one run; returns the path of its policy.onnx."""
     from training.config import TrainConfig
-    from training.presets import preset
     from training.trainer import train
 
-    overrides = preset(env_id, "robust" if variant == "robust" else None)
-    cfg = TrainConfig.from_dict({**overrides, "env_id": env_id, "seed": seed, "steps": steps})
+    fields = {**overrides(env_id, variant), "env_id": env_id, "seed": seed, "steps": steps}
+    cfg = TrainConfig.from_dict(fields)
     run = Path(runs) / f"{env_id}-{variant}-s{seed}"
     saved = run / "config.json"
     policy = run / "policy.onnx"
@@ -61,12 +87,12 @@ def train_run(env_id: str, variant: str, seed: int, steps: int, runs: str) -> st
     return str(policy)
 
 
-def sweep_pair(env_id: str, seed: int, runs: str, episodes: int) -> str:
-    """Sweep the nominal and the robust policy of one seed together; returns the JSON path."""
+def sweep_seed(env_id: str, seed: int, runs: str, episodes: int, variants: list[str]) -> str:
+    """Sweep every variant's policy of one seed together; returns the JSON path."""
     from training.robustness import SweepResult, cell_key, grid, sweep
 
-    # the last actors: the export rule (best evaluation at nominal) then favours neither side
-    policies = [str(Path(runs) / f"{env_id}-{v}-s{seed}" / "policy.last.onnx") for v in VARIANTS]
+    # the last actors: the export rule (best evaluation at nominal) then favours no variant
+    policies = [str(Path(runs) / f"{env_id}-{v}-s{seed}" / "policy.last.onnx") for v in variants]
     path = Path(runs) / f"sweep-{env_id}-s{seed}.json"
     if path.exists():
         cached = SweepResult.load(path)
@@ -80,17 +106,19 @@ def sweep_pair(env_id: str, seed: int, runs: str, episodes: int) -> str:
     return str(path)
 
 
-def summarize(path: str) -> dict[str, Any]:
-    """Per policy of one seed's sweep: nominal return, kept share, cells held in/out."""
+def summarize(path: str, variants: list[str]) -> dict[str, Any]:
+    """Per variant of one seed's sweep: nominal return, kept share, cells held inside and
+    outside the robust ranges, worst cell and worst-quarter mean."""
+    from training.robust_stats import worst_fraction_mean
     from training.robustness import SweepResult, inside
 
     result = SweepResult.load(path)
-    ranges = result.ranges[VARIANTS.index("robust")]
+    ranges = next(r for r, v in zip(result.ranges, variants, strict=True) if VARIANTS[v] == ())
     nominal = result.cell({})
     success = nominal.success[0] is not None
-    ref = nominal.returns[0]  # the nominal-trained policy at nominal dynamics
+    ref = nominal.returns[variants.index("nominal")]  # the nominal policy at nominal dynamics
     out: dict[str, Any] = {"ref_return": ref}
-    for i, variant in enumerate(VARIANTS):
+    for i, variant in enumerate(variants):
 
         def holds(c, i=i) -> bool:
             if success:
@@ -110,61 +138,66 @@ def summarize(path: str) -> dict[str, Any]:
             "cells_outside": len(cells_out),
             "mean_cell": float(np.mean(returns)),
             "worst_cell": float(np.min(returns)),
+            "worst25_mean": worst_fraction_mean(returns, 0.25),
         }
     return out
 
 
-def report(summaries: dict[str, list[dict[str, Any]]]) -> str:
-    head = (
-        "| env | policy | nominal return | kept at nominal | held inside | held outside "
-        "| mean cell | worst cell |"
-    )
-    lines = [head, "|" + " --- |" * 8]
+SHARES = ("kept", "held_inside", "held_outside")  # fractions; the other columns are returns
+COLUMNS = [
+    ("nominal_return", "nominal return"),
+    ("kept", "kept at nominal"),
+    ("held_inside", "held inside"),
+    ("held_outside", "held outside"),
+    ("worst_cell", "worst cell"),
+    ("worst25_mean", "worst-25% mean"),
+]
+
+
+def report(summaries: dict[str, list[dict[str, Any]]], variants: list[str]) -> str:
+    """One row per env and variant; each figure the IQM over seeds [95% bootstrap interval]."""
+    from training.robust_stats import describe
+
+    head = "| env | policy | " + " | ".join(label for _, label in COLUMNS) + " |"
+    lines = [head, "|" + " --- |" * (2 + len(COLUMNS))]
     for env_id, per_seed in summaries.items():
-        for variant in VARIANTS:
+        for variant in variants:
             rows = [s[variant] for s in per_seed]
-
-            def stat(key: str, fmt: str, rows=rows) -> str:
-                values = [r[key] for r in rows]
-                return f"{np.mean(values):{fmt}} ± {np.std(values):{fmt}}"
-
-            fmt = ".3f" if abs(rows[0]["nominal_return"]) < 10 else ".0f"
-            lines.append(
-                f"| {env_id} | {variant} | {stat('nominal_return', fmt)} | {stat('kept', '.2f')} "
-                f"| {stat('held_inside', '.2f')} | {stat('held_outside', '.2f')} "
-                f"| {stat('mean_cell', fmt)} | {stat('worst_cell', fmt)} |"
-            )
+            big = abs(rows[0]["nominal_return"]) >= 10
+            returns = ".0f" if big else ".3f"
+            cells = [
+                describe([r[key] for r in rows], ".2f" if key in SHARES else returns)
+                for key, _ in COLUMNS
+            ]
+            lines.append(f"| {env_id} | {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(summaries: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def plot(summaries: dict[str, list[dict[str, Any]]], variants: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summaries), figsize=(5 * len(summaries), 3.6), squeeze=False)
-    keys = [
-        ("kept", "kept at nominal"),
-        ("held_inside", "held inside"),
-        ("held_outside", "held outside"),
-    ]
+    from training.robust_stats import bootstrap_ci, iqm
+
+    fig, axes = plt.subplots(1, len(summaries), figsize=(6 * len(summaries), 3.8), squeeze=False)
+    keys = [("kept", "kept at nominal"), ("held_inside", "held inside"),
+            ("held_outside", "held outside")]  # fmt: skip
+    width = 0.8 / len(variants)
     for ax, (env_id, per_seed) in zip(axes.flat, summaries.items(), strict=True):
         x = np.arange(len(keys))
-        for j, variant in enumerate(VARIANTS):
+        for j, variant in enumerate(variants):
             vals = [[s[variant][k] for s in per_seed] for k, _ in keys]
-            ax.bar(
-                x + (j - 0.5) * 0.38,
-                [np.mean(v) for v in vals],
-                0.38,
-                yerr=[np.std(v) for v in vals],
-                label=variant,
-            )
+            mid = [iqm(v) for v in vals]
+            ci = np.array([bootstrap_ci(v) for v in vals]).T
+            err = [np.subtract(mid, ci[0]), np.subtract(ci[1], mid)]
+            ax.bar(x + (j - (len(variants) - 1) / 2) * width, mid, width, yerr=err, label=variant)
         ax.set_xticks(x, [label for _, label in keys])
         ax.axhline(0.9, color="grey", lw=0.8, ls=":")
-        ax.set_ylim(0, 1.1)
-        ax.set_title(f"{env_id} (seeds: {len(per_seed)})", fontsize=9)
-        ax.legend(fontsize=8)
+        ax.set_ylim(0, 1.15)
+        ax.set_title(f"{env_id} (IQM over {len(per_seed)} seeds, 95% CI)", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -180,6 +213,13 @@ def main(argv: list[str] | None = None) -> None:
         default=10,
         help="evaluation episodes per cell (ID=STEPS/N: per env)",
     )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="variants to train and compare (nominal and robust always included)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
     p.add_argument("--runs", default="runs/robustness", help="run directories and sweeps")
     p.add_argument("--out", default="benchmarks/results")
@@ -192,24 +232,26 @@ def main(argv: list[str] | None = None) -> None:
         if not (steps.isdigit() and n.isdigit() and int(n) > 0):
             raise SystemExit(f"--env {item!r}: expected ID=STEPS or ID=STEPS/EPISODES (≥ 1)")
         envs[env_id], episodes[env_id] = int(steps), int(n)
+    variants = [v for v in VARIANTS if v in {"nominal", "robust", *args.variants}]
     Path(args.runs).mkdir(parents=True, exist_ok=True)
-    jobs = [(e, v, s, n) for e, n in envs.items() for s in args.seeds for v in VARIANTS]
+    jobs = [(e, v, s, n) for e, n in envs.items() for s in args.seeds for v in variants]
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         for policy in pool.map(train_run, *zip(*jobs, strict=True), [args.runs] * len(jobs)):
             print(f"trained {policy}", flush=True)
         pairs = [(e, s) for e in envs for s in args.seeds]
         sweeps = list(
             pool.map(
-                sweep_pair,
+                sweep_seed,
                 *zip(*pairs, strict=True),
                 [args.runs] * len(pairs),
                 [episodes[e] for e, _ in pairs],
+                [variants] * len(pairs),
             )
         )
     summaries: dict[str, list[dict[str, Any]]] = {e: [] for e in envs}
     for (env_id, _), path in zip(pairs, sweeps, strict=True):
-        summaries[env_id].append(summarize(path))
-    text = report(summaries)
+        summaries[env_id].append(summarize(path, variants))
+    text = report(summaries, variants)
     print(text)
     name = "robustness_" + "_".join(f"{e.split('-')[0]}_{n}" for e, n in envs.items())
     out = Path(args.out)
@@ -217,11 +259,17 @@ def main(argv: list[str] | None = None) -> None:
     (out / f"{name}.txt").write_text(text + "\n")
     (out / f"{name}.json").write_text(
         json.dumps(
-            {"envs": envs, "episodes": episodes, "seeds": args.seeds, "summaries": summaries},
+            {
+                "envs": envs,
+                "episodes": episodes,
+                "seeds": args.seeds,
+                "variants": {e: {v: overrides(e, v) for v in variants} for e in envs},
+                "summaries": summaries,
+            },
             indent=1,
         )
     )
-    plot(summaries, out / f"{name}.png")
+    plot(summaries, variants, out / f"{name}.png")
     print(f"wrote {out / name}.{{txt,json,png}}")
 
 

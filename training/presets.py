@@ -80,21 +80,50 @@ ROBUST: dict[str, dict[str, Any]] = {
 }
 # The panda arms are position-controlled through IK: strength is the gain of the commanded
 # end-effector displacement. Its range reaches 0.5 and the offset 0.25 of the half range because
-# an arm's calibration drifts that far (finetune_gap's weak, biased motor: 0.5·a + 0.2). No
-# latency: one panda-gym step is 40 ms, longer than a loop's round trip (`mu loop`: < 2 ms), so
-# a whole step of delay trains against a lag the arm does not have; add it with
-# --set rand_latency=[0,1] where yours has it.
+# an arm's calibration drifts that far (finetune_gap's weak, biased motor: 0.5·a + 0.2). Up to
+# one control step of actuation delay: a real arm applies its commands late (Playground's
+# Panda randomizes 1-3 steps).
 _ARM_ROBUST: dict[str, Any] = {
     "rand_friction": [0.5, 1.25],
     "rand_mass": [0.8, 1.2],
     "rand_strength": [0.5, 1.2],
     "rand_damping": [0.0, 0.1],
+    "rand_latency": [0, 1],
     "rand_offset": [-0.25, 0.25],
     "rand_obs_noise": [0.0, 0.02],
 }
 ROBUST.update({"PandaReachDense-v3": _ARM_ROBUST, "PandaPushDense-v3": _ARM_ROBUST})
 
-NAMED: dict[str, dict[str, Any]] = {"zoo": ZOO, "default": {}, "robust": {}}
+
+# `adaptive`: `robust` plus what lets a policy carry its randomization (docs/sim_to_real.md),
+# each a layer that benchmarks/robustness.py measures apart: the last actions in the actor's
+# input (the largest latency + 1: with a delay of k steps the last k actions make the state
+# Markov again) and two past observations; a critic that sees the draws; ranges that widen
+# from nominal over the first third of a HalfCheetah 150k run, the first quarter of a
+# PandaReach 20k run.
+WIDEN_STEPS = {"locomotion": 50_000, "arm": 5_000}
+
+
+def adaptation_layers(env_id: str) -> dict[str, dict[str, Any]]:
+    """{layer: overrides} of `adaptive` over `robust` for `env_id`, in the order they stack."""
+    ranges = ROBUST[env_id]
+    kind = "arm" if ranges is _ARM_ROBUST else "locomotion"
+    return {
+        "history": {
+            "history_obs": 2,
+            "history_actions": int(max(ranges.get("rand_latency", [0]))) + 1,
+        },
+        "privileged": {"privileged_critic": True},
+        "widening": {"rand_widen_steps": WIDEN_STEPS[kind]},
+    }
+
+
+NAMED: dict[str, dict[str, Any]] = {
+    "zoo": ZOO,
+    "default": {},
+    "robust": {},
+    "adaptive": {},
+}
 
 # Per algorithm, over the env's preset: TD7 keeps its paper's networks (Fujimoto et al. 2023:
 # 256 units in every layer of actor, critics and encoder). The locomotion presets' wider
@@ -110,18 +139,21 @@ BY_ALGO: dict[str, dict[str, Any]] = {
 
 def preset(env_id: str, name: str | None = None, algo: str = "td3") -> dict[str, Any]:
     """Overrides for `env_id` trained with `algo`: its default preset, or the named one (`zoo`,
-    `default`, `robust`), then the algorithm's own (`BY_ALGO`)."""
+    `default`, `robust`, `adaptive`), then the algorithm's own (`BY_ALGO`)."""
     if name is None:
         base = dict(BY_ENV.get(env_id, {}))
     elif name not in NAMED:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(NAMED)}")
-    elif name == "robust":
+    elif name in ("robust", "adaptive"):
         if env_id not in ROBUST:
             raise ValueError(
-                f"no robust preset for {env_id} (there is one for {sorted(ROBUST)}); "
+                f"no {name} preset for {env_id} (there is one for {sorted(ROBUST)}); "
                 "set the ranges with --set rand_friction=[0.5,1.25] and the like"
             )
         base = {**BY_ENV.get(env_id, {}), **ROBUST[env_id]}
+        if name == "adaptive":
+            for layer in adaptation_layers(env_id).values():
+                base.update(layer)
     else:
         base = {**BY_ENV.get(env_id, {}), **NAMED[name]} if name == "zoo" else dict(NAMED[name])
     return {**base, **BY_ALGO.get(algo, {})}
