@@ -71,7 +71,11 @@ def test_normalize_obs_false_turns_normalization_off(tmp_path):
 def test_flags_and_sets_that_disagree_are_refused(capsys):
     from training.resolve import resolve
 
-    assert main(["train", "--env", ENV, "--seed", "1", "--set", "seed=3"]) == 2
+    # (a small budget, so that code which does not refuse would end soon)
+    assert (
+        main(["train", "--env", ENV, "--steps", "250", *SMALL, "--seed", "1", "--set", "seed=3"])
+        == 2
+    )
     assert "--seed 1 and --set seed=3 disagree" in capsys.readouterr().err
     # agreeing is fine: the flag is a shortcut for the --set
     assert resolve({"env": ENV, "seed": 3}, ["seed=3"]).seed == 3
@@ -80,11 +84,12 @@ def test_flags_and_sets_that_disagree_are_refused(capsys):
 def test_algorithms_refuse_settings_they_contradict_or_ignore(capsys):
     from training.resolve import resolve
 
-    assert main(["train", "--env", ENV, "--algo", "ddpg", "--set", "n_critics=2"]) == 2
+    short = ["train", "--env", ENV, "--steps", "250", *SMALL]  # should it not refuse: short
+    assert main([*short, "--algo", "ddpg", "--set", "n_critics=2"]) == 2
     assert "algo ddpg does not take n_critics=2" in capsys.readouterr().err
-    assert main(["train", "--env", ENV, "--algo", "td7", "--set", "critic_layer_norm=true"]) == 2
+    assert main([*short, "--algo", "td7", "--set", "critic_layer_norm=true"]) == 2
     assert "algo td7 does not take critic_layer_norm=True" in capsys.readouterr().err
-    assert main(["train", "--env", ENV, "--set", "td7_zs_dim=8"]) == 2
+    assert main([*short, "--set", "td7_zs_dim=8"]) == 2
     assert "td7_zs_dim=8 (a td7 setting)" in capsys.readouterr().err
     # a preset's TD3 values give way to DDPG's own; the user's unset fields are DDPG's
     cfg = resolve({"env": ENV, "algo": "ddpg"}, [], preset_name="zoo")
