@@ -417,7 +417,6 @@ async def refuse(
     if metrics is not None:
         metrics.error(method, error[0], perf_counter() - t0)
     await context.abort(*error)
-    raise AssertionError("context.abort returned")  # it raises; this tells type checkers
 
 
 def packed_floats(field: int, values: np.ndarray) -> bytes:
