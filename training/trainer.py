@@ -287,7 +287,7 @@ class Run:
         learned = min(self.ep_len, self.step - self.cfg.learning_starts)
         self.log_losses(self.schedule.after_episode(learned, self.ep_return))
         self.obs = self.reset()
-        # at the first episode end past each interval, where no episode is under way
+        # at the first episode end past each interval: the next episode has taken no step yet
         if self.step >= self.next_ckpt:
             self.next_ckpt = (
                 self.step // self.cfg.checkpoint_every + 1
