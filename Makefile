@@ -31,7 +31,7 @@ test: setup
 	$(BIN)/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: setup
-	$(BIN)/mu bench
+	$(BIN)/python -m benchmarks.latency
 
 protos: setup
 	$(BIN)/python protos/generate.py

@@ -45,10 +45,10 @@ from typing import Any
 import grpc
 import numpy as np
 
+from controller.harness import ServerProcess, serve_command
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
 from controller.robot.client import PolicyClient
-from controller.robot.demo import ServerProcess, serve_command
 from training.envs import make_env
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,6 @@
-"""`mu bench`: serving latency against its floors, on this machine, in one run.
+"""The serving benchmark (`make bench`): serving latency against its floors and the serving
+targets of docs/targets.md, on this machine, in one run. `mu bench --rate HZ` answers the
+narrower question of one robot (controller/bench.py); this is the full table.
 
 Measures back to back: in-process onnxruntime (the compute floor); the bare gRPC echo (bytes
 in, pre-serialized bytes out: the transport floor) and an echo servicer (the same plus proto
@@ -29,17 +31,19 @@ import numpy as np
 
 from benchmarks import local_lane, report
 from benchmarks.load import LoadPool, Swapper
+from controller import bench
+from controller.errors import UsageError
+from controller.harness import POLICY, ServerProcess, serve_command
 from controller.policy import load_policy, read_policy_file
 from controller.robot.client import PolicyClient
-from controller.robot.demo import POLICY, ServerProcess, serve_command
-from controller.robot.loop import SyntheticPlant, run_loop, summarize
+from controller.robot.report import summarize
 
 ROUNDS = 10  # each latency variant runs in this many interleaved slices
 
 
 @dataclass
 class BenchConfig:
-    """What `mu bench` measures and for how long."""
+    """What the serving benchmark measures and for how long."""
 
     #: The ONNX policy served by every variant.
     policy: Path = POLICY
@@ -75,15 +79,15 @@ class BenchConfig:
         self.policy = Path(self.policy)
         self.out_dir = Path(self.out_dir)
         if not self.policy.is_file():
-            raise ValueError(f"no policy at {self.policy}; pass --policy FILE.onnx")
+            raise UsageError(f"no policy at {self.policy}; pass --policy FILE.onnx")
         for name in ("requests", "warmup"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+                raise UsageError(f"{name} must be at least 1")
         for name in ("loop_rate_hz", "loop_seconds", "sweep_seconds", "swap_interval_s"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive")
+                raise UsageError(f"{name} must be positive")
         if not self.clients or min(self.clients) < 1:
-            raise ValueError("clients must be positive counts")
+            raise UsageError("clients must be positive counts")
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -100,26 +104,6 @@ class BenchConfig:
             kill_seconds=4.0,
         )
         return cls(**{**base, **overrides})
-
-
-def machine() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cores": os.cpu_count(), "cpu": model, "load_avg_1m_start": os.getloadavg()[0]}
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process, from /proc (Linux)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
 
 
 def stats_us(ns: np.ndarray) -> dict[str, float]:
@@ -171,7 +155,7 @@ def run_bench(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
     probe = load_policy(read_policy_file(cfg.policy), source=str(cfg.policy), version=1)
     obs_dim, act_dim = probe.obs_dim, probe.act_dim
     rows = np.random.default_rng(0).normal(0, 1, (64, obs_dim)).astype(np.float32).tolist()
-    results: dict[str, Any] = {"machine": machine(), "config": asdict(cfg), "notes": []}
+    results: dict[str, Any] = {"machine": bench.machine(), "config": asdict(cfg), "notes": []}
     results["config"].update(policy=str(cfg.policy), out_dir=str(cfg.out_dir))
 
     log(f"in-process onnxruntime ({probe.env_id}, obs {obs_dim}, act {act_dim}) ...")
@@ -217,9 +201,9 @@ def run_bench(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
         for client in clients.values():
             client.close()
         results["latency_us"] = {name: stats_us(ns) for name, ns in latency.items()}
-        rss = {"ours": rss_mb(servers["ours"].process.pid)}
+        rss = {"ours": local_lane.rss_mb(servers["ours"].process.pid)}
         if "naive" in servers:
-            rss["naive torch"] = rss_mb(servers["naive"].process.pid)
+            rss["naive torch"] = local_lane.rss_mb(servers["naive"].process.pid)
             servers.pop("naive").stop()  # frees its threads before the timing-sensitive parts
         servers.pop("echo").stop()
         servers.pop("bare").stop()
@@ -250,7 +234,7 @@ def run_bench(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
             cfg,
             log,
         )
-        rss["ours after load"] = rss_mb(servers["ours"].process.pid)
+        rss["ours after load"] = local_lane.rss_mb(servers["ours"].process.pid)
         results["rss_mb"] = rss
     finally:
         for server in servers.values():
@@ -273,8 +257,8 @@ def _local(cfg: BenchConfig, target: str, obs_dim: int, act_dim: int, log: Any) 
                              ("fast", cfg.fast_rate_hz, cfg.fast_seconds)):  # fmt: skip
         # The floor first, the same loop with no policy: the misses this machine causes alone.
         log(f"local lane: {hz:g} Hz loop for {seconds:g} s, with no policy, then with it ...")
-        out[f"{key}_floor"] = local_lane.floor(obs_dim, act_dim, hz, seconds, rt)
-        out[key] = local_lane.loop(target, obs_dim, hz, seconds, rt)
+        out[f"{key}_floor"] = local_lane.summary(bench.floor(obs_dim, act_dim, hz, seconds, rt))
+        out[key] = local_lane.summary(bench.local_lane(target, obs_dim, hz, seconds, rt))
     with tempfile.TemporaryDirectory(prefix="mu-bench-") as tmp:
         other = local_lane.variant_policy(cfg.policy, Path(tmp) / "variant.onnx")
         log(f"local lane: hot swap every {cfg.swap_interval_s * 1e3:g} ms under the loop ...")
@@ -293,12 +277,11 @@ def _loop(
 ) -> dict[str, Any]:
     """A loop at cfg.loop_rate_hz on synthetic observations; the client holds its last action
     after `deadline_s` (default: one period, as a real loop would)."""
-    with PolicyClient(target, deadline_s=1.0, stream=True) as client:
-        plant = SyntheticPlant(obs_dim)
-        for _ in range(cfg.warmup):
-            client.act(plant.reset())
-        client.deadline_s = deadline_s or 1.0 / cfg.loop_rate_hz
-        summary = summarize(run_loop(client, plant, cfg.loop_rate_hz, seconds=seconds, **_rt(cfg)))
+    result = bench.grpc_lane(
+        target, obs_dim, cfg.loop_rate_hz, seconds, _rt(cfg), warmup=cfg.warmup,
+        deadline_s=deadline_s,
+    )  # fmt: skip
+    summary = summarize(result)
     summary.pop("returns")
     return summary
 
@@ -331,8 +314,8 @@ def _sweep(
     return out
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `mu bench` flags."""
+def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `python -m benchmarks.latency`."""
     parser.add_argument("--policy", type=Path, default=POLICY, help="ONNX policy to serve")
     parser.add_argument("--quick", action="store_true", help="~30 s smoke run of every part")
     parser.add_argument("--requests", type=int, default=None, help="timed requests per variant")
@@ -352,8 +335,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def bench_from_args(args: argparse.Namespace) -> int:
-    """`mu bench`: prints the table, writes latency.json and latency.png to --out."""
+def latency_from_args(args: argparse.Namespace) -> int:
+    """`make bench`: prints the table, writes latency.json and latency.png to --out."""
     overrides: dict[str, Any] = {"policy": args.policy, "out_dir": args.out}
     overrides["naive"] = not args.no_naive
     if args.requests is not None:
@@ -384,14 +367,14 @@ def bench_from_args(args: argparse.Namespace) -> int:
 
 def _soak_from_args(cfg: BenchConfig, seconds: float) -> int:
     if seconds <= 0:
-        raise ValueError("--soak needs a positive number of seconds")
+        raise UsageError("--soak needs a positive number of seconds")
     probe = load_policy(read_policy_file(cfg.policy), source=str(cfg.policy), version=1)
     load_start = os.getloadavg()[0]
     result = local_lane.soak(
         cfg.policy, probe.obs_dim, seconds, _rt(cfg), segment_s=min(60.0, seconds),
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
     )  # fmt: skip
-    result["machine"] = {**machine(), "load_avg_1m_start": load_start,
+    result["machine"] = {**bench.machine(), "load_avg_1m_start": load_start,
                          "load_avg_1m_end": os.getloadavg()[0]}  # fmt: skip
     text = report.soak_table(result)
     print(text)
@@ -404,11 +387,11 @@ def _soak_from_args(cfg: BenchConfig, seconds: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__)
-    add_bench_arguments(parser)
+    add_latency_arguments(parser)
     try:
-        return bench_from_args(parser.parse_args(argv))
-    except ValueError as e:
-        print(f"mu bench: {e}", file=sys.stderr)
+        return latency_from_args(parser.parse_args(argv))
+    except UsageError as e:
+        print(f"benchmarks.latency: {e}", file=sys.stderr)
         return 2
 
 

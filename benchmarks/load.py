@@ -1,4 +1,4 @@
-"""Load generators for `mu bench`, each in its own process (a client thread inside the measuring
+"""Load generators for the serving benchmark (latency.py), each in its own process (a client
 process would share its GIL and distort both sides).
 
 LoadPool keeps N spawned robot processes that run lock-step ActStream calls on command;

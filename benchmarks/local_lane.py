@@ -1,8 +1,10 @@
-"""`mu bench`, the local lane: the robot loop evaluates the policy the server ships (WatchPolicy).
+"""The serving benchmark (benchmarks/latency.py), the local lane: the robot loop evaluates the
+policy the server ships (WatchPolicy).
 
 Measured in the bench process (the robot), against servers in their own processes:
-- the loop at 1 kHz and at 5 kHz (synthetic observations): per-tick policy cost and misses;
-  and the same loops with no policy and no server (`floor`): the misses of the machine alone;
+- the loop at 1 kHz and at 5 kHz (synthetic observations, controller/bench.py's `local_lane`):
+  per-tick policy cost and misses; and the same loops with no policy and no server
+  (controller/bench.py's `floor`): the misses of the machine alone;
 - hot swaps every 100 ms under the 1 kHz loop, alternating two files with different sha256:
   failed ticks, and the time from LoadPolicy returning (in the admin's process) to the first
   tick that used the new version (CLOCK_MONOTONIC in both processes);
@@ -25,11 +27,12 @@ from typing import Any
 import numpy as np
 
 from benchmarks.load import Swapper
+from controller.bench import WARM_TICKS, local_client
+from controller.harness import ServerProcess, serve_command
 from controller.robot.client import PolicyClient
-from controller.robot.demo import ServerProcess, serve_command
-from controller.robot.loop import LoopResult, SyntheticPlant, run_loop, summarize
-
-WARM_TICKS = 500
+from controller.robot.engine import LoopResult, run_loop
+from controller.robot.plants import SyntheticPlant
+from controller.robot.report import summarize
 
 
 def variant_policy(policy: Path, out: Path) -> Path:
@@ -47,53 +50,12 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def _client(target: str, obs_dim: int) -> tuple[PolicyClient, SyntheticPlant]:
-    client = PolicyClient(target, local=True, call_deadline_s=30.0)
-    plant = SyntheticPlant(obs_dim)
-    for i in range(WARM_TICKS):
-        client.act(plant._obs[i % len(plant._obs)])
-    return client, plant
-
-
-def _summary(result: LoopResult) -> dict[str, Any]:
+def summary(result: LoopResult) -> dict[str, Any]:
     s = summarize(result)
     s.pop("returns")
     n = max(s["ticks"], 1)
     s["miss_fraction"] = s["misses"]["total"] / n
     return s
-
-
-class _NoPolicy:
-    """The loop's floor: a client whose act() returns a constant, what run_loop costs with no
-    policy at all. Its misses are the machine's (late wake-ups, stalls), not ours."""
-
-    local = False
-    misses = 0
-    version = 0
-
-    def __init__(self, act_dim: int) -> None:
-        self._action = np.zeros(act_dim, np.float32)
-
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        return self._action
-
-
-def floor(obs_dim: int, act_dim: int, rate_hz: float, seconds: float, rt: dict[str, Any]) -> dict:
-    """The same loop as `loop`, in this process, with no policy and no server."""
-    result = run_loop(_NoPolicy(act_dim), SyntheticPlant(obs_dim), rate_hz, seconds=seconds, **rt)
-    return {**_summary(result), "lane": "no policy"}
-
-
-def loop(
-    target: str, obs_dim: int, rate_hz: float, seconds: float, rt: dict[str, Any]
-) -> dict[str, Any]:
-    """The local lane at `rate_hz` for `seconds`; its summary (policy cost = round_trip_us)."""
-    client, plant = _client(target, obs_dim)
-    try:
-        result = run_loop(client, plant, rate_hz, seconds=seconds, **rt)
-    finally:
-        client.close()
-    return _summary(result)
 
 
 def hot_swap(
@@ -106,7 +68,7 @@ def hot_swap(
     rt: dict[str, Any],
 ) -> dict[str, Any]:
     """LoadPolicy every interval_s (alternating `policies`) under the local loop."""
-    client, plant = _client(target, obs_dim)
+    client, plant = local_client(target, obs_dim)
     try:
         swapper = Swapper(target, policies, interval_s, seconds)
         result = run_loop(client, plant, rate_hz, seconds=seconds + 1.0, **rt)
@@ -133,7 +95,7 @@ def hot_swap(
             "max": float(d.max()),
             "min": float(d.min()),
         },
-        "loop": _summary(result),
+        "loop": summary(result),
     }
 
 
@@ -176,7 +138,7 @@ def kill_restart(
         )  # fmt: skip
         keeper.start()
         address = parent.recv()
-        client, plant = _client(address, obs_dim)
+        client, plant = local_client(address, obs_dim)
         try:
             parent.send("go")
             result = run_loop(client, plant, rate_hz, seconds=seconds, **rt)
@@ -188,7 +150,7 @@ def kill_restart(
             parent.send("stop")
             parent.recv()
             keeper.join(10)
-    s = _summary(result)
+    s = summary(result)
     # Which misses fell between the kill and the restarted server's file being applied (the
     # rest are the loop's background rate on this machine).
     period = 1e9 / rate_hz
@@ -255,7 +217,7 @@ def soak(
     )  # fmt: skip
     try:
         remote.start()
-        client, plant = _client(server.address, obs_dim)
+        client, plant = local_client(server.address, obs_dim)
         # Warm-up: one segment of each lane, run and summarized exactly as the measured ones,
         # before the start figures: the allocator's heap grows once to what a segment needs.
         log(f"soak: {segment_s:g} s warm-up of both lanes ...")

@@ -1,4 +1,4 @@
-"""The `mu bench` table (latency against its floors, targets in docs/targets.md) and its plot."""
+"""The serving benchmark's table (latency against its floors, targets in docs/targets.md), plot."""
 
 from __future__ import annotations
 
@@ -279,7 +279,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3)
     m = r["machine"]
-    fig.suptitle(f"mu bench on {m['cores']} cores ({m['cpu']})", fontsize=9)
+    fig.suptitle(f"serving latency on {m['cores']} cores ({m['cpu']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -1,7 +1,7 @@
 """`mu`: train, export, explain, eval, plot, sweep, serve, loop, bench.
 
 Each subcommand imports what it needs when it runs, so a serving install (no torch) can run
-`mu serve` and `mu loop`.
+`mu serve`, `mu loop` and `mu bench`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from controller.errors import UsageError
 from controller.extras import install_hint
 
 # `mu train` flags a resumed run would ignore (it keeps its config.json): refused with --resume
@@ -174,7 +175,7 @@ def _loop(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from benchmarks.latency import bench_from_args
+    from controller.bench import bench_from_args
 
     return bench_from_args(args)
 
@@ -202,6 +203,15 @@ def _arguments(
 def _missing(hint: str) -> int:
     print(hint, file=sys.stderr)
     return 2
+
+
+def _one_line_errors(command: str) -> tuple[type[Exception], ...]:
+    """What `command` reports in one line (exit 2); anything else keeps its traceback. The
+    robot side raises UsageError for bad input; training, and `mu serve` around its policy
+    file and flags, still raise ValueError and FileNotFoundError for it."""
+    if command in ("loop", "bench"):
+        return (UsageError,)
+    return (ValueError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -330,8 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("loop", help="drive a simulated robot from a server at a fixed rate")
     _arguments(p, "controller.robot.loop", "add_loop_arguments", _loop)
 
-    p = sub.add_parser("bench", help="serving latency against its floors (table, JSON, PNG)")
-    _arguments(p, "benchmarks.latency", "add_bench_arguments", _bench)
+    p = sub.add_parser(
+        "bench", help="at the robot's rate: which lane holds on this machine, against its floor"
+    )
+    _arguments(p, "controller.bench", "add_bench_arguments", _bench)
     return parser
 
 
@@ -341,12 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "missing_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(  # a command with --log-level (mu serve) sets it; INFO otherwise
+        level=getattr(args, "log_level", logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except _one_line_errors(args.command) as err:
         print(f"mu {args.command}: {err}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:

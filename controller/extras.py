@@ -45,7 +45,7 @@ COMMAND_EXTRAS = {
     "plot": "sim",
     "serve": "serve",
     "loop": "serve,sim",
-    "bench": "serve,sim,train",
+    "bench": "serve",
     "sweep": "train,cluster",
 }
 

@@ -2,6 +2,7 @@
 
 `client.PolicyClient` (the gRPC lane, or `local=True`: the local lane), `local` (the local
 lane's policy watcher and experience queue), `realtime` (real-time hygiene for a Python loop),
-`loop` (`mu loop`) and `demo` (`make demo`). The server side (controller/*.py, finetune/) never
+the loop engine (`engine.run_loop`) with its plants (`plants`) and report (`report`), `loop`
+(`mu loop`) and `demo` (`make demo`). The server side (controller/*.py, finetune/) never
 imports this package; both sides share controller/policy.py and controller/safety.py.
 """

@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from controller.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30
@@ -56,7 +58,8 @@ def _prctl() -> Any | None:
 
 @contextmanager
 def realtime(cpu: int | None = None, rt_priority: int | None = None) -> Iterator[dict[str, Any]]:
-    """Apply the settings to the calling thread; yields what was applied (for the report)."""
+    """Apply the settings to the calling thread; yields what was applied (for the report).
+    UsageError for a CPU this process may not run on or a priority out of range."""
     applied: dict[str, Any] = {"cpu": None, "rt_priority": None, "timer_slack_ns": None}
     tid = 0  # 0 = the calling thread for sched_* and prctl on Linux
     old_affinity = old_policy = old_param = old_slack = None
@@ -66,10 +69,10 @@ def realtime(cpu: int | None = None, rt_priority: int | None = None) -> Iterator
     try:
         if cpu is not None:
             if not hasattr(os, "sched_setaffinity"):
-                raise ValueError("--cpu needs Linux (sched_setaffinity)")
+                raise UsageError("--cpu needs Linux (sched_setaffinity)")
             available = os.sched_getaffinity(tid)
             if cpu not in available:
-                raise ValueError(f"--cpu {cpu}: this process may run on CPUs {sorted(available)}")
+                raise UsageError(f"--cpu {cpu}: this process may run on CPUs {sorted(available)}")
             old_affinity = available
             os.sched_setaffinity(tid, {cpu})
             applied["cpu"] = cpu
@@ -77,11 +80,11 @@ def realtime(cpu: int | None = None, rt_priority: int | None = None) -> Iterator
             applied["threads_moved"] = len(moved)
         if rt_priority is not None:
             if not hasattr(os, "SCHED_FIFO"):
-                raise ValueError("--rt-priority needs Linux (SCHED_FIFO)")
+                raise UsageError("--rt-priority needs Linux (SCHED_FIFO)")
             low, high = (os.sched_get_priority_min(os.SCHED_FIFO),
                          os.sched_get_priority_max(os.SCHED_FIFO))  # fmt: skip
             if not low <= rt_priority <= high:
-                raise ValueError(f"--rt-priority must be in [{low}, {high}], got {rt_priority}")
+                raise UsageError(f"--rt-priority must be in [{low}, {high}], got {rt_priority}")
             old_policy, old_param = os.sched_getscheduler(tid), os.sched_getparam(tid)
             try:
                 os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(rt_priority))

@@ -22,8 +22,8 @@ def tiny(tmp_path: Path) -> BenchConfig:
         warmup=10,
         loop_seconds=0.3,
         clients=(1, 2),
-        sweep_seconds=0.2,
-        sweep_warmup_s=0.2,
+        sweep_seconds=0.5,
+        sweep_warmup_s=1.0,  # every robot connects before its window, on a loaded machine too
         swap_interval_s=0.1,
         swap_seconds=0.3,
         out_dir=tmp_path / "out",

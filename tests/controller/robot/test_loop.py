@@ -13,15 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from controller.harness import ServerProcess, parse_ready, serve_command
 from controller.robot.client import PolicyClient
-from controller.robot.demo import ServerProcess, parse_ready, run_demo, serve_command
-from controller.robot.loop import (
-    SyntheticPlant,
-    add_loop_arguments,
-    loop_from_args,
-    run_loop,
-    summarize,
-)
+from controller.robot.demo import run_demo
+from controller.robot.engine import run_loop
+from controller.robot.loop import add_loop_arguments, loop_from_args
+from controller.robot.plants import SyntheticPlant
+from controller.robot.report import summarize
 
 PANDA = "PandaReachDense-v3"
 
@@ -52,7 +50,7 @@ def test_loop_runs_an_episode_and_writes_json_and_plot(
     assert s["success_rate"] in (0.0, 1.0) and len(s["returns"]) == 1
     m = s["misses"]
     assert m["total"] == m["service"] + m["simulator"] + m["late_wakeup"] <= s["ticks"]
-    assert m["late_replies"] <= m["service"]
+    assert m["late_replies"] <= m["service"] + m["simulator"]  # a late reply overruns its tick
     rt = s["round_trip_us"]
     assert 0 < rt["p50"] <= rt["p90"] <= rt["p99"] <= rt["p99.9"] <= rt["max"]
     assert s["achieved_rate_hz"] > 0 and s["skipped_ticks"] >= 0
@@ -117,10 +115,10 @@ def test_demo_runs_and_stops_the_server(panda_policy: Path, capsys) -> None:
     assert "gRPC lane (ActStream)" in out and "local lane (WatchPolicy)" in out  # side by side
 
 
-def test_loop_and_demo_import_no_torch() -> None:
+def test_loop_demo_and_bench_import_no_torch() -> None:
     code = (
-        "import sys; import controller.robot.demo, controller.robot.loop; "
-        "controller.robot.loop.SimPlant('PandaReachDense-v3').close(); "
+        "import sys; import controller.robot.demo, controller.robot.loop, controller.bench; "
+        "controller.robot.plants.SimPlant('PandaReachDense-v3').close(); "
         "print('torch' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -1,0 +1,53 @@
+"""The `mu` entry point: logging follows `mu serve --log-level`; the robot side's bad input is
+one line (exit 2), anything else keeps its traceback."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from controller.cli import main
+from controller.robot.client import PolicyClient
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("level", ["INFO", "WARNING"])
+def test_serve_log_level_decides_what_is_logged(level: str, policy_path: Path, tmp_path) -> None:
+    sock = tmp_path / "mu.sock"
+    command = [sys.executable, "-m", "controller.cli", "serve", "--policy", str(policy_path),
+               "--listen", f"unix:{sock}", "--log-level", level]  # fmt: skip
+    server = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        # ready by answering, not by its readiness line: WARNING hides that line
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        with PolicyClient(f"unix:{sock}", deadline_s=5) as client:
+            assert client.act([0.0] * 26).shape == (6,)
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, log = server.communicate(timeout=30)
+    assert server.returncode == 0, log
+    if level == "INFO":
+        assert " INFO controller.server: serving " in log, log
+    else:
+        assert " INFO " not in log, log
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--rate", "0"], "--rate must be positive"),
+        (["--rate", "100", "--ticks", "-1"], "--ticks must be positive"),
+        (["--rate", "100", "--token-file", "/nonexistent/token"], "cannot read --token-file"),
+    ],
+)
+def test_loop_bad_input_is_one_line(argv: list[str], says: str, capsys) -> None:
+    code = main(["loop", "--env", "PandaReachDense-v3", "--target", "127.0.0.1:1", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"mu loop: {says}") and err.count("\n") == 1, err
