@@ -202,11 +202,12 @@ def format_lanes(r: dict[str, Any]) -> str:
         "action: the ActStream round trip on the gRPC lane, the policy in this process on the "
         "local lane"
     )
-    base = _miss_fraction(r["summaries"]["floor"])
-    if base > MISS_MARGIN:
+    base = r["summaries"]["floor"]
+    if _miss_fraction(base) > MISS_MARGIN:
         lines.append(
-            f"note: this machine alone misses {base:.3%} of ticks at {r['rate_hz']:g} Hz; "
-            "pin the loop (--cpu, --rt-priority) or stop other work before trusting a verdict"
+            f"note: this machine alone misses {base['misses']['total']} of {base['ticks']} ticks "
+            f"at {r['rate_hz']:g} Hz, more than {MISS_MARGIN:.1%}; pin the loop (--cpu, "
+            "--rt-priority) or stop other work before trusting a verdict"
         )
     lines += [
         "",
