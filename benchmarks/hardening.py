@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from controller.robot.demo import POLICY, ServerProcess, serve_command
+from controller.harness import POLICY, ServerProcess, serve_command
 
 
 class Blackhole:

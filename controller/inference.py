@@ -39,7 +39,7 @@ _FP32_FIELD = pb.InferTensorContents.DESCRIPTOR.fields_by_name["fp32_contents"].
 
 def _server_version() -> str:
     try:
-        return version("mu")
+        return version("mu-control")
     except PackageNotFoundError:  # running from a source tree that was never installed
         return "0"
 

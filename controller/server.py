@@ -350,6 +350,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level",
         default="INFO",
+        type=str.upper,
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         help="logging level (default INFO)",
     )
@@ -397,6 +398,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
 
     Logs `serving <policy> version N on <address>` once it accepts requests.
     """
+    # for callers other than `mu` (whose main configures logging first, making this a no-op)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -10,40 +10,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from training.algos import OPTIMIZERS, AnyAgent, create_agent
+from training.atomic import atomic_write
 from training.config import TrainConfig
 from training.replay import ReplayBuffer
-
-
-def atomic_write(
-    path: str | Path, data: bytes, *, before_replace: Callable[[Path], None] | None = None
-) -> None:
-    """Replace `path` with `data` so that a crash at any moment leaves the old or the new file.
-
-    `before_replace(tmp)` runs after the data is on disk and before the rename: a fault-injection
-    point, so tests can crash exactly there.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if before_replace is not None:
-        before_replace(tmp)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def agent_state(agent: AnyAgent, with_optimizers: bool) -> dict[str, Any]:

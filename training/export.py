@@ -30,6 +30,7 @@ import torch
 
 from training import checkpoint
 from training.algos import AnyAgent, deployed
+from training.atomic import atomic_write
 from training.config import TrainConfig
 from training.envs import make_env, to_env_units
 from training.history import with_history
@@ -117,7 +118,7 @@ def write_checked(
             f"onnxruntime differs from the reference by {err:.3g} > {tol:.3g}; not writing {path}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write(path, data)
+    atomic_write(path, data)
     log.info(
         "exported %s (parity max abs error %.2g <= %.2g on %d observations)",
         path, err, tol, n_probes,

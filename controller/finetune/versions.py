@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from training.atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 POINTER = "current.json"
@@ -87,29 +89,10 @@ def read_pointer(versions_dir: Path) -> Pointer | None:
 
 
 def write_pointer(versions_dir: Path, pointer: Pointer) -> None:
-    """Replace the pointer so that a crash at any moment leaves the old one or the new one, and
-    return only once the new one is on disk: the data, then the rename, each fsynced. (The
-    server's own copy of training.checkpoint.atomic_write, which imports torch.) Raises OSError
-    (a full disk, say), the old pointer intact."""
-    path = versions_dir / POINTER
-    tmp = path.with_name(f".{POINTER}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(json.dumps(asdict(pointer), indent=2).encode())
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    pause = _fault_point(pointer.version)
-    if pause is not None:
-        pause(tmp)
-    os.replace(tmp, path)
-    dir_fd = os.open(versions_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Replace the pointer atomically and return only once the new one is on disk. Raises
+    OSError (a full disk, say), the old pointer intact."""
+    data = json.dumps(asdict(pointer), indent=2).encode()
+    atomic_write(versions_dir / POINTER, data, before_replace=_fault_point(pointer.version))
 
 
 def _fault_point(version: int) -> Callable[[Path], None] | None:

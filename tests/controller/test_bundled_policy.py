@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from controller.robot.demo import ServerProcess
+from controller.harness import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "policies" / "panda_reach" / "policy.onnx"

@@ -8,6 +8,7 @@ runs in this process.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import subprocess
@@ -78,6 +79,7 @@ def test_tritonclient_gets_the_actions_act_gives(connected) -> None:
     out = json.loads(done.stdout)
     assert out["live"] and out["ready"] and out["model_ready"]
     assert out["server"]["name"] == "mu"
+    assert out["server"]["version"] == importlib.metadata.version("mu-control")  # the installed
     meta = out["metadata"]
     assert meta["name"] == MODEL_NAME and meta["versions"] == ["1"]
     assert meta["inputs"][0]["name"] == "obs" and meta["inputs"][0]["shape"] == ["-1", "26"]

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from training.checkpoint import atomic_write
+from training.atomic import atomic_write
 
 REPO = Path(__file__).resolve().parents[2]
 
 # Writes argv[2] over argv[1], and kills itself -9 between the write and the rename.
 CRASH = """
 import os, signal, sys
-from training.checkpoint import atomic_write
+from training.atomic import atomic_write
 atomic_write(sys.argv[1], sys.argv[2].encode(),
              before_replace=lambda tmp: os.kill(os.getpid(), signal.SIGKILL))
 """
