@@ -10,7 +10,10 @@ from controller.cli import main
 from training.config import TrainConfig
 from training.envs import EVAL_SEED_OFFSET
 from training.evaluate import evaluate_onnx
+from training.snapshots import choose_export
 from training.trainer import train
+
+ENV = "InvertedPendulumBulletEnv-v0"
 
 
 def cfg(**kw) -> TrainConfig:
@@ -76,3 +79,21 @@ def test_plot_overlays_runs(run, tmp_path, capsys):
     assert (tmp_path / "c.png").stat().st_size > 0
     assert main(["plot", str(tmp_path)]) == 2
     assert "no evals.csv" in capsys.readouterr().err
+
+
+def test_choose_export_takes_the_best_evaluated_actor_over_the_last():
+    meta = {"env_id": ENV}
+    snap = lambda ret, step, who: {  # noqa: E731
+        "eval_return": ret, "eval_success_rate": None, "step": step, "evaluated": who,
+        "weights": {},
+    }  # fmt: skip
+    best, last = snap(-900.0, 2000, "current"), snap(-1200.0, 2400, "current")
+    pick, chosen = choose_export("best", best, last, meta)
+    assert pick is best and chosen["eval_return"] == -900.0 and chosen["eval_step"] == 2000
+    assert chosen["export_rule"] == "best" and chosen["env_id"] == ENV
+    # a tie or a better last actor: the last one, without an evaluation step
+    pick, chosen = choose_export("best", snap(-1200.0, 800, "checkpoint"), last, meta)
+    assert pick is last and "eval_step" not in chosen
+    pick, chosen = choose_export("last", best, last, meta)
+    assert pick is last and chosen["export_rule"] == "last"
+    assert choose_export("best", None, last, meta)[0] is last
