@@ -21,9 +21,10 @@ from time import perf_counter
 import grpc
 import numpy as np
 
+from controller.contract import INPUT_NAME, OUTPUT_NAME
 from controller.decoding import clipped
 from controller.metrics import Metrics
-from controller.policy import INPUT_NAME, OUTPUT_NAME, ActError, Policy
+from controller.policy import ActError, Policy
 from controller.proto import grpc_service_pb2 as pb
 from controller.proto import grpc_service_pb2_grpc as pb_grpc
 from controller.service import packed_floats, refuse

@@ -20,6 +20,8 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
+from controller import contract as c
+from controller.contract import FORMAT_TAG, INPUT_NAME, OUTPUT_NAME, REQUIRED_KEYS
 from controller.decoding import clipped
 from controller.onnxfile import NonFinite, check_finite
 
@@ -36,19 +38,6 @@ ORT_ERRORS: tuple[type[BaseException], ...] = (
     _ort_errors.NoModel,
     _ort_errors.NotImplemented,
     _ort_errors.RuntimeException,
-)
-
-FORMAT_TAG = "mu.policy.v1"
-INPUT_NAME = "obs"
-OUTPUT_NAME = "action"
-REQUIRED_KEYS = (
-    "mu.format",
-    "mu.env_id",
-    "mu.obs_dim",
-    "mu.act_dim",
-    "mu.action_low",
-    "mu.action_high",
-    "mu.obs_layout",
 )
 
 
@@ -103,6 +92,9 @@ class Policy:
     obs_layout: list[tuple[str, int]]
     metadata: dict[str, str]
     loaded_at: float = field(default_factory=time.time)
+    #: `mu.history` ({"obs": H, "actions": K, "obs_dim": D}); None when the input is one
+    #: observation. With one, ActStream and the local lane build the input (controller.pipeline).
+    history: dict[str, int] | None = None
     #: The ONNX file itself: WatchPolicy ships it to local-lane loops.
     onnx: bytes = field(default=b"", repr=False)
 
@@ -289,31 +281,32 @@ def load_policy(data: bytes, *, source: str, version: int) -> Policy:
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise PolicyLoadError(f"{source} lacks metadata {', '.join(missing)}; export it with mu")
-    if meta["mu.format"] != FORMAT_TAG:
+    if meta[c.FORMAT] != FORMAT_TAG:
         raise PolicyLoadError(
-            f"{source} has mu.format {clipped(meta['mu.format'])!r}; this server reads "
-            f"{FORMAT_TAG!r}"
+            f"{source} has {c.FORMAT} {clipped(meta[c.FORMAT])!r}; this server reads {FORMAT_TAG!r}"
         )
-    obs_dim = _positive_int(meta, "mu.obs_dim", source)
-    act_dim = _positive_int(meta, "mu.act_dim", source)
-    low = _bounds(meta, "mu.action_low", act_dim, source)
-    high = _bounds(meta, "mu.action_high", act_dim, source)
+    obs_dim = _positive_int(meta, c.OBS_DIM, source)
+    act_dim = _positive_int(meta, c.ACT_DIM, source)
+    low = _bounds(meta, c.ACTION_LOW, act_dim, source)
+    high = _bounds(meta, c.ACTION_HIGH, act_dim, source)
     if not (low < high).all():
         raise PolicyLoadError(f"{source}: action_low must be below action_high in every dimension")
     layout = _layout(meta, obs_dim, source)
+    history = _history(meta, obs_dim, act_dim, source)
     _check_signature(session, obs_dim, act_dim, source)
     policy = Policy(
         version=version,
         source=source,
         sha256=hashlib.sha256(data).hexdigest(),
         session=session,
-        env_id=meta["mu.env_id"],
+        env_id=meta[c.ENV_ID],
         obs_dim=obs_dim,
         act_dim=act_dim,
         low=low,
         high=high,
         obs_layout=layout,
         metadata=meta,
+        history=history,
         onnx=data,
     )
     _probe(policy, source)
@@ -348,7 +341,7 @@ def _bounds(meta: dict[str, str], key: str, act_dim: int, source: str) -> np.nda
 
 def _layout(meta: dict[str, str], obs_dim: int, source: str) -> list[tuple[str, int]]:
     try:
-        layout = [(str(name), int(size)) for name, size in json.loads(meta["mu.obs_layout"])]
+        layout = [(str(name), int(size)) for name, size in json.loads(meta[c.OBS_LAYOUT])]
     except (json.JSONDecodeError, TypeError, ValueError):
         raise PolicyLoadError(
             f"{source}: mu.obs_layout is not a JSON list of [name, size]"
@@ -356,6 +349,22 @@ def _layout(meta: dict[str, str], obs_dim: int, source: str) -> list[tuple[str, 
     if sum(size for _, size in layout) != obs_dim:
         raise PolicyLoadError(f"{source}: mu.obs_layout sizes do not add up to obs_dim {obs_dim}")
     return layout
+
+
+def _history(
+    meta: dict[str, str], obs_dim: int, act_dim: int, source: str
+) -> dict[str, int] | None:
+    try:
+        spec = c.history_spec(meta)
+    except (ValueError, TypeError) as e:
+        raise PolicyLoadError(f"{source}: {e}") from None
+    if spec is None:
+        return None
+    if spec["obs_dim"] * (1 + spec["obs"]) + act_dim * spec["actions"] != obs_dim:
+        raise PolicyLoadError(
+            f"{source}: {c.HISTORY} {spec} does not add up to {c.OBS_DIM} {obs_dim}"
+        )
+    return spec
 
 
 def _check_signature(
@@ -369,7 +378,7 @@ def _check_signature(
             f"{OUTPUT_NAME!r}"
         )
     output = next(o for o in outputs if o.name == OUTPUT_NAME)
-    for arg, dim, what in ((inputs[0], obs_dim, "mu.obs_dim"), (output, act_dim, "mu.act_dim")):
+    for arg, dim, what in ((inputs[0], obs_dim, c.OBS_DIM), (output, act_dim, c.ACT_DIM)):
         if arg.type != "tensor(float)":
             raise PolicyLoadError(f"{source}: {arg.name!r} is {arg.type}; expected tensor(float)")
         shape = arg.shape

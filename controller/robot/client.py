@@ -24,18 +24,14 @@ from typing import Any
 import grpc
 import numpy as np
 
-from controller.finetune.experience import Explorer
+from controller.explore import Explorer
+from controller.pipeline import Pipeline
 from controller.policy import ORT_ERRORS, ActError
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
-from controller.robot.local import (
-    ExperienceQueue,
-    LocalPolicy,
-    PolicyWatcher,
-    channel_options,
-    make_transition,
-)
-from controller.safety import Fallback, SlewLimiter, fallback_action
+from controller.robot.local import ExperienceQueue, LocalPolicy, PolicyWatcher, channel_options
+from controller.safety import Fallback, fallback_action
+from controller.transitions import Outcome, Transitions
 
 log = logging.getLogger(__name__)
 # A stream that misses this many deadlines in a row is torn down and opened again.
@@ -221,12 +217,9 @@ class PolicyClient:
         self.local = local
         self._metadata = self._admin_metadata
         self._watcher: PolicyWatcher | None = None
-        self._slew = SlewLimiter(None)
         self._explorer: Explorer | None = None
         self._seed = seed
-        self._last_obs: list[float] | None = None
-        self._episode_return = 0.0
-        self._episode_version: int | None = -1  # -1: set by the next action; None: mixed
+        self._pipe = Pipeline()
         # Both background threads start here, before any loop: one started from inside a
         # real-time loop would inherit its CPU and SCHED_FIFO priority.
         self._experience: ExperienceQueue | None = None
@@ -237,10 +230,12 @@ class PolicyClient:
             client_id = client_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
             self._watcher = PolicyWatcher(self._channel, client_id, metadata=self._metadata)
             try:
-                self._watcher.wait(timeout=call_deadline_s)
+                first = self._watcher.wait(timeout=call_deadline_s).policy
             except (TimeoutError, PermissionError):
                 self.close()
                 raise
+            # Swaps keep the interface (controller.contract.interface_change): sized once.
+            self._pipe = Pipeline(Transitions(self._experience, first.obs_dim, first.act_dim))
 
     # -- the control path -------------------------------------------------------------------------
 
@@ -273,40 +268,40 @@ class PolicyClient:
         return action
 
     def _local_act(self, obs: Sequence[float] | np.ndarray) -> np.ndarray:
-        """One tick of the local lane: the same code, in the same order, as ActStream on the
-        server (validate, run, clamp, NaN guard; exploration; slew limit). No network."""
+        """One tick of the local lane: ActStream's tick (controller.pipeline) on the policy the
+        watcher holds. No network."""
         active = self._watcher.current  # read once: the whole tick uses this version
         policy = active.policy
+        pipe = self._pipe
         values = obs.tolist() if isinstance(obs, np.ndarray) else list(obs)
         try:
-            action = policy.act_values(values)
+            action = policy.act_values(pipe.input(policy, values))
         except ActError as e:
+            pipe.interrupted()
             if e.code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise ActRefused(e.code, e.message) from None
             return self._miss(f"{e.code.name}: {e.message}", active)
         except ORT_ERRORS as e:
+            pipe.interrupted()
             return self._miss(f"onnxruntime: {e}", active)
-        if active.explore_std > 0:
-            explorer = self._explorer
-            if explorer is None:
-                explorer = self._explorer = Explorer(
-                    active.explore_std, active.explore_clip, policy.act_dim, self._seed
-                )
-            explorer.std, explorer.clip = active.explore_std, active.explore_clip
-            action = explorer.perturb(action, policy.low, policy.high).tolist()
-        slew = self._slew
-        slew.max_delta = active.max_delta
-        action = slew.limit(action, policy.low, policy.high)
+        action = pipe.output(
+            policy, active.version, action, self._explorer_for(active), active.max_delta
+        )
         result = np.array(action, np.float32)
         self._last = result
         self.version = active.version
-        if active.finetune:
-            self._last_obs = values
-            if self._episode_version == -1:
-                self._episode_version = active.version
-            elif self._episode_version != active.version:
-                self._episode_version = None  # a swap mid-episode: it judges no version
         return result
+
+    def _explorer_for(self, active: LocalPolicy) -> Explorer | None:
+        """The server's exploration settings for this tick (none: std 0)."""
+        if active.explore_std <= 0:
+            return None
+        if self._explorer is None:
+            self._explorer = Explorer(
+                active.explore_std, active.explore_clip, active.policy.act_dim, self._seed
+            )
+        self._explorer.std, self._explorer.clip = active.explore_std, active.explore_clip
+        return self._explorer
 
     def warm(self, obs: Sequence[float] | np.ndarray) -> None:
         """Local lane: evaluate the current policy on `obs` and drop the result (no exploration,
@@ -330,38 +325,16 @@ class PolicyClient:
     ) -> bool:
         """Local lane: what followed the last act() (reward, next observation, episode end), for
         the server's online fine-tuning. Never blocks: returns False when the transition was not
-        queued (the queue is full: counted in `transitions_dropped`; or the server does not
-        fine-tune). `applied_action`: what the robot applied, when it changed the action."""
+        queued (the queue is full: counted in `transitions_dropped`; values that cannot form a
+        transition, or no act() before it: counted in `experience.rejected`; or the server does
+        not fine-tune). `applied_action`: what the robot applied, when it changed the action."""
         if self._watcher is None:
             raise RuntimeError(
                 "report() is the local lane's; on ActStream, send the reward on the next request"
             )
-        active = self._watcher.current
-        if not active.finetune or self._last_obs is None or self._last is None:
+        if not self._watcher.current.finetune:
             return False
-        done = terminated or truncated
-        episode_return = None
-        self._episode_return += float(reward)
-        if done:
-            if self._episode_version not in (None, -1):
-                episode_return = self._episode_return
-            self._episode_return, self._episode_version = 0.0, -1
-        action = self._last if applied_action is None else applied_action
-        values = next_obs.tolist() if isinstance(next_obs, np.ndarray) else next_obs
-        queued = self._experience.put(
-            make_transition(
-                self._last_obs,
-                np.asarray(action, np.float32).tolist(),
-                reward,
-                values,
-                terminated,
-                truncated,
-                self.version,
-                episode_return,
-            )  # fmt: skip
-        )
-        self._last_obs = None
-        return queued
+        return self._pipe.close(Outcome(reward, next_obs, terminated, truncated, applied_action))
 
     @property
     def transitions_dropped(self) -> int:

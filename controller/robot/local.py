@@ -22,16 +22,18 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
-from controller.config import keepalive_options
+from controller.contract import interface_change
+from controller.keepalive import keepalive_options
 from controller.policy import Policy, PolicyLoadError, load_policy
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
+from controller.transitions import Transition
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def channel_options(keepalive_s: float) -> list[tuple[str, int]]:
     would leave a restarted server unseen for minutes; the watcher adds its own backoff on top.
     Keepalive: a ping every `keepalive_s` on the idle WatchPolicy stream, so a server that
     vanished without closing the connection is noticed within 2 × keepalive_s, not after TCP's
-    hours (controller.config.keepalive_options). The server accepts pings down to every 0.5 s
+    hours (controller.keepalive.keepalive_options). The server accepts pings down to every 0.5 s
     (controller.server.server_options); PolicyClient allows 1 s."""
     return [
         ("grpc.initial_reconnect_backoff_ms", 100),
@@ -246,15 +248,12 @@ class PolicyWatcher:
                 update.onnx, source=f"version {update.version} ({update.source})",
                 version=update.version,
             )  # fmt: skip
-            if current is not None:
-                old = current.policy
-                for what, a, b in (("env id", policy.env_id, old.env_id),
-                                   ("obs_dim", policy.obs_dim, old.obs_dim),
-                                   ("act_dim", policy.act_dim, old.act_dim)):  # fmt: skip
-                    if a != b:
-                        raise PolicyLoadError(
-                            f"version {update.version} has {what} {a}; this loop runs {b}"
-                        )
+            change = None if current is None else interface_change(policy, current.policy)
+            if change is not None:
+                what, a, b = change
+                raise PolicyLoadError(
+                    f"version {update.version} has {what} {a}; this loop runs {b}"
+                )
             zeros = [0.0] * policy.obs_dim
             for _ in range(WARM_CALLS):
                 policy.act_values(zeros)
@@ -298,18 +297,6 @@ class PolicyWatcher:
         self._thread.join(5.0)
 
 
-@dataclass
-class _Transition:
-    obs: list[float]
-    action: list[float]
-    reward: float
-    next_obs: list[float]
-    terminated: bool
-    truncated: bool
-    version: int
-    episode_return: float | None
-
-
 class ExperienceQueue:
     """Transitions from the loop to the server: `put` never blocks (a full queue drops the
     transition and counts it); a background thread sends batches with ReportTransitions."""
@@ -326,13 +313,14 @@ class ExperienceQueue:
     ) -> None:
         if maxsize < 1 or batch < 1:
             raise ValueError("maxsize and batch must be at least 1")
-        self._queue: queue.Queue[_Transition] = queue.Queue(maxsize)
+        self._queue: queue.Queue[Transition] = queue.Queue(maxsize)
         self._stub = pb_grpc.ControllerStub(channel)
         self._batch = batch
         self._metadata = metadata
         self._deadline_s = deadline_s
-        #: Dropped here because the queue was full; sent and accepted by the server; refused
-        #: by it (rejected rows, or its own queue full); lost in failed calls.
+        #: Dropped here because the queue was full; sent and accepted by the server; rejected
+        #: (by the loop's own checks, or rows the server refused); dropped by the server (its
+        #: queue full); lost in failed calls.
         self.dropped = 0
         self.accepted = 0
         self.rejected = 0
@@ -344,7 +332,9 @@ class ExperienceQueue:
         if start:
             self._thread.start()
 
-    def put(self, transition: _Transition) -> bool:
+    # The Sink of the loop's controller.transitions.Transitions.
+
+    def put(self, transition: Transition) -> bool:
         """Queue one transition; False (and counted in `dropped`) when the queue is full."""
         try:
             self._queue.put_nowait(transition)
@@ -352,6 +342,12 @@ class ExperienceQueue:
             self.dropped += 1
             return False
         return True
+
+    def reject(self) -> None:
+        self.rejected += 1
+
+    def episode(self, version: int, episode_return: float) -> None:
+        pass  # the return travels on the episode's last transition
 
     def pending(self) -> int:
         return self._queue.qsize()
@@ -370,14 +366,14 @@ class ExperienceQueue:
                     break
             self._send(batch)
 
-    def _send(self, batch: list[_Transition]) -> None:
+    def _send(self, batch: list[Transition]) -> None:
         messages = []
         for t in batch:
             m = pb.Transition(
-                obs=t.obs,
-                action=t.action,
+                obs=t.obs.tolist(),
+                action=t.action.tolist(),
                 reward=t.reward,
-                next_obs=t.next_obs,
+                next_obs=t.next_obs.tolist(),
                 terminated=t.terminated,
                 truncated=t.truncated,
                 policy_version=t.version,
@@ -409,19 +405,3 @@ class ExperienceQueue:
         self._closed.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-
-
-def make_transition(
-    obs: Sequence[float],
-    action: Sequence[float],
-    reward: float,
-    next_obs: Sequence[float],
-    terminated: bool,
-    truncated: bool,
-    version: int,
-    episode_return: float | None = None,
-) -> _Transition:
-    return _Transition(
-        list(obs), list(action), float(reward), list(next_obs), bool(terminated),
-        bool(truncated), version, episode_return,
-    )  # fmt: skip

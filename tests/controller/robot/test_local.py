@@ -23,7 +23,8 @@ from controller.finetune.config import FinetuneConfig
 from controller.proto import controller_pb2 as pb
 from controller.proto import grpc_service_pb2 as inference_pb
 from controller.robot.client import PolicyClient
-from controller.robot.local import ExperienceQueue, make_transition
+from controller.robot.local import ExperienceQueue
+from controller.transitions import Transition
 
 REPO = Path(__file__).resolve().parents[3]
 POLICY = REPO / "policies" / "panda_reach" / "policy.onnx"
@@ -273,7 +274,8 @@ def test_watch_policy_needs_the_token(server_factory, policy_path: Path, tmp_pat
 
 def test_experience_queue_drops_and_counts_instead_of_blocking(connected) -> None:
     queue = ExperienceQueue(connected.channel, maxsize=3, start=False)  # nothing drains it
-    t = make_transition([0.0] * 26, [0.0] * 6, 1.0, [0.0] * 26, False, False, 1)
+    obs, act = np.zeros(26, np.float32), np.zeros(6, np.float32)
+    t = Transition(obs, act, 1.0, obs, False, False, 1, act - 1, act + 1)
     assert [queue.put(t) for _ in range(10)] == [True] * 3 + [False] * 7
     assert queue.dropped == 7 and queue.pending() == 3
 
@@ -357,14 +359,17 @@ def test_mu_loop_local_runs_an_episode(server_factory, make_policy, tmp_path: Pa
     assert s["misses"]["fallbacks"] == 0
 
 
-def test_the_server_side_never_imports_the_robot_side() -> None:
+def test_the_server_side_and_the_robot_side_import_only_what_they_share() -> None:
+    """The server never imports the robot side; the robot side never imports fine-tuning."""
     import subprocess
     import sys
 
-    code = (
-        "import sys, controller.server, benchmarks.echo; "
-        "print(sorted(m for m in sys.modules if m.startswith('controller.robot')))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    for imports, prefix in (("controller.server, benchmarks.echo", "controller.robot"),
+                            ("controller.robot.demo, controller.robot.loop, controller.bench",
+                             "controller.finetune")):  # fmt: skip
+        code = f"import sys, {imports}; print(sorted(m for m in sys.modules if '{prefix}' in m))"
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "[]", imports
