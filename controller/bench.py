@@ -65,7 +65,7 @@ class _NoPolicy:
     def __init__(self, act_dim: int) -> None:
         self._action = np.zeros(act_dim, np.float32)
 
-    def act(self, obs: np.ndarray) -> np.ndarray:
+    def act(self, obs: np.ndarray, *, episode_start: bool = False) -> np.ndarray:
         return self._action
 
 

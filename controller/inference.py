@@ -176,7 +176,8 @@ def _read_input(policy: Policy, request: pb.ModelInferRequest) -> tuple[Sequence
         raise ActError(
             invalid,
             f"input {INPUT_NAME!r} has shape {clipped(str(shape))}; {MODEL_NAME} expects "
-            f"[batch, {policy.obs_dim}] with batch >= 1",
+            f"[batch, {policy.obs_dim}] with batch >= 1"
+            + (policy.stateless_hint(shape[1]) if len(shape) == 2 else ""),
         )
     batch = shape[0]
     if request.raw_input_contents:

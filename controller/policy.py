@@ -124,19 +124,7 @@ class Policy:
         ufuncs for the clamp took 12 µs there against 0.7 µs back to back), so the small
         vectors are handled in plain Python, which the gRPC code keeps warm anyway.
         """
-        # The length first (len of a repeated field costs nothing): a refused request of a
-        # million values must not be copied. Then one C-level copy of the repeated field:
-        # iterating it twice (sum, then numpy) costs ~3 µs more.
-        n = len(obs)
-        if n != self.obs_dim:
-            raise self._length_error(n)
-        obs = list(obs)
-        # A Python float sum is exact enough to detect NaN/inf (float32 values cannot overflow a
-        # double sum) and cheaper than numpy for a few dozen values.
-        total = sum(obs)
-        if total - total != 0.0:
-            raise _non_finite_error(np.asarray(obs, np.float32))
-        self._obs[0] = obs
+        self._obs[0] = self._checked(obs, self.obs_dim)
         self.session.run_with_iobinding(self._binding)
         # Comparisons with NaN are false, so a NaN passes the clamp and the check below sees it.
         action = [
@@ -150,6 +138,37 @@ class Policy:
             raise ActError(grpc.StatusCode.INTERNAL, self._nan_message())
         return action
 
+    def base_observation(self, obs: Sequence[float]) -> list[float]:
+        """One observation for a policy with history (mu.history's obs_dim values), checked like
+        `act_values` checks an input; the pipeline builds the input from it."""
+        return self._checked(obs, self.history["obs_dim"])
+
+    def _checked(self, obs: Sequence[float], expected: int) -> list[float]:
+        # The length first (len of a repeated field costs nothing): a refused request of a
+        # million values must not be copied. Then one C-level copy of the repeated field:
+        # iterating it twice (sum, then numpy) costs ~3 µs more.
+        n = len(obs)
+        if n != expected:
+            raise self._length_error(n, expected)
+        obs = list(obs)
+        # A Python float sum is exact enough to detect NaN/inf (float32 values cannot overflow a
+        # double sum) and cheaper than numpy for a few dozen values.
+        total = sum(obs)
+        if total - total != 0.0:
+            raise _non_finite_error(np.asarray(obs, np.float32))
+        return obs
+
+    def stateless_hint(self, width: int) -> str:
+        """Why an input of `width` values per row is refused by a stateless call (Act, ActBatch,
+        ModelInfer) when it is one observation of a policy with history; "" otherwise."""
+        if self.history is None or width != self.history["obs_dim"]:
+            return ""
+        return (
+            f" (one observation: this policy reads its recent past ({c.HISTORY}), which a "
+            "stateless call cannot keep; use ActStream or the local lane, which build the "
+            f"history, or send the whole input of {self.obs_dim} values, docs/contract.md)"
+        )
+
     def act_rows(self, rows: Sequence[Sequence[float]]) -> list[np.ndarray | ActError]:
         """Several independent observations in one onnxruntime call (the server's micro-batch).
 
@@ -162,7 +181,7 @@ class Policy:
             n = len(obs)
             total = sum(obs) if n == self.obs_dim else 0.0
             if n != self.obs_dim:
-                out.append(self._length_error(n))
+                out.append(self._length_error(n, self.obs_dim))
             elif total - total != 0.0:
                 out.append(_non_finite_error(np.asarray(obs, np.float32)))
             else:
@@ -192,7 +211,7 @@ class Policy:
             raise ActError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"batch has {n} values; {batch_size} observations of {self.obs_dim} need "
-                f"{batch_size * self.obs_dim}",
+                f"{batch_size * self.obs_dim}{self.stateless_hint(n // batch_size)}",
             )
         x = np.asarray(obs, np.float32).reshape(batch_size, self.obs_dim)
         if not np.isfinite(x).all():
@@ -215,11 +234,13 @@ class Policy:
             raise ActError(grpc.StatusCode.INTERNAL, self._nan_message(np.flatnonzero(bad)))
         return actions
 
-    def _length_error(self, n: int) -> ActError:
+    def _length_error(self, n: int, expected: int) -> ActError:
         if n == 0:
-            msg = f"observation is empty; the policy expects {self.obs_dim} values"
+            msg = f"observation is empty; the policy expects {expected} values"
         else:
-            msg = f"observation has {n} values; the policy expects {self.obs_dim}"
+            msg = f"observation has {n} values; the policy expects {expected}"
+        if expected == self.obs_dim:
+            msg += self.stateless_hint(n)
         return ActError(grpc.StatusCode.INVALID_ARGUMENT, msg)
 
     def _nan_message(self, rows: np.ndarray | None = None) -> str:
@@ -291,8 +312,9 @@ def load_policy(data: bytes, *, source: str, version: int) -> Policy:
     high = _bounds(meta, c.ACTION_HIGH, act_dim, source)
     if not (low < high).all():
         raise PolicyLoadError(f"{source}: action_low must be below action_high in every dimension")
-    layout = _layout(meta, obs_dim, source)
     history = _history(meta, obs_dim, act_dim, source)
+    # With history, the layout cuts one observation, not the whole input.
+    layout = _layout(meta, obs_dim if history is None else history["obs_dim"], source)
     _check_signature(session, obs_dim, act_dim, source)
     policy = Policy(
         version=version,
@@ -339,15 +361,15 @@ def _bounds(meta: dict[str, str], key: str, act_dim: int, source: str) -> np.nda
     return values
 
 
-def _layout(meta: dict[str, str], obs_dim: int, source: str) -> list[tuple[str, int]]:
+def _layout(meta: dict[str, str], size: int, source: str) -> list[tuple[str, int]]:
     try:
         layout = [(str(name), int(size)) for name, size in json.loads(meta[c.OBS_LAYOUT])]
     except (json.JSONDecodeError, TypeError, ValueError):
         raise PolicyLoadError(
             f"{source}: mu.obs_layout is not a JSON list of [name, size]"
         ) from None
-    if sum(size for _, size in layout) != obs_dim:
-        raise PolicyLoadError(f"{source}: mu.obs_layout sizes do not add up to obs_dim {obs_dim}")
+    if sum(n for _, n in layout) != size:
+        raise PolicyLoadError(f"{source}: mu.obs_layout sizes do not add up to {size}")
     return layout
 
 

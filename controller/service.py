@@ -146,7 +146,12 @@ class ControllerService(pb_grpc.ControllerServicer):
                 if request.HasField("reward"):
                     pipe.close(request_outcome(request))
                 try:
-                    obs = pipe.input(policy, request.obs)
+                    obs = pipe.input(
+                        policy,
+                        request.obs,
+                        request.episode_start or request.terminated or request.truncated,
+                        request.applied_action if len(request.applied_action) else None,
+                    )
                     if batcher is not None and self._open_streams > 1:
                         action = (await batcher.submit(policy, obs)).tolist()
                     else:

@@ -239,13 +239,15 @@ class PolicyClient:
 
     # -- the control path -------------------------------------------------------------------------
 
-    def act(self, obs: Sequence[float] | np.ndarray) -> np.ndarray:
-        """The action for one observation, or the fallback action if the deadline is missed."""
+    def act(self, obs: Sequence[float] | np.ndarray, *, episode_start: bool = False) -> np.ndarray:
+        """The action for one observation, or the fallback action if the deadline is missed.
+        `episode_start`: `obs` starts an episode (a policy with history starts it afresh; the
+        first act() and the one after report() of an episode's end start one anyway)."""
         if self._watcher is not None:
-            return self._local_act(obs)
+            return self._local_act(obs, episode_start)
         self._seq += 1
         values = obs.tolist() if isinstance(obs, np.ndarray) else obs
-        request = pb.ActRequest(obs=values, seq=self._seq)
+        request = pb.ActRequest(obs=values, seq=self._seq, episode_start=episode_start)
         try:
             reply = self._stream_act(request) if self.use_stream else self._unary_act(request)
         except _StepTimeout:
@@ -267,7 +269,7 @@ class PolicyClient:
         self.version = reply.policy_version
         return action
 
-    def _local_act(self, obs: Sequence[float] | np.ndarray) -> np.ndarray:
+    def _local_act(self, obs: Sequence[float] | np.ndarray, episode_start: bool) -> np.ndarray:
         """One tick of the local lane: ActStream's tick (controller.pipeline) on the policy the
         watcher holds. No network."""
         active = self._watcher.current  # read once: the whole tick uses this version
@@ -275,7 +277,7 @@ class PolicyClient:
         pipe = self._pipe
         values = obs.tolist() if isinstance(obs, np.ndarray) else list(obs)
         try:
-            action = policy.act_values(pipe.input(policy, values))
+            action = policy.act_values(pipe.input(policy, values, episode_start))
         except ActError as e:
             pipe.interrupted()
             if e.code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -309,8 +311,9 @@ class PolicyClient:
         after a millisecond asleep, onnxruntime's weights are out of the cache and the next
         act() costs several times what it costs warm."""
         values = obs.tolist() if isinstance(obs, np.ndarray) else list(obs)
+        policy = self.watcher.current.policy
         try:
-            self.watcher.current.policy.act_values(values)
+            policy.act_values(self._pipe.warm_input(policy, values))
         except (ActError, *ORT_ERRORS):  # act() will meet it, and answer it, on the tick
             pass
 
@@ -327,14 +330,14 @@ class PolicyClient:
         the server's online fine-tuning. Never blocks: returns False when the transition was not
         queued (the queue is full: counted in `transitions_dropped`; values that cannot form a
         transition, or no act() before it: counted in `experience.rejected`; or the server does
-        not fine-tune). `applied_action`: what the robot applied, when it changed the action."""
+        not fine-tune). `applied_action`: what the robot applied, when it changed the action
+        (a policy with history holds it). An episode's end makes the next act() start one."""
         if self._watcher is None:
             raise RuntimeError(
                 "report() is the local lane's; on ActStream, send the reward on the next request"
             )
-        if not self._watcher.current.finetune:
-            return False
-        return self._pipe.close(Outcome(reward, next_obs, terminated, truncated, applied_action))
+        outcome = Outcome(reward, next_obs, terminated, truncated, applied_action)
+        return self._pipe.close(outcome, record=self._watcher.current.finetune)
 
     @property
     def transitions_dropped(self) -> int:

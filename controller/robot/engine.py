@@ -112,7 +112,7 @@ def run_loop(
         result.start_ns = start
         while True:
             t0 = clock()
-            action = client.act(obs)
+            action = client.act(obs, episode_start=length == 0)
             t1 = clock()
             next_obs, reward, done, success = plant.step(action)
             t2 = clock()
