@@ -19,6 +19,7 @@ from controller.proto import controller_pb2_grpc as pb_grpc
 from controller.proto import grpc_service_pb2 as inference_pb
 from controller.proto import grpc_service_pb2_grpc as inference_grpc
 from controller.robot.client import ActRefused, PolicyClient
+from controller.robot.local import LocalClient
 from controller.safety import SlewLimiter
 from controller.transitions import Outcome, Transitions
 from training.config import TrainConfig
@@ -96,7 +97,7 @@ def test_local_lane_builds_the_training_history(
     server_factory, history_policy: Path, max_delta: float | None
 ) -> None:
     server = server_factory(history_policy, max_delta=max_delta)
-    with PolicyClient(server.target, local=True) as robot:
+    with LocalClient(server.target) as robot:
         # a report of an episode's end makes the next act() start the next one
         def report(reward, next_obs, terminated, truncated):
             robot.report(reward, next_obs, terminated=terminated, truncated=truncated)

@@ -13,7 +13,7 @@ import pytest
 from controller.finetune.config import FinetuneConfig
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
-from controller.robot.client import PolicyClient
+from controller.robot.local import LocalClient
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "policies" / "panda_reach" / "policy.onnx"
@@ -45,7 +45,7 @@ def test_actstream_and_local_lane_run_one_pipeline(server_factory, tmp_path: Pat
     obs = rng.normal(0, 0.5, (STEPS + 1, 12)).astype(np.float32)
     rewards = rng.normal(-1, 0.3, STEPS).astype(np.float32)
 
-    with PolicyClient(server.target, local=True, seed=3) as robot:
+    with LocalClient(server.target, seed=3) as robot:
         assert robot.policy.explore_std == pytest.approx(0.2)
         local = []
         for t in range(STEPS):

@@ -23,7 +23,7 @@ from controller.finetune.config import FinetuneConfig
 from controller.proto import controller_pb2 as pb
 from controller.proto import grpc_service_pb2 as inference_pb
 from controller.robot.client import PolicyClient
-from controller.robot.local import ExperienceQueue
+from controller.robot.local import ExperienceQueue, LocalClient
 from controller.transitions import Transition
 
 REPO = Path(__file__).resolve().parents[3]
@@ -42,7 +42,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _acts(client: PolicyClient) -> np.ndarray:
+def _acts(client: LocalClient) -> np.ndarray:
     return np.stack([client.act(row) for row in OBS])
 
 
@@ -50,7 +50,7 @@ def test_watcher_applies_a_swap_and_a_rollback(server_factory, policy_path, make
     server = server_factory(policy_path)
     other = make_policy("other.onnx", seed=3)
     with (
-        PolicyClient(server.target, local=True, client_id="arm-1") as robot,
+        LocalClient(server.target, client_id="arm-1") as robot,
         PolicyClient(server.target) as admin,
     ):
         np.testing.assert_allclose(_acts(robot), _expected(policy_path), atol=1e-6)
@@ -118,7 +118,7 @@ def test_watcher_refuses_a_sha256_mismatch_and_keeps_the_old_policy(
     lying_server, policy_path: Path
 ) -> None:
     target, acks = lying_server
-    with PolicyClient(target, local=True) as robot:
+    with LocalClient(target) as robot:
         robot.watcher.wait_handled(2, timeout=WAIT_S)
         assert robot.version == 0 and robot.policy.version == 1
         np.testing.assert_allclose(_acts(robot), _expected(policy_path), atol=1e-6)
@@ -133,7 +133,7 @@ def test_watcher_survives_a_server_restart(
     listen = f"unix:{tmp_path / 'mu.sock'}"
     server = server_factory(policy_path, listen=listen)
     other = make_policy("other.onnx", seed=3)
-    with PolicyClient(listen, local=True) as robot:
+    with LocalClient(listen) as robot:
         before = _acts(robot)
         server.stop()
         for _ in range(20):  # ticks with the server gone: the last verified policy, no miss
@@ -152,7 +152,7 @@ def test_a_silently_vanished_server_is_noticed_by_keepalive(server_factory, poli
     far from gRPC's 60 s ping timeout, which a keepalive left to its defaults would wait for."""
     relay = Blackhole(server_factory(policy_path).target)
     try:
-        with PolicyClient(relay.target, local=True, keepalive_s=1.0) as robot:
+        with LocalClient(relay.target, keepalive_s=1.0) as robot:
             before = _acts(robot)
             assert robot.watcher.connected and robot.watcher.reconnects == 0
             relay.cut.set()
@@ -176,7 +176,7 @@ def test_a_silent_client_is_reaped_by_the_servers_keepalive(server_factory, poli
     relay = Blackhole(server.target)
     try:
         with (
-            PolicyClient(relay.target, local=True, client_id="arm-1") as robot,
+            LocalClient(relay.target, client_id="arm-1") as robot,
             PolicyClient(server.target) as admin,
         ):
             robot.watcher.wait_handled(1, timeout=WAIT_S)
@@ -225,8 +225,8 @@ def test_local_lane_runs_the_servers_safety_code(server_factory, policy_path: Pa
     server = server_factory(policy_path, max_delta=0.05)
     rows = np.random.default_rng(9).normal(0, 3, (30, 26)).astype(np.float32)
     with (
-        PolicyClient(server.target, local=True) as robot,
-        PolicyClient(server.target, local=True) as warmed,
+        LocalClient(server.target) as robot,
+        LocalClient(server.target) as warmed,
         PolicyClient(server.target, deadline_s=5) as remote,
     ):
         assert robot.policy.max_delta == pytest.approx(0.05)
@@ -244,7 +244,7 @@ def test_local_lane_runs_the_servers_safety_code(server_factory, policy_path: Pa
 def test_local_lane_refuses_bad_observations_like_the_server(connected) -> None:
     from controller.robot.client import ActRefused
 
-    with PolicyClient(connected.server.target, local=True) as robot:
+    with LocalClient(connected.server.target) as robot:
         with pytest.raises(ActRefused, match="observation has 25 values; the policy expects 26"):
             robot.act([0.0] * 25)
         with pytest.raises(ActRefused, match="NaN or infinite"):
@@ -254,7 +254,7 @@ def test_local_lane_refuses_bad_observations_like_the_server(connected) -> None:
 
 def test_nan_action_falls_back_on_the_local_lane(server_factory, nan_policy: Path) -> None:
     server = server_factory(nan_policy)
-    with PolicyClient(server.target, local=True, fallback="hold") as robot:
+    with LocalClient(server.target, fallback="hold") as robot:
         held = robot.act([0.0] * 26)
         np.testing.assert_array_equal(robot.act([101.0] + [0.0] * 25), held)
         assert robot.misses == 1 and "INTERNAL" in robot.last_error
@@ -265,10 +265,10 @@ def test_watch_policy_needs_the_token(server_factory, policy_path: Path, tmp_pat
     token.write_text("s3cret")
     server = server_factory(policy_path, admin_token_file=token)
     with pytest.raises(PermissionError, match="UNAUTHENTICATED"):
-        PolicyClient(server.target, local=True, call_deadline_s=WAIT_S)
+        LocalClient(server.target, call_deadline_s=WAIT_S)
     with pytest.raises(PermissionError, match="PERMISSION_DENIED"):
-        PolicyClient(server.target, local=True, token="wrong", call_deadline_s=WAIT_S)
-    with PolicyClient(server.target, local=True, token="s3cret") as robot:
+        LocalClient(server.target, token="wrong", call_deadline_s=WAIT_S)
+    with LocalClient(server.target, token="s3cret") as robot:
         assert robot.policy.version == 1
 
 
@@ -318,7 +318,7 @@ def test_finetuning_in_local_mode_explores_reports_and_promotes(server_factory, 
     server = server_factory(POLICY, finetune=cfg)
     rng = np.random.default_rng(0)
     seen: list[int] = []
-    with PolicyClient(server.target, local=True, queue_size=100_000) as robot:
+    with LocalClient(server.target, queue_size=100_000) as robot:
         assert robot.policy.finetune and robot.policy.explore_std == pytest.approx(0.05)
         deterministic = _expected(POLICY, np.zeros((1, 12), np.float32))[0]
         assert not np.allclose(robot.act(np.zeros(12, np.float32)), deterministic, atol=1e-6)
