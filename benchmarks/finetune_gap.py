@@ -24,7 +24,7 @@ policies/panda_reach_robust, trained with domain randomization); results are nam
 unless it is the default.
 
 `--local` runs the online phase on the local lane: the loop evaluates the shipped policy in its
-own process (PolicyClient(local=True)), explores with the server's std and reports transitions
+own process (LocalClient), explores with the server's std and reports transitions
 through the bounded queue and ReportTransitions; the latency rows are then the in-process policy
 cost. Evaluations stay on ActStream (the same versions, deterministic). Results get `_local`.
 """
@@ -48,7 +48,8 @@ import numpy as np
 from controller.harness import ServerProcess, serve_command
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
-from controller.robot.client import PolicyClient
+from controller.robot.client import Client
+from controller.robot.local import LocalClient
 from training.envs import make_env
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class LocalStep:
     """LockStep's interface on the local lane: what a request reports about the previous step
     goes to client.report(), its observation to client.act() in this process."""
 
-    def __init__(self, client: PolicyClient) -> None:
+    def __init__(self, client: Client) -> None:
         self.client = client
         self.rtt_us: list[float] = []
         self._first = True
@@ -222,7 +223,7 @@ def evaluate(stub: pb_grpc.ControllerStub, gap: bool, args: argparse.Namespace) 
 
 
 def online(
-    stub: pb_grpc.ControllerStub, args: argparse.Namespace, local: PolicyClient | None = None
+    stub: pb_grpc.ControllerStub, args: argparse.Namespace, local: LocalClient | None = None
 ) -> dict[str, Any]:
     """`args.steps` ticks with the learner on, in blocks of `args.block` that alternate with as
     many ticks with it paused (no updates, no exploration): the same loop, stream and reported
@@ -291,7 +292,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 log.info("nominal %.3f, before %.3f", results["nominal"]["mean_return"],
                          results["before"]["mean_return"])  # fmt: skip
                 if args.local:
-                    with PolicyClient(server.address, local=True, queue_size=100_000) as client:
+                    with LocalClient(server.address, queue_size=100_000) as client:
                         results["online"] = online(stub, args, client)
                         results["online"]["transitions_dropped_by_loop"] = (
                             client.transitions_dropped

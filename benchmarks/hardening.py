@@ -80,7 +80,7 @@ class Blackhole:
 
 def keepalive(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from controller.config import ServeConfig
-    from controller.robot.client import PolicyClient
+    from controller.robot.local import LocalClient
     from controller.server import start_in_thread
 
     server = start_in_thread(ServeConfig(policy=POLICY, listen="127.0.0.1:0"))
@@ -90,7 +90,7 @@ def keepalive(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             for trial in range(args.trials):
                 relay = Blackhole(server.target)
                 try:
-                    with PolicyClient(relay.target, local=True, keepalive_s=keepalive_s) as robot:
+                    with LocalClient(relay.target, keepalive_s=keepalive_s) as robot:
                         robot.act([0.0] * robot.policy.policy.obs_dim)
                         robot.watcher.wait_handled(1, timeout=30)
                         relay.cut.set()

@@ -29,8 +29,9 @@ import numpy as np
 from controller.errors import UsageError
 from controller.harness import POLICY, ServerProcess, serve_command
 from controller.policy import PolicyLoadError, load_policy, read_policy_file
-from controller.robot.client import PolicyClient
+from controller.robot.client import Client, PolicyClient
 from controller.robot.engine import LoopResult, run_loop
+from controller.robot.local import LocalClient
 from controller.robot.plants import SyntheticPlant
 from controller.robot.report import summarize
 
@@ -65,7 +66,7 @@ class _NoPolicy:
     def __init__(self, act_dim: int) -> None:
         self._action = np.zeros(act_dim, np.float32)
 
-    def act(self, obs: np.ndarray) -> np.ndarray:
+    def act(self, obs: np.ndarray, *, episode_start: bool = False) -> np.ndarray:
         return self._action
 
 
@@ -95,9 +96,9 @@ def grpc_lane(
         return run_loop(client, plant, rate_hz, seconds=seconds, **rt)
 
 
-def local_client(target: str, obs_dim: int) -> tuple[PolicyClient, SyntheticPlant]:
+def local_client(target: str, obs_dim: int) -> tuple[LocalClient, SyntheticPlant]:
     """A local-lane client with the shipped policy, warmed up, and its plant."""
-    client = PolicyClient(target, local=True, call_deadline_s=30.0)
+    client = LocalClient(target, call_deadline_s=30.0)
     plant = SyntheticPlant(obs_dim)
     _warm(client, plant, WARM_TICKS)
     return client, plant
@@ -112,7 +113,7 @@ def local_lane(target: str, obs_dim: int, rate_hz: float, seconds: float, rt: di
         client.close()
 
 
-def _warm(client: PolicyClient, plant: SyntheticPlant, ticks: int) -> None:
+def _warm(client: Client, plant: SyntheticPlant, ticks: int) -> None:
     obs = plant.reset()
     for _ in range(ticks):
         obs = plant.step(client.act(obs))[0]

@@ -21,9 +21,10 @@ from time import perf_counter
 import grpc
 import numpy as np
 
+from controller.contract import INPUT_NAME, OUTPUT_NAME
 from controller.decoding import clipped
 from controller.metrics import Metrics
-from controller.policy import INPUT_NAME, OUTPUT_NAME, ActError, Policy
+from controller.policy import ActError, Policy
 from controller.proto import grpc_service_pb2 as pb
 from controller.proto import grpc_service_pb2_grpc as pb_grpc
 from controller.service import packed_floats, refuse
@@ -175,7 +176,8 @@ def _read_input(policy: Policy, request: pb.ModelInferRequest) -> tuple[Sequence
         raise ActError(
             invalid,
             f"input {INPUT_NAME!r} has shape {clipped(str(shape))}; {MODEL_NAME} expects "
-            f"[batch, {policy.obs_dim}] with batch >= 1",
+            f"[batch, {policy.obs_dim}] with batch >= 1"
+            + (policy.stateless_hint(shape[1]) if len(shape) == 2 else ""),
         )
     batch = shape[0]
     if request.raw_input_contents:

@@ -20,6 +20,8 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
+from controller import contract as c
+from controller.contract import FORMAT_TAG, INPUT_NAME, OUTPUT_NAME, REQUIRED_KEYS
 from controller.decoding import clipped
 from controller.onnxfile import NonFinite, check_finite
 
@@ -36,19 +38,6 @@ ORT_ERRORS: tuple[type[BaseException], ...] = (
     _ort_errors.NoModel,
     _ort_errors.NotImplemented,
     _ort_errors.RuntimeException,
-)
-
-FORMAT_TAG = "mu.policy.v1"
-INPUT_NAME = "obs"
-OUTPUT_NAME = "action"
-REQUIRED_KEYS = (
-    "mu.format",
-    "mu.env_id",
-    "mu.obs_dim",
-    "mu.act_dim",
-    "mu.action_low",
-    "mu.action_high",
-    "mu.obs_layout",
 )
 
 
@@ -103,6 +92,9 @@ class Policy:
     obs_layout: list[tuple[str, int]]
     metadata: dict[str, str]
     loaded_at: float = field(default_factory=time.time)
+    #: `mu.history` ({"obs": H, "actions": K, "obs_dim": D}); None when the input is one
+    #: observation. With one, ActStream and the local lane build the input (controller.pipeline).
+    history: dict[str, int] | None = None
     #: The ONNX file itself: WatchPolicy ships it to local-lane loops.
     onnx: bytes = field(default=b"", repr=False)
 
@@ -132,19 +124,7 @@ class Policy:
         ufuncs for the clamp took 12 µs there against 0.7 µs back to back), so the small
         vectors are handled in plain Python, which the gRPC code keeps warm anyway.
         """
-        # The length first (len of a repeated field costs nothing): a refused request of a
-        # million values must not be copied. Then one C-level copy of the repeated field:
-        # iterating it twice (sum, then numpy) costs ~3 µs more.
-        n = len(obs)
-        if n != self.obs_dim:
-            raise self._length_error(n)
-        obs = list(obs)
-        # A Python float sum is exact enough to detect NaN/inf (float32 values cannot overflow a
-        # double sum) and cheaper than numpy for a few dozen values.
-        total = sum(obs)
-        if total - total != 0.0:
-            raise _non_finite_error(np.asarray(obs, np.float32))
-        self._obs[0] = obs
+        self._obs[0] = self._checked(obs, self.obs_dim)
         self.session.run_with_iobinding(self._binding)
         # Comparisons with NaN are false, so a NaN passes the clamp and the check below sees it.
         action = [
@@ -158,6 +138,37 @@ class Policy:
             raise ActError(grpc.StatusCode.INTERNAL, self._nan_message())
         return action
 
+    def base_observation(self, obs: Sequence[float]) -> list[float]:
+        """One observation for a policy with history (mu.history's obs_dim values), checked like
+        `act_values` checks an input; the pipeline builds the input from it."""
+        return self._checked(obs, self.history["obs_dim"])
+
+    def _checked(self, obs: Sequence[float], expected: int) -> list[float]:
+        # The length first (len of a repeated field costs nothing): a refused request of a
+        # million values must not be copied. Then one C-level copy of the repeated field:
+        # iterating it twice (sum, then numpy) costs ~3 µs more.
+        n = len(obs)
+        if n != expected:
+            raise self._length_error(n, expected)
+        obs = list(obs)
+        # A Python float sum is exact enough to detect NaN/inf (float32 values cannot overflow a
+        # double sum) and cheaper than numpy for a few dozen values.
+        total = sum(obs)
+        if total - total != 0.0:
+            raise _non_finite_error(np.asarray(obs, np.float32))
+        return obs
+
+    def stateless_hint(self, width: int) -> str:
+        """Why an input of `width` values per row is refused by a stateless call (Act, ActBatch,
+        ModelInfer) when it is one observation of a policy with history; "" otherwise."""
+        if self.history is None or width != self.history["obs_dim"]:
+            return ""
+        return (
+            f" (one observation: this policy reads its recent past ({c.HISTORY}), which a "
+            "stateless call cannot keep; use ActStream or the local lane, which build the "
+            f"history, or send the whole input of {self.obs_dim} values, docs/contract.md)"
+        )
+
     def act_rows(self, rows: Sequence[Sequence[float]]) -> list[np.ndarray | ActError]:
         """Several independent observations in one onnxruntime call (the server's micro-batch).
 
@@ -170,7 +181,7 @@ class Policy:
             n = len(obs)
             total = sum(obs) if n == self.obs_dim else 0.0
             if n != self.obs_dim:
-                out.append(self._length_error(n))
+                out.append(self._length_error(n, self.obs_dim))
             elif total - total != 0.0:
                 out.append(_non_finite_error(np.asarray(obs, np.float32)))
             else:
@@ -200,7 +211,7 @@ class Policy:
             raise ActError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"batch has {n} values; {batch_size} observations of {self.obs_dim} need "
-                f"{batch_size * self.obs_dim}",
+                f"{batch_size * self.obs_dim}{self.stateless_hint(n // batch_size)}",
             )
         x = np.asarray(obs, np.float32).reshape(batch_size, self.obs_dim)
         if not np.isfinite(x).all():
@@ -223,11 +234,13 @@ class Policy:
             raise ActError(grpc.StatusCode.INTERNAL, self._nan_message(np.flatnonzero(bad)))
         return actions
 
-    def _length_error(self, n: int) -> ActError:
+    def _length_error(self, n: int, expected: int) -> ActError:
         if n == 0:
-            msg = f"observation is empty; the policy expects {self.obs_dim} values"
+            msg = f"observation is empty; the policy expects {expected} values"
         else:
-            msg = f"observation has {n} values; the policy expects {self.obs_dim}"
+            msg = f"observation has {n} values; the policy expects {expected}"
+        if expected == self.obs_dim:
+            msg += self.stateless_hint(n)
         return ActError(grpc.StatusCode.INVALID_ARGUMENT, msg)
 
     def _nan_message(self, rows: np.ndarray | None = None) -> str:
@@ -289,31 +302,33 @@ def load_policy(data: bytes, *, source: str, version: int) -> Policy:
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise PolicyLoadError(f"{source} lacks metadata {', '.join(missing)}; export it with mu")
-    if meta["mu.format"] != FORMAT_TAG:
+    if meta[c.FORMAT] != FORMAT_TAG:
         raise PolicyLoadError(
-            f"{source} has mu.format {clipped(meta['mu.format'])!r}; this server reads "
-            f"{FORMAT_TAG!r}"
+            f"{source} has {c.FORMAT} {clipped(meta[c.FORMAT])!r}; this server reads {FORMAT_TAG!r}"
         )
-    obs_dim = _positive_int(meta, "mu.obs_dim", source)
-    act_dim = _positive_int(meta, "mu.act_dim", source)
-    low = _bounds(meta, "mu.action_low", act_dim, source)
-    high = _bounds(meta, "mu.action_high", act_dim, source)
+    obs_dim = _positive_int(meta, c.OBS_DIM, source)
+    act_dim = _positive_int(meta, c.ACT_DIM, source)
+    low = _bounds(meta, c.ACTION_LOW, act_dim, source)
+    high = _bounds(meta, c.ACTION_HIGH, act_dim, source)
     if not (low < high).all():
         raise PolicyLoadError(f"{source}: action_low must be below action_high in every dimension")
-    layout = _layout(meta, obs_dim, source)
+    history = _history(meta, obs_dim, act_dim, source)
+    # With history, the layout cuts one observation, not the whole input.
+    layout = _layout(meta, obs_dim if history is None else history["obs_dim"], source)
     _check_signature(session, obs_dim, act_dim, source)
     policy = Policy(
         version=version,
         source=source,
         sha256=hashlib.sha256(data).hexdigest(),
         session=session,
-        env_id=meta["mu.env_id"],
+        env_id=meta[c.ENV_ID],
         obs_dim=obs_dim,
         act_dim=act_dim,
         low=low,
         high=high,
         obs_layout=layout,
         metadata=meta,
+        history=history,
         onnx=data,
     )
     _probe(policy, source)
@@ -346,16 +361,32 @@ def _bounds(meta: dict[str, str], key: str, act_dim: int, source: str) -> np.nda
     return values
 
 
-def _layout(meta: dict[str, str], obs_dim: int, source: str) -> list[tuple[str, int]]:
+def _layout(meta: dict[str, str], size: int, source: str) -> list[tuple[str, int]]:
     try:
-        layout = [(str(name), int(size)) for name, size in json.loads(meta["mu.obs_layout"])]
+        layout = [(str(name), int(size)) for name, size in json.loads(meta[c.OBS_LAYOUT])]
     except (json.JSONDecodeError, TypeError, ValueError):
         raise PolicyLoadError(
             f"{source}: mu.obs_layout is not a JSON list of [name, size]"
         ) from None
-    if sum(size for _, size in layout) != obs_dim:
-        raise PolicyLoadError(f"{source}: mu.obs_layout sizes do not add up to obs_dim {obs_dim}")
+    if sum(n for _, n in layout) != size:
+        raise PolicyLoadError(f"{source}: mu.obs_layout sizes do not add up to {size}")
     return layout
+
+
+def _history(
+    meta: dict[str, str], obs_dim: int, act_dim: int, source: str
+) -> dict[str, int] | None:
+    try:
+        spec = c.history_spec(meta)
+    except (ValueError, TypeError) as e:
+        raise PolicyLoadError(f"{source}: {e}") from None
+    if spec is None:
+        return None
+    if spec["obs_dim"] * (1 + spec["obs"]) + act_dim * spec["actions"] != obs_dim:
+        raise PolicyLoadError(
+            f"{source}: {c.HISTORY} {spec} does not add up to {c.OBS_DIM} {obs_dim}"
+        )
+    return spec
 
 
 def _check_signature(
@@ -369,7 +400,7 @@ def _check_signature(
             f"{OUTPUT_NAME!r}"
         )
     output = next(o for o in outputs if o.name == OUTPUT_NAME)
-    for arg, dim, what in ((inputs[0], obs_dim, "mu.obs_dim"), (output, act_dim, "mu.act_dim")):
+    for arg, dim, what in ((inputs[0], obs_dim, c.OBS_DIM), (output, act_dim, c.ACT_DIM)):
         if arg.type != "tensor(float)":
             raise PolicyLoadError(f"{source}: {arg.name!r} is {arg.type}; expected tensor(float)")
         shape = arg.shape

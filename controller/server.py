@@ -26,13 +26,13 @@ from controller.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ServeConfig,
     is_local,
-    keepalive_options,
     parse_listen,
 )
 from controller.decoding import DecodeGuard
 from controller.finetune.config import FinetuneConfig
 from controller.finetune.manager import Finetuner, resume_policy
 from controller.inference import INFERENCE_SERVICE_NAME, InferenceService
+from controller.keepalive import keepalive_options
 from controller.metrics import Metrics
 from controller.policy import Policy
 from controller.proto import controller_pb2_grpc as pb_grpc

@@ -20,11 +20,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from controller.decoding import Undecodable
 from controller.metrics import Metrics
+from controller.pipeline import Pipeline
 from controller.policy import ORT_ERRORS, ActError, Policy
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
-from controller.safety import SlewLimiter
 from controller.store import PolicyStore, SwapRefused
+from controller.transitions import Outcome
 from controller.watch import LocalLoops
 
 if TYPE_CHECKING:
@@ -122,12 +123,12 @@ class ControllerService(pb_grpc.ControllerServicer):
         self, request_iterator: AsyncIterator[pb.ActRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ActResponse]:
         store, metrics, delta, batcher = self._store, self._metrics, self._max_delta, self.batcher
-        slew = SlewLimiter(delta)  # the same limiter the local lane runs
         finetune = self._finetune
         # Experience steers what the robot will do: only a trusted caller's is learned from, and
         # only a trusted stream explores (noise on actions nobody learns from is pure cost).
         trusted = self._token_given(context) is True
-        experience = None if finetune is None else finetune.stream(trusted, context.peer())
+        # The same tick as the local lane's (controller.pipeline).
+        pipe = Pipeline(None if finetune is None else finetune.stream(trusted, context.peer()))
         explorer = None if finetune is None or not trusted else finetune.explorer
         self._open_streams += 1
         try:
@@ -136,42 +137,41 @@ class ControllerService(pb_grpc.ControllerServicer):
                 policy = store.current
                 if type(request) is Undecodable:  # in-band, like any refused request
                     metrics.error("ActStream", grpc.StatusCode.INVALID_ARGUMENT, 0.0)
-                    if experience is not None:
-                        experience.interrupted()
+                    pipe.interrupted()
                     yield pb.ActResponse(
                         policy_version=policy.version,
                         error=pb.Error(code=_INVALID, message=request.message),
                     )
                     continue
+                if request.HasField("reward"):
+                    pipe.close(request_outcome(request))
                 try:
+                    obs = pipe.input(
+                        policy,
+                        request.obs,
+                        request.episode_start or request.terminated or request.truncated,
+                        request.applied_action if len(request.applied_action) else None,
+                    )
                     if batcher is not None and self._open_streams > 1:
-                        action = (await batcher.submit(policy, request.obs)).tolist()
+                        action = (await batcher.submit(policy, obs)).tolist()
                     else:
-                        action = policy.act_values(request.obs)
+                        action = policy.act_values(obs)
                 except ActError as e:
                     # In-band: this request is refused, the stream stays up for the next one.
                     metrics.error("ActStream", e.code, perf_counter() - t0)
-                    if experience is not None:
-                        experience.interrupted()
+                    pipe.interrupted()
                     yield pb.ActResponse(
                         seq=request.seq,
                         policy_version=policy.version,
                         error=pb.Error(code=e.code.value[0], message=e.message),
                     )
                     continue
-                if experience is not None:
-                    experience.report(request.obs, request)
-                explored = explorer is not None and finetune.learning
-                if explored:
-                    action = explorer.perturb(action, policy.low, policy.high).tolist()
-                if delta is not None:
-                    action = slew.limit(action, policy.low, policy.high)
-                if experience is not None:
-                    experience.served(action, policy.version, policy.low, policy.high)
+                explore = explorer if explorer is not None and finetune.learning else None
+                action = pipe.output(policy, policy.version, action, explore, delta)
                 reply = pb.ActResponse(
                     action=action, seq=request.seq, policy_version=policy.version
                 )
-                if explored:
+                if explore is not None:
                     reply.explored = True
                 metrics.ok("ActStream", perf_counter() - t0)
                 yield reply
@@ -397,6 +397,24 @@ class ControllerService(pb_grpc.ControllerServicer):
 
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+def request_outcome(request: pb.ActRequest) -> Outcome:
+    """What request t+1 reports about step t (the proto's convention): r_t; s_{t+1}, which is
+    `obs` unless the episode ended, then `final_obs` (a termination never uses it: `obs` will
+    do; a truncation without it cannot bootstrap: None); terminated, truncated; and the
+    applied action when the robot changed the served one."""
+    terminated, truncated = request.terminated, request.truncated
+    if not (terminated or truncated):
+        next_obs: Sequence[float] | None = request.obs
+    elif len(request.final_obs):
+        next_obs = request.final_obs
+    else:
+        next_obs = request.obs if terminated else None
+    applied = request.applied_action if len(request.applied_action) else None
+    return Outcome(request.reward, next_obs, terminated, truncated, applied)
+
+
 _ACTIONS_FIELD = pb.ActBatchResponse.DESCRIPTOR.fields_by_name["actions"].number
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from controller.contract import interface_change
 from controller.decoding import clipped
 from controller.policy import (
     Policy,
@@ -125,19 +126,16 @@ class PolicyStore:
             await asyncio.get_running_loop().run_in_executor(self._executor, hook, policy)
 
     def _check_compatible(self, new: Policy) -> None:
-        """Clients mid-stream rely on the interface: env id and dimensions must not change."""
-        old = self.current
-        for what, a, b in (
-            ("env id", new.env_id, old.env_id),
-            ("obs_dim", new.obs_dim, old.obs_dim),
-            ("act_dim", new.act_dim, old.act_dim),
-        ):
-            if a != b:
-                raise SwapRefused(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"{new.source} has {what} {a}; the served policy has {b}. "
-                    "Start another server to serve a different interface.",
-                )
+        """Clients mid-stream rely on the interface: env id, dimensions and history must not
+        change."""
+        change = interface_change(new, self.current)
+        if change is not None:
+            what, a, b = change
+            raise SwapRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{new.source} has {what} {a}; the served policy has {b}. "
+                "Start another server to serve a different interface.",
+            )
 
     def _swap(self, policy: Policy) -> None:
         self.previous, self.current = self.current, policy

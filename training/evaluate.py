@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from controller import contract
 from training.envs import make_env, run_episodes
 from training.history import with_history
 from training.randomization import randomize
@@ -52,9 +53,9 @@ def load_session(path: str | Path) -> ort.InferenceSession:
 
 def policy_env_id(sess: ort.InferenceSession) -> str:
     meta = sess.get_modelmeta().custom_metadata_map
-    if "mu.env_id" not in meta:
+    if contract.ENV_ID not in meta:
         raise ValueError("not a mu policy file (no mu.env_id metadata; `mu export` writes one)")
-    return meta["mu.env_id"]
+    return meta[contract.ENV_ID]
 
 
 def shifted_env(env_id: str, seed: int, shifts: dict[str, float]) -> gym.Env:
@@ -73,12 +74,15 @@ def evaluate_session(
     """Deterministic returns of `sess` on `env_id` under `shifts` ({knob: value}); episode i
     is reset with seed + i, and noise draws come from a generator seeded with `seed`."""
     shifts = dict(shifts or {})
-    history = json.loads(sess.get_modelmeta().custom_metadata_map.get("mu.history", "null"))
+    history = contract.history_spec(sess.get_modelmeta().custom_metadata_map)
     env = shifted_env(env_id, seed, shifts)
     if history:  # the policy reads its own recent past: the same input as in training
         env = with_history(env, history["obs"], history["actions"])
     returns, rate = run_episodes(
-        env, lambda obs: sess.run(["action"], {"obs": obs[None]})[0][0], episodes, seed
+        env,
+        lambda obs: sess.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: obs[None]})[0][0],
+        episodes,
+        seed,
     )
     env.close()
     return OnnxEval(env_id, returns, rate, shifts)

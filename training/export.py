@@ -28,6 +28,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from controller import contract
 from training import checkpoint
 from training.algos import AnyAgent, deployed
 from training.atomic import atomic_write
@@ -37,7 +38,6 @@ from training.history import with_history
 
 log = logging.getLogger(__name__)
 
-FORMAT = "mu.policy.v1"
 OPSET = 18
 PARITY_TOL = 1e-5
 PARITY_SAMPLES = 1000
@@ -74,20 +74,20 @@ def export_policy(
 def contract_props(meta: dict[str, Any], algo: str) -> dict[str, str]:
     """The metadata_props every policy file carries (docs/contract.md, the policy file)."""
     return {
-        "mu.format": FORMAT,
-        "mu.env_id": meta["env_id"],
-        "mu.obs_dim": str(meta["obs_dim"]),
-        "mu.act_dim": str(meta["act_dim"]),
-        "mu.action_low": json.dumps(meta["action_low"]),
-        "mu.action_high": json.dumps(meta["action_high"]),
-        "mu.obs_layout": json.dumps(meta["obs_layout"]),
+        contract.FORMAT: contract.FORMAT_TAG,
+        contract.ENV_ID: meta["env_id"],
+        contract.OBS_DIM: str(meta["obs_dim"]),
+        contract.ACT_DIM: str(meta["act_dim"]),
+        contract.ACTION_LOW: json.dumps(meta["action_low"]),
+        contract.ACTION_HIGH: json.dumps(meta["action_high"]),
+        contract.OBS_LAYOUT: json.dumps(meta["obs_layout"]),
         "mu.algo": algo,
         "mu.train_steps": str(meta.get("train_steps", 0)),
         "mu.eval_return": json.dumps(meta.get("eval_return")),
         "mu.created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mu.randomization": json.dumps(meta.get("randomization", {})),
         "mu.export_rule": meta.get("export_rule", "last"),
-        **({"mu.history": json.dumps(meta["history"])} if meta.get("history") else {}),
+        **({contract.HISTORY: json.dumps(meta["history"])} if meta.get("history") else {}),
     }
 
 
@@ -97,8 +97,8 @@ def to_onnx(policy: torch.nn.Module, obs_dim: int, props: dict[str, str]) -> byt
         program = torch.onnx.export(
             policy,
             (torch.zeros(2, obs_dim),),
-            input_names=["obs"],
-            output_names=["action"],
+            input_names=[contract.INPUT_NAME],
+            output_names=[contract.OUTPUT_NAME],
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             opset_version=OPSET,
             dynamo=True,
@@ -158,7 +158,9 @@ def parity_error(
 def onnx_error(onnx_bytes: bytes, obs: np.ndarray, want: np.ndarray) -> float:
     """Largest absolute difference between onnxruntime's actions on `obs` and `want`."""
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    got = sess.run(["action"], {"obs": np.ascontiguousarray(obs, dtype=np.float32)})[0]
+    got = sess.run(
+        [contract.OUTPUT_NAME], {contract.INPUT_NAME: np.ascontiguousarray(obs, dtype=np.float32)}
+    )[0]
     return float(np.max(np.abs(got - want)))
 
 

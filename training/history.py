@@ -1,18 +1,5 @@
-"""History in the actor's input: the last H observations and the last K applied actions beside
-the current observation, so that a memoryless actor can infer what it cannot see (a latency, a
-calibration offset, a weaker motor) from how its recent actions played out. With an action
-delay of k steps, the last k actions make the state Markov again.
-
-The policy input is laid out as
-
-    [obs_t, obs_{t-1}, ..., obs_{t-H}, a_{t-1}, ..., a_{t-K}]
-
-with observations as the env gives them and actions as applied (after exploration, slew limit
-and clamp), in the env's units. A new episode starts with every past observation equal to the
-first one and every past action at the action bounds' midpoint.
-
-Torch-free and numpy only: the training env (`HistoryObs`), `mu eval` and the serving side build
-the input with this one class (`mu.history` in the policy file says H, K and the sizes).
+"""The training side of history in the actor's input (controller/history.py: the layout and
+the one `History` class that builds it): the env whose observation is that input.
 """
 
 from __future__ import annotations
@@ -22,45 +9,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-
-class History:
-    """The policy input of one episode under way (module doc)."""
-
-    def __init__(self, obs_dim: int, act_low, act_high, obs: int, actions: int):
-        if obs < 0 or actions < 0:
-            raise ValueError(f"history lengths must be >= 0, got obs={obs}, actions={actions}")
-        self.obs_dim, self.n_obs, self.n_actions = obs_dim, obs, actions
-        low, high = np.asarray(act_low, np.float32), np.asarray(act_high, np.float32)
-        self.act_dim, self.idle = low.size, (low + high) / 2
-        self.dim = obs_dim * (1 + obs) + self.act_dim * actions
-        self._obs = np.zeros((1 + obs, obs_dim), np.float32)  # newest first
-        self._act = np.zeros((actions, self.act_dim), np.float32)
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any], act_low, act_high) -> History:
-        """From the policy file's `mu.history` ({"obs", "actions", "obs_dim"})."""
-        return cls(int(spec["obs_dim"]), act_low, act_high, int(spec["obs"]), int(spec["actions"]))
-
-    def spec(self) -> dict[str, int]:
-        return {"obs": self.n_obs, "actions": self.n_actions, "obs_dim": self.obs_dim}
-
-    def reset(self, obs: np.ndarray) -> np.ndarray:
-        """A new episode starting at `obs`; returns the policy input."""
-        self._obs[:] = np.asarray(obs, np.float32).reshape(self.obs_dim)
-        self._act[:] = self.idle
-        return self.input()
-
-    def step(self, applied: np.ndarray, obs: np.ndarray) -> np.ndarray:
-        """`applied` was sent to the robot and `obs` came back; returns the policy input."""
-        if self.n_actions:
-            self._act[1:] = self._act[:-1]
-            self._act[0] = np.asarray(applied, np.float32).reshape(self.act_dim)
-        self._obs[1:] = self._obs[:-1]
-        self._obs[0] = np.asarray(obs, np.float32).reshape(self.obs_dim)
-        return self.input()
-
-    def input(self) -> np.ndarray:
-        return np.concatenate([self._obs.reshape(-1), self._act.reshape(-1)])
+from controller.history import History
 
 
 class HistoryObs(gym.Wrapper):

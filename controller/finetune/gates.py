@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from controller.contract import INPUT_NAME, OUTPUT_NAME
 from controller.policy import ORT_ERRORS, Policy, load_policy
 
 
@@ -38,8 +39,8 @@ def check_candidate(
     try:
         candidate = load_policy(data, source=source, version=0)
         states = np.ascontiguousarray(states, np.float32)
-        new = candidate.session.run(["action"], {"obs": states})[0]
-        old = current.session.run(["action"], {"obs": states})[0]
+        new = candidate.session.run([OUTPUT_NAME], {INPUT_NAME: states})[0]
+        old = current.session.run([OUTPUT_NAME], {INPUT_NAME: states})[0]
     except (*ORT_ERRORS, OSError) as e:
         return GateResult(False, f"candidate does not load or run: {e}")
     if candidate.obs_dim != current.obs_dim or candidate.act_dim != current.act_dim:

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from controller.contract import split_rows
 from controller.finetune.config import FinetuneConfig, check_algo
-from controller.finetune.experience import split_rows
 from controller.finetune.versions import (
     agent_for,
     candidate_paths,
@@ -100,7 +100,7 @@ class Learner:
         log.info("learner: replay seeded with %d offline transitions", self.buffer.size)
 
     def add(self, rows: np.ndarray) -> None:
-        """Store a chunk of transition rows (see controller.finetune.experience)."""
+        """Store a chunk of transition rows (controller.contract.row_width)."""
         cols = split_rows(rows, self.meta["obs_dim"], self.meta["act_dim"])
         for i in range(len(rows)):
             self.buffer.add(

@@ -1,8 +1,9 @@
 """The serving side of fine-tuning (torch-free): the learner process, the queues, promotion and
 rollback. Everything here runs on the server's event loop except the gates (a worker thread).
 
-Data path: ActStream handlers call a StreamExperience per stream; rows gather into chunks that
-`put_nowait` into a bounded multiprocessing queue (a full queue drops the chunk and counts it).
+Data path: each ActStream's transitions (controller.transitions) feed a LearnerSink; rows
+gather into chunks that `put_nowait` into a bounded multiprocessing queue (a full queue drops
+the chunk and counts it).
 Control path: a pump task flushes partial chunks and reads the learner's messages every 50 ms;
 a candidate passes the gates, then the PolicyStore hot-swaps it with a new version number, the
 RollbackMonitor judges it by reported returns, and every swap is sent to the learner, which
@@ -24,15 +25,14 @@ from typing import Any
 import grpc
 import numpy as np
 
+from controller.contract import fill_row, row_width, to_unit
+from controller.explore import Explorer
 from controller.finetune.config import FinetuneConfig, check_algo
 from controller.finetune.experience import (
     Counters,
-    Explorer,
-    StreamExperience,
+    LearnerSink,
     TransitionSink,
     UntrustedExperience,
-    row_width,
-    to_unit,
 )
 from controller.finetune.gates import check_candidate
 from controller.finetune.monitor import RollbackMonitor, Verdict
@@ -40,6 +40,7 @@ from controller.finetune.versions import Pointer, agent_for, read_pointer, write
 from controller.metrics import Metrics
 from controller.policy import Policy, load_policy, read_policy_file
 from controller.store import PolicyStore, SwapRefused
+from controller.transitions import Transitions
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +167,15 @@ class Finetuner:
 
     # -- data path (called by the ActStream handler) ------------------------------------------
 
-    def stream(self, trusted: bool, peer: str) -> StreamExperience | UntrustedExperience:
+    def stream(self, trusted: bool, peer: str) -> Transitions:
         """What one ActStream's reports feed: the learner and the rollback monitor when the
         caller is trusted (admin token, or the server has none); nothing otherwise."""
-        if trusted:
-            return StreamExperience(self.sink, self._episode, self.obs_dim, self.act_dim)
-        return UntrustedExperience(self.counters, peer)
+        sink: LearnerSink | UntrustedExperience = (
+            LearnerSink(self.sink, self._episode, row_width(self.obs_dim, self.act_dim))
+            if trusted
+            else UntrustedExperience(self.counters, peer)
+        )
+        return Transitions(sink, self.obs_dim, self.act_dim)
 
     def _record_states(self, obs: np.ndarray) -> None:
         idx = (self._recent_n + np.arange(len(obs))) % RECENT_STATES
@@ -217,9 +221,8 @@ class Finetuner:
                 return self._reject(f"{name} contains NaN or infinite values")
         if not math.isfinite(reward):
             return self._reject("reward is not finite")
-        row = np.concatenate(
-            [o, to_unit(a, policy.low, policy.high), [reward], o2, [terminated], [truncated]]
-        ).astype(np.float32)
+        row = np.empty(row_width(self.obs_dim, self.act_dim), np.float32)
+        fill_row(row, o, to_unit(a, policy.low, policy.high), reward, o2, terminated, truncated)
         self.sink.add(row)
         if episode is not None:
             self._episode(*episode)

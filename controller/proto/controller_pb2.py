@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mu/v1/controller.proto\x12\x05mu.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x01\n\nActRequest\x12\x0b\n\x03obs\x18\x01 \x03(\x02\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x13\n\x06reward\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\nterminated\x18\x04 \x01(\x08\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x16\n\x0e\x61pplied_action\x18\x06 \x03(\x02\x12\x11\n\tfinal_obs\x18\x07 \x03(\x02\x42\t\n\x07_reward\"q\n\x0b\x41\x63tResponse\x12\x0e\n\x06\x61\x63tion\x18\x01 \x03(\x02\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\x1b\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x0c.mu.v1.Error\x12\x10\n\x08\x65xplored\x18\x05 \x01(\x08\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"?\n\x0f\x41\x63tBatchRequest\x12\x0b\n\x03obs\x18\x01 \x03(\x02\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"m\n\x10\x41\x63tBatchResponse\x12\x0f\n\x07\x61\x63tions\x18\x01 \x03(\x02\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x0f\n\x07\x61\x63t_dim\x18\x03 \x01(\r\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\"\x12\n\x10GetPolicyRequest\"&\n\x08ObsField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\r\"\xf1\x03\n\nPolicyInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06\x65nv_id\x18\x02 \x01(\t\x12\x0f\n\x07obs_dim\x18\x03 \x01(\r\x12\x0f\n\x07\x61\x63t_dim\x18\x04 \x01(\r\x12\x12\n\naction_low\x18\x05 \x03(\x02\x12\x13\n\x0b\x61\x63tion_high\x18\x06 \x03(\x02\x12#\n\nobs_layout\x18\x07 \x03(\x0b\x32\x0f.mu.v1.ObsField\x12\x0c\n\x04\x61lgo\x18\x08 \x01(\t\x12\x13\n\x0btrain_steps\x18\t \x01(\x04\x12\x13\n\x0b\x65val_return\x18\n \x01(\x01\x12\x13\n\x0b\x63reated_utc\x18\x0b \x01(\t\x12-\n\tloaded_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\r \x01(\t\x12\x0e\n\x06sha256\x18\x0e \x01(\t\x12\x11\n\tmax_delta\x18\x0f \x01(\x02\x12\x18\n\x10previous_version\x18\x10 \x01(\x04\x12\x31\n\x08metadata\x18\x11 \x03(\x0b\x32\x1f.mu.v1.PolicyInfo.MetadataEntry\x12%\n\x0blocal_loops\x18\x12 \x03(\x0b\x32\x10.mu.v1.LocalLoop\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\tLocalLoop\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x17\n\x0f\x61pplied_version\x18\x04 \x01(\x04\x12\x16\n\x0e\x61pplied_sha256\x18\x05 \x01(\t\x12\x17\n\x0frefused_version\x18\x06 \x01(\x04\x12\x15\n\rrefused_error\x18\x07 \x01(\t\x12,\n\x08\x61\x63ked_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x12WatchPolicyRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0frunning_version\x18\x02 \x01(\x04\x12\x16\n\x0erunning_sha256\x18\x03 \x01(\t\"\xe8\x01\n\x0cPolicyUpdate\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04onnx\x18\x04 \x01(\x0c\x12\x12\n\naction_low\x18\x05 \x03(\x02\x12\x13\n\x0b\x61\x63tion_high\x18\x06 \x03(\x02\x12\x11\n\tmax_delta\x18\x07 \x01(\x02\x12\x13\n\x0b\x65xplore_std\x18\x08 \x01(\x02\x12\x14\n\x0c\x65xplore_clip\x18\t \x01(\x02\x12\x10\n\x08\x66inetune\x18\n \x01(\x08\x12\x0e\n\x06source\x18\x0b \x01(\t\x12\x11\n\tserver_id\x18\x0c \x01(\t\"n\n\tPolicyAck\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0f\n\x07\x61pplied\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\x13\n\x11\x41\x63kPolicyResponse\"=\n\x11LoadPolicyRequest\x12\x0e\n\x04path\x18\x01 \x01(\tH\x00\x12\x0e\n\x04onnx\x18\x02 \x01(\x0cH\x00\x42\x08\n\x06source\"\x17\n\x15RollbackPolicyRequest\"\xba\x01\n\nTransition\x12\x0b\n\x03obs\x18\x01 \x03(\x02\x12\x0e\n\x06\x61\x63tion\x18\x02 \x03(\x02\x12\x0e\n\x06reward\x18\x03 \x01(\x02\x12\x10\n\x08next_obs\x18\x04 \x03(\x02\x12\x12\n\nterminated\x18\x05 \x01(\x08\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x04\x12\x1b\n\x0e\x65pisode_return\x18\x08 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_episode_return\"e\n\x19ReportTransitionsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x10\n\x08rejected\x18\x02 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04\x12\x13\n\x0b\x66irst_error\x18\x04 \x01(\t\"\x18\n\x16\x46inetuneControlRequest\"\xc7\x03\n\x0e\x46inetuneStatus\x12\x0e\n\x06paused\x18\x01 \x01(\x08\x12\x15\n\rlearner_alive\x18\x02 \x01(\x08\x12\x1c\n\x14transitions_received\x18\x03 \x01(\x04\x12\x1c\n\x14transitions_rejected\x18\x04 \x01(\x04\x12\x1b\n\x13transitions_dropped\x18\x05 \x01(\x04\x12\x0f\n\x07updates\x18\x06 \x01(\x04\x12\x15\n\ractor_updates\x18\x07 \x01(\x04\x12\x12\n\ncandidates\x18\x08 \x01(\x04\x12\x12\n\npromotions\x18\t \x01(\x04\x12\x10\n\x08refusals\x18\n \x01(\x04\x12\x14\n\x0clast_refusal\x18\x0b \x01(\t\x12\x11\n\trollbacks\x18\x0c \x01(\x04\x12\x17\n\x0fjudging_version\x18\r \x01(\x04\x12\x18\n\x10judging_episodes\x18\x0e \x01(\r\x12\x1b\n\x13\x63urrent_mean_return\x18\x0f \x01(\x01\x12\x18\n\x10\x63urrent_episodes\x18\x10 \x01(\r\x12\x13\n\x0b\x65xplore_std\x18\x11 \x01(\x01\x12\x14\n\x0cversions_dir\x18\x12 \x01(\t\x12\x15\n\rlearner_error\x18\x13 \x01(\t2\x8a\x06\n\nController\x12,\n\x03\x41\x63t\x12\x11.mu.v1.ActRequest\x1a\x12.mu.v1.ActResponse\x12\x36\n\tActStream\x12\x11.mu.v1.ActRequest\x1a\x12.mu.v1.ActResponse(\x01\x30\x01\x12;\n\x08\x41\x63tBatch\x12\x16.mu.v1.ActBatchRequest\x1a\x17.mu.v1.ActBatchResponse\x12\x37\n\tGetPolicy\x12\x17.mu.v1.GetPolicyRequest\x1a\x11.mu.v1.PolicyInfo\x12\x39\n\nLoadPolicy\x12\x18.mu.v1.LoadPolicyRequest\x1a\x11.mu.v1.PolicyInfo\x12\x41\n\x0eRollbackPolicy\x12\x1c.mu.v1.RollbackPolicyRequest\x1a\x11.mu.v1.PolicyInfo\x12J\n\x11ReportTransitions\x12\x11.mu.v1.Transition\x1a .mu.v1.ReportTransitionsResponse(\x01\x12G\n\x0fPauseFinetuning\x12\x1d.mu.v1.FinetuneControlRequest\x1a\x15.mu.v1.FinetuneStatus\x12H\n\x10ResumeFinetuning\x12\x1d.mu.v1.FinetuneControlRequest\x1a\x15.mu.v1.FinetuneStatus\x12I\n\x11GetFinetuneStatus\x12\x1d.mu.v1.FinetuneControlRequest\x1a\x15.mu.v1.FinetuneStatus\x12?\n\x0bWatchPolicy\x12\x19.mu.v1.WatchPolicyRequest\x1a\x13.mu.v1.PolicyUpdate0\x01\x12\x37\n\tAckPolicy\x12\x10.mu.v1.PolicyAck\x1a\x18.mu.v1.AckPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mu/v1/controller.proto\x12\x05mu.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaf\x01\n\nActRequest\x12\x0b\n\x03obs\x18\x01 \x03(\x02\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x13\n\x06reward\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\nterminated\x18\x04 \x01(\x08\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x16\n\x0e\x61pplied_action\x18\x06 \x03(\x02\x12\x11\n\tfinal_obs\x18\x07 \x03(\x02\x12\x15\n\repisode_start\x18\x08 \x01(\x08\x42\t\n\x07_reward\"q\n\x0b\x41\x63tResponse\x12\x0e\n\x06\x61\x63tion\x18\x01 \x03(\x02\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\x1b\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x0c.mu.v1.Error\x12\x10\n\x08\x65xplored\x18\x05 \x01(\x08\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"?\n\x0f\x41\x63tBatchRequest\x12\x0b\n\x03obs\x18\x01 \x03(\x02\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"m\n\x10\x41\x63tBatchResponse\x12\x0f\n\x07\x61\x63tions\x18\x01 \x03(\x02\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x0f\n\x07\x61\x63t_dim\x18\x03 \x01(\r\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\"\x12\n\x10GetPolicyRequest\"&\n\x08ObsField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\r\"\xf1\x03\n\nPolicyInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06\x65nv_id\x18\x02 \x01(\t\x12\x0f\n\x07obs_dim\x18\x03 \x01(\r\x12\x0f\n\x07\x61\x63t_dim\x18\x04 \x01(\r\x12\x12\n\naction_low\x18\x05 \x03(\x02\x12\x13\n\x0b\x61\x63tion_high\x18\x06 \x03(\x02\x12#\n\nobs_layout\x18\x07 \x03(\x0b\x32\x0f.mu.v1.ObsField\x12\x0c\n\x04\x61lgo\x18\x08 \x01(\t\x12\x13\n\x0btrain_steps\x18\t \x01(\x04\x12\x13\n\x0b\x65val_return\x18\n \x01(\x01\x12\x13\n\x0b\x63reated_utc\x18\x0b \x01(\t\x12-\n\tloaded_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\r \x01(\t\x12\x0e\n\x06sha256\x18\x0e \x01(\t\x12\x11\n\tmax_delta\x18\x0f \x01(\x02\x12\x18\n\x10previous_version\x18\x10 \x01(\x04\x12\x31\n\x08metadata\x18\x11 \x03(\x0b\x32\x1f.mu.v1.PolicyInfo.MetadataEntry\x12%\n\x0blocal_loops\x18\x12 \x03(\x0b\x32\x10.mu.v1.LocalLoop\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\tLocalLoop\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x17\n\x0f\x61pplied_version\x18\x04 \x01(\x04\x12\x16\n\x0e\x61pplied_sha256\x18\x05 \x01(\t\x12\x17\n\x0frefused_version\x18\x06 \x01(\x04\x12\x15\n\rrefused_error\x18\x07 \x01(\t\x12,\n\x08\x61\x63ked_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x12WatchPolicyRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0frunning_version\x18\x02 \x01(\x04\x12\x16\n\x0erunning_sha256\x18\x03 \x01(\t\"\xe8\x01\n\x0cPolicyUpdate\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04onnx\x18\x04 \x01(\x0c\x12\x12\n\naction_low\x18\x05 \x03(\x02\x12\x13\n\x0b\x61\x63tion_high\x18\x06 \x03(\x02\x12\x11\n\tmax_delta\x18\x07 \x01(\x02\x12\x13\n\x0b\x65xplore_std\x18\x08 \x01(\x02\x12\x14\n\x0c\x65xplore_clip\x18\t \x01(\x02\x12\x10\n\x08\x66inetune\x18\n \x01(\x08\x12\x0e\n\x06source\x18\x0b \x01(\t\x12\x11\n\tserver_id\x18\x0c \x01(\t\"n\n\tPolicyAck\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0f\n\x07\x61pplied\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\x13\n\x11\x41\x63kPolicyResponse\"=\n\x11LoadPolicyRequest\x12\x0e\n\x04path\x18\x01 \x01(\tH\x00\x12\x0e\n\x04onnx\x18\x02 \x01(\x0cH\x00\x42\x08\n\x06source\"\x17\n\x15RollbackPolicyRequest\"\xba\x01\n\nTransition\x12\x0b\n\x03obs\x18\x01 \x03(\x02\x12\x0e\n\x06\x61\x63tion\x18\x02 \x03(\x02\x12\x0e\n\x06reward\x18\x03 \x01(\x02\x12\x10\n\x08next_obs\x18\x04 \x03(\x02\x12\x12\n\nterminated\x18\x05 \x01(\x08\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x04\x12\x1b\n\x0e\x65pisode_return\x18\x08 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_episode_return\"e\n\x19ReportTransitionsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x10\n\x08rejected\x18\x02 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04\x12\x13\n\x0b\x66irst_error\x18\x04 \x01(\t\"\x18\n\x16\x46inetuneControlRequest\"\xc7\x03\n\x0e\x46inetuneStatus\x12\x0e\n\x06paused\x18\x01 \x01(\x08\x12\x15\n\rlearner_alive\x18\x02 \x01(\x08\x12\x1c\n\x14transitions_received\x18\x03 \x01(\x04\x12\x1c\n\x14transitions_rejected\x18\x04 \x01(\x04\x12\x1b\n\x13transitions_dropped\x18\x05 \x01(\x04\x12\x0f\n\x07updates\x18\x06 \x01(\x04\x12\x15\n\ractor_updates\x18\x07 \x01(\x04\x12\x12\n\ncandidates\x18\x08 \x01(\x04\x12\x12\n\npromotions\x18\t \x01(\x04\x12\x10\n\x08refusals\x18\n \x01(\x04\x12\x14\n\x0clast_refusal\x18\x0b \x01(\t\x12\x11\n\trollbacks\x18\x0c \x01(\x04\x12\x17\n\x0fjudging_version\x18\r \x01(\x04\x12\x18\n\x10judging_episodes\x18\x0e \x01(\r\x12\x1b\n\x13\x63urrent_mean_return\x18\x0f \x01(\x01\x12\x18\n\x10\x63urrent_episodes\x18\x10 \x01(\r\x12\x13\n\x0b\x65xplore_std\x18\x11 \x01(\x01\x12\x14\n\x0cversions_dir\x18\x12 \x01(\t\x12\x15\n\rlearner_error\x18\x13 \x01(\t2\x8a\x06\n\nController\x12,\n\x03\x41\x63t\x12\x11.mu.v1.ActRequest\x1a\x12.mu.v1.ActResponse\x12\x36\n\tActStream\x12\x11.mu.v1.ActRequest\x1a\x12.mu.v1.ActResponse(\x01\x30\x01\x12;\n\x08\x41\x63tBatch\x12\x16.mu.v1.ActBatchRequest\x1a\x17.mu.v1.ActBatchResponse\x12\x37\n\tGetPolicy\x12\x17.mu.v1.GetPolicyRequest\x1a\x11.mu.v1.PolicyInfo\x12\x39\n\nLoadPolicy\x12\x18.mu.v1.LoadPolicyRequest\x1a\x11.mu.v1.PolicyInfo\x12\x41\n\x0eRollbackPolicy\x12\x1c.mu.v1.RollbackPolicyRequest\x1a\x11.mu.v1.PolicyInfo\x12J\n\x11ReportTransitions\x12\x11.mu.v1.Transition\x1a .mu.v1.ReportTransitionsResponse(\x01\x12G\n\x0fPauseFinetuning\x12\x1d.mu.v1.FinetuneControlRequest\x1a\x15.mu.v1.FinetuneStatus\x12H\n\x10ResumeFinetuning\x12\x1d.mu.v1.FinetuneControlRequest\x1a\x15.mu.v1.FinetuneStatus\x12I\n\x11GetFinetuneStatus\x12\x1d.mu.v1.FinetuneControlRequest\x1a\x15.mu.v1.FinetuneStatus\x12?\n\x0bWatchPolicy\x12\x19.mu.v1.WatchPolicyRequest\x1a\x13.mu.v1.PolicyUpdate0\x01\x12\x37\n\tAckPolicy\x12\x10.mu.v1.PolicyAck\x1a\x18.mu.v1.AckPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,45 +35,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POLICYINFO_METADATAENTRY']._loaded_options = None
   _globals['_POLICYINFO_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_ACTREQUEST']._serialized_start=67
-  _globals['_ACTREQUEST']._serialized_end=219
-  _globals['_ACTRESPONSE']._serialized_start=221
-  _globals['_ACTRESPONSE']._serialized_end=334
-  _globals['_ERROR']._serialized_start=336
-  _globals['_ERROR']._serialized_end=374
-  _globals['_ACTBATCHREQUEST']._serialized_start=376
-  _globals['_ACTBATCHREQUEST']._serialized_end=439
-  _globals['_ACTBATCHRESPONSE']._serialized_start=441
-  _globals['_ACTBATCHRESPONSE']._serialized_end=550
-  _globals['_GETPOLICYREQUEST']._serialized_start=552
-  _globals['_GETPOLICYREQUEST']._serialized_end=570
-  _globals['_OBSFIELD']._serialized_start=572
-  _globals['_OBSFIELD']._serialized_end=610
-  _globals['_POLICYINFO']._serialized_start=613
-  _globals['_POLICYINFO']._serialized_end=1110
-  _globals['_POLICYINFO_METADATAENTRY']._serialized_start=1063
-  _globals['_POLICYINFO_METADATAENTRY']._serialized_end=1110
-  _globals['_LOCALLOOP']._serialized_start=1113
-  _globals['_LOCALLOOP']._serialized_end=1319
-  _globals['_WATCHPOLICYREQUEST']._serialized_start=1321
-  _globals['_WATCHPOLICYREQUEST']._serialized_end=1409
-  _globals['_POLICYUPDATE']._serialized_start=1412
-  _globals['_POLICYUPDATE']._serialized_end=1644
-  _globals['_POLICYACK']._serialized_start=1646
-  _globals['_POLICYACK']._serialized_end=1756
-  _globals['_ACKPOLICYRESPONSE']._serialized_start=1758
-  _globals['_ACKPOLICYRESPONSE']._serialized_end=1777
-  _globals['_LOADPOLICYREQUEST']._serialized_start=1779
-  _globals['_LOADPOLICYREQUEST']._serialized_end=1840
-  _globals['_ROLLBACKPOLICYREQUEST']._serialized_start=1842
-  _globals['_ROLLBACKPOLICYREQUEST']._serialized_end=1865
-  _globals['_TRANSITION']._serialized_start=1868
-  _globals['_TRANSITION']._serialized_end=2054
-  _globals['_REPORTTRANSITIONSRESPONSE']._serialized_start=2056
-  _globals['_REPORTTRANSITIONSRESPONSE']._serialized_end=2157
-  _globals['_FINETUNECONTROLREQUEST']._serialized_start=2159
-  _globals['_FINETUNECONTROLREQUEST']._serialized_end=2183
-  _globals['_FINETUNESTATUS']._serialized_start=2186
-  _globals['_FINETUNESTATUS']._serialized_end=2641
-  _globals['_CONTROLLER']._serialized_start=2644
-  _globals['_CONTROLLER']._serialized_end=3422
+  _globals['_ACTREQUEST']._serialized_end=242
+  _globals['_ACTRESPONSE']._serialized_start=244
+  _globals['_ACTRESPONSE']._serialized_end=357
+  _globals['_ERROR']._serialized_start=359
+  _globals['_ERROR']._serialized_end=397
+  _globals['_ACTBATCHREQUEST']._serialized_start=399
+  _globals['_ACTBATCHREQUEST']._serialized_end=462
+  _globals['_ACTBATCHRESPONSE']._serialized_start=464
+  _globals['_ACTBATCHRESPONSE']._serialized_end=573
+  _globals['_GETPOLICYREQUEST']._serialized_start=575
+  _globals['_GETPOLICYREQUEST']._serialized_end=593
+  _globals['_OBSFIELD']._serialized_start=595
+  _globals['_OBSFIELD']._serialized_end=633
+  _globals['_POLICYINFO']._serialized_start=636
+  _globals['_POLICYINFO']._serialized_end=1133
+  _globals['_POLICYINFO_METADATAENTRY']._serialized_start=1086
+  _globals['_POLICYINFO_METADATAENTRY']._serialized_end=1133
+  _globals['_LOCALLOOP']._serialized_start=1136
+  _globals['_LOCALLOOP']._serialized_end=1342
+  _globals['_WATCHPOLICYREQUEST']._serialized_start=1344
+  _globals['_WATCHPOLICYREQUEST']._serialized_end=1432
+  _globals['_POLICYUPDATE']._serialized_start=1435
+  _globals['_POLICYUPDATE']._serialized_end=1667
+  _globals['_POLICYACK']._serialized_start=1669
+  _globals['_POLICYACK']._serialized_end=1779
+  _globals['_ACKPOLICYRESPONSE']._serialized_start=1781
+  _globals['_ACKPOLICYRESPONSE']._serialized_end=1800
+  _globals['_LOADPOLICYREQUEST']._serialized_start=1802
+  _globals['_LOADPOLICYREQUEST']._serialized_end=1863
+  _globals['_ROLLBACKPOLICYREQUEST']._serialized_start=1865
+  _globals['_ROLLBACKPOLICYREQUEST']._serialized_end=1888
+  _globals['_TRANSITION']._serialized_start=1891
+  _globals['_TRANSITION']._serialized_end=2077
+  _globals['_REPORTTRANSITIONSRESPONSE']._serialized_start=2079
+  _globals['_REPORTTRANSITIONSRESPONSE']._serialized_end=2180
+  _globals['_FINETUNECONTROLREQUEST']._serialized_start=2182
+  _globals['_FINETUNECONTROLREQUEST']._serialized_end=2206
+  _globals['_FINETUNESTATUS']._serialized_start=2209
+  _globals['_FINETUNESTATUS']._serialized_end=2664
+  _globals['_CONTROLLER']._serialized_start=2667
+  _globals['_CONTROLLER']._serialized_end=3445
 # @@protoc_insertion_point(module_scope)

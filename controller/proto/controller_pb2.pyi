@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ActRequest(_message.Message):
-    __slots__ = ("obs", "seq", "reward", "terminated", "truncated", "applied_action", "final_obs")
+    __slots__ = ("obs", "seq", "reward", "terminated", "truncated", "applied_action", "final_obs", "episode_start")
     OBS_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class ActRequest(_message.Message):
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     APPLIED_ACTION_FIELD_NUMBER: _ClassVar[int]
     FINAL_OBS_FIELD_NUMBER: _ClassVar[int]
+    EPISODE_START_FIELD_NUMBER: _ClassVar[int]
     obs: _containers.RepeatedScalarFieldContainer[float]
     seq: int
     reward: float
@@ -25,7 +26,8 @@ class ActRequest(_message.Message):
     truncated: bool
     applied_action: _containers.RepeatedScalarFieldContainer[float]
     final_obs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, obs: _Optional[_Iterable[float]] = ..., seq: _Optional[int] = ..., reward: _Optional[float] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ..., applied_action: _Optional[_Iterable[float]] = ..., final_obs: _Optional[_Iterable[float]] = ...) -> None: ...
+    episode_start: bool
+    def __init__(self, obs: _Optional[_Iterable[float]] = ..., seq: _Optional[int] = ..., reward: _Optional[float] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ..., applied_action: _Optional[_Iterable[float]] = ..., final_obs: _Optional[_Iterable[float]] = ..., episode_start: _Optional[bool] = ...) -> None: ...
 
 class ActResponse(_message.Message):
     __slots__ = ("action", "seq", "policy_version", "error", "explored")

@@ -1,12 +1,13 @@
-"""PolicyClient: what a robot loop calls to get actions from a mu control server.
+"""The robot's clients of a mu control server, one class per lane behind one interface
+(`act`, `version`, `misses`, `last_error`, `close`, and the admin calls), docs/serving.md.
 
-Two lanes (docs/serving.md). The gRPC lane (default): `act(obs)` asks the server and always
-returns within about `deadline_s`: if the server does not answer in time (or is down), it returns
-a fallback action (hold the last action, or zeros clamped into the bounds) and counts a miss, the
-way ros2_control reuses the previous command when an update overruns. The local lane
-(`local=True`): the server ships the policy (WatchPolicy) and `act(obs)` evaluates it in this
-process with the server's own validation and safety code; no tick touches the network.
-Requests the policy refuses as invalid raise ActRefused: those are bugs to fix, not to paper over.
+`PolicyClient` (the gRPC lane): `act(obs)` asks the server and always returns within about
+`deadline_s`: if the server does not answer in time (or is down), it returns a fallback action
+(hold the last action, or zeros clamped into the bounds) and counts a miss, the way ros2_control
+reuses the previous command when an update overruns. `controller.robot.local.LocalClient` (the
+local lane): the server ships the policy (WatchPolicy) and `act(obs)` evaluates it in this
+process with the server's own action pipeline; no tick touches the network. Requests the policy
+refuses as invalid raise ActRefused: those are bugs to fix, not to paper over.
 """
 
 from __future__ import annotations
@@ -14,28 +15,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
-import socket
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
-from controller.finetune.experience import Explorer
-from controller.policy import ORT_ERRORS, ActError
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
-from controller.robot.local import (
-    ExperienceQueue,
-    LocalPolicy,
-    PolicyWatcher,
-    channel_options,
-    make_transition,
-)
-from controller.safety import Fallback, SlewLimiter, fallback_action
+from controller.safety import Fallback, fallback_action
+
+if TYPE_CHECKING:
+    from typing import Self
 
 log = logging.getLogger(__name__)
 # A stream that misses this many deadlines in a row is torn down and opened again.
@@ -135,18 +128,17 @@ def _read(value: str | os.PathLike[str] | bytes | None) -> bytes | None:
     return Path(value).read_bytes()
 
 
-class PolicyClient:
-    """A connection to one control server. Not thread-safe: use one client per control loop.
+class Client:
+    """What both lanes share: the channel (TLS, token), the fallback, and the calls beside the
+    control path. Not thread-safe: use one client per control loop."""
 
-    With stream=True, act() drives a private asyncio loop: call it from plain (non-async) code.
-    """
+    #: Whether this is the local lane (run_loop reports experience and warms the policy there).
+    local = False
 
     def __init__(
         self,
         target: str,
         *,
-        deadline_s: float = 0.05,
-        stream: bool = True,
         fallback: Fallback = "hold",
         token: str | None = None,
         root_certificates: str | os.PathLike[str] | bytes | None = None,
@@ -155,48 +147,34 @@ class PolicyClient:
         server_name: str | None = None,
         call_deadline_s: float = 10.0,
         max_message_bytes: int = 4 * 1024 * 1024,
-        local: bool = False,
-        client_id: str | None = None,
-        queue_size: int = 4096,
-        seed: int = 0,
-        keepalive_s: float = 5.0,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        """target: "HOST:PORT" or "unix:PATH". deadline_s bounds every act(); call_deadline_s
-        bounds the other calls. TLS is on when root_certificates is given (PEM path or bytes);
-        client_cert/client_key add a client certificate (mutual TLS); server_name overrides the
-        name checked against the server certificate. token is sent on admin calls only (and on
-        WatchPolicy/ReportTransitions in the local lane: a policy file is sensitive).
-
-        local=True: the local lane. The constructor waits (up to call_deadline_s) for the first
-        verified policy; `client_id` names this loop on the server (default host-pid-random);
-        `queue_size` bounds the transitions waiting to be reported; `seed` seeds exploration;
-        a server that stops answering keepalive pings (sent every `keepalive_s`) is dropped and
-        reconnected to within 2 × keepalive_s, the loop keeping its policy meanwhile.
-        """
-        if deadline_s <= 0 or call_deadline_s <= 0:
+        """target: "HOST:PORT" or "unix:PATH". call_deadline_s bounds the calls beside act().
+        TLS is on when root_certificates is given (PEM path or bytes); client_cert/client_key
+        add a client certificate (mutual TLS); server_name overrides the name checked against
+        the server certificate. token is sent on admin calls (and on the local lane's
+        WatchPolicy/ReportTransitions: a policy file is sensitive)."""
+        if call_deadline_s <= 0:
             raise ValueError("deadlines must be positive")
         if fallback not in ("hold", "zeros"):
             raise ValueError(f"fallback must be 'hold' or 'zeros', got {fallback!r}")
         if (client_cert is None) != (client_key is None):
             raise ValueError("client_cert and client_key go together")
         self.target = target
-        self.deadline_s = deadline_s
         self.call_deadline_s = call_deadline_s
-        self.use_stream = stream
         self.fallback = fallback
         #: act() calls answered with the fallback action (deadline missed or server failing).
         self.misses = 0
         #: What caused the latest miss.
         self.last_error: str | None = None
+        #: The policy version that produced the last action.
+        self.version = 0
         self._admin_metadata = (("authorization", f"Bearer {token}"),) if token else None
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            *channel_options,
         ]
-        if local:
-            if keepalive_s < 1.0:  # the server accepts pings down to every 0.5 s
-                raise ValueError(f"keepalive_s must be at least 1 s, got {keepalive_s}")
-            options += channel_options(keepalive_s)
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         self._options = options
@@ -211,233 +189,27 @@ class PolicyClient:
             )
             self._channel = grpc.secure_channel(target, self._credentials, options=options)
         self._stub = pb_grpc.ControllerStub(self._channel)
-        self._stream: _LockStepStream | None = None
         self._seq = 0
         self._last: np.ndarray | None = None
         self._info: pb.PolicyInfo | None = None
-        #: The policy version that produced the last action.
-        self.version = 0
-        # The local lane.
-        self.local = local
-        self._metadata = self._admin_metadata
-        self._watcher: PolicyWatcher | None = None
-        self._slew = SlewLimiter(None)
-        self._explorer: Explorer | None = None
-        self._seed = seed
-        self._last_obs: list[float] | None = None
-        self._episode_return = 0.0
-        self._episode_version: int | None = -1  # -1: set by the next action; None: mixed
-        # Both background threads start here, before any loop: one started from inside a
-        # real-time loop would inherit its CPU and SCHED_FIFO priority.
-        self._experience: ExperienceQueue | None = None
-        if local:
-            self._experience = ExperienceQueue(
-                self._channel, maxsize=queue_size, metadata=self._metadata
-            )
-            client_id = client_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-            self._watcher = PolicyWatcher(self._channel, client_id, metadata=self._metadata)
-            try:
-                self._watcher.wait(timeout=call_deadline_s)
-            except (TimeoutError, PermissionError):
-                self.close()
-                raise
 
-    # -- the control path -------------------------------------------------------------------------
+    def act(self, obs: Sequence[float] | np.ndarray, *, episode_start: bool = False) -> np.ndarray:
+        """The action for one observation, or the fallback action (a miss). `episode_start`:
+        `obs` starts an episode (a policy with history starts it afresh, docs/serving.md)."""
+        raise NotImplementedError
 
-    def act(self, obs: Sequence[float] | np.ndarray) -> np.ndarray:
-        """The action for one observation, or the fallback action if the deadline is missed."""
-        if self._watcher is not None:
-            return self._local_act(obs)
-        self._seq += 1
-        values = obs.tolist() if isinstance(obs, np.ndarray) else obs
-        request = pb.ActRequest(obs=values, seq=self._seq)
-        try:
-            reply = self._stream_act(request) if self.use_stream else self._unary_act(request)
-        except _StepTimeout:
-            return self._miss(f"no reply within {self.deadline_s * 1e3:.3g} ms")
-        except _StreamClosed as e:
-            return self._miss(str(e))
-        except grpc.RpcError as e:
-            code = e.code()
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise ActRefused(code, e.details()) from None
-            return self._miss(f"{code.name}: {e.details()}")
-        if reply.HasField("error"):
-            code = _status(reply.error.code)
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise ActRefused(code, reply.error.message)
-            return self._miss(f"{code.name}: {reply.error.message}")
-        action = np.asarray(reply.action, dtype=np.float32)
-        self._last = action
-        self.version = reply.policy_version
-        return action
-
-    def _local_act(self, obs: Sequence[float] | np.ndarray) -> np.ndarray:
-        """One tick of the local lane: the same code, in the same order, as ActStream on the
-        server (validate, run, clamp, NaN guard; exploration; slew limit). No network."""
-        active = self._watcher.current  # read once: the whole tick uses this version
-        policy = active.policy
-        values = obs.tolist() if isinstance(obs, np.ndarray) else list(obs)
-        try:
-            action = policy.act_values(values)
-        except ActError as e:
-            if e.code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise ActRefused(e.code, e.message) from None
-            return self._miss(f"{e.code.name}: {e.message}", active)
-        except ORT_ERRORS as e:
-            return self._miss(f"onnxruntime: {e}", active)
-        if active.explore_std > 0:
-            explorer = self._explorer
-            if explorer is None:
-                explorer = self._explorer = Explorer(
-                    active.explore_std, active.explore_clip, policy.act_dim, self._seed
-                )
-            explorer.std, explorer.clip = active.explore_std, active.explore_clip
-            action = explorer.perturb(action, policy.low, policy.high).tolist()
-        slew = self._slew
-        slew.max_delta = active.max_delta
-        action = slew.limit(action, policy.low, policy.high)
-        result = np.array(action, np.float32)
-        self._last = result
-        self.version = active.version
-        if active.finetune:
-            self._last_obs = values
-            if self._episode_version == -1:
-                self._episode_version = active.version
-            elif self._episode_version != active.version:
-                self._episode_version = None  # a swap mid-episode: it judges no version
-        return result
-
-    def warm(self, obs: Sequence[float] | np.ndarray) -> None:
-        """Local lane: evaluate the current policy on `obs` and drop the result (no exploration,
-        no slew state, nothing counted). `run_loop` calls it in the slack just before a deadline:
-        after a millisecond asleep, onnxruntime's weights are out of the cache and the next
-        act() costs several times what it costs warm."""
-        values = obs.tolist() if isinstance(obs, np.ndarray) else list(obs)
-        try:
-            self.watcher.current.policy.act_values(values)
-        except (ActError, *ORT_ERRORS):  # act() will meet it, and answer it, on the tick
-            pass
-
-    def report(
-        self,
-        reward: float,
-        next_obs: Sequence[float] | np.ndarray,
-        *,
-        terminated: bool = False,
-        truncated: bool = False,
-        applied_action: Sequence[float] | np.ndarray | None = None,
-    ) -> bool:
-        """Local lane: what followed the last act() (reward, next observation, episode end), for
-        the server's online fine-tuning. Never blocks: returns False when the transition was not
-        queued (the queue is full: counted in `transitions_dropped`; or the server does not
-        fine-tune). `applied_action`: what the robot applied, when it changed the action."""
-        if self._watcher is None:
-            raise RuntimeError(
-                "report() is the local lane's; on ActStream, send the reward on the next request"
-            )
-        active = self._watcher.current
-        if not active.finetune or self._last_obs is None or self._last is None:
-            return False
-        done = terminated or truncated
-        episode_return = None
-        self._episode_return += float(reward)
-        if done:
-            if self._episode_version not in (None, -1):
-                episode_return = self._episode_return
-            self._episode_return, self._episode_version = 0.0, -1
-        action = self._last if applied_action is None else applied_action
-        values = next_obs.tolist() if isinstance(next_obs, np.ndarray) else next_obs
-        queued = self._experience.put(
-            make_transition(
-                self._last_obs,
-                np.asarray(action, np.float32).tolist(),
-                reward,
-                values,
-                terminated,
-                truncated,
-                self.version,
-                episode_return,
-            )  # fmt: skip
-        )
-        self._last_obs = None
-        return queued
-
-    @property
-    def transitions_dropped(self) -> int:
-        """Local lane: transitions dropped because the report queue was full."""
-        return 0 if self._experience is None else self._experience.dropped
-
-    @property
-    def experience(self) -> ExperienceQueue | None:
-        """Local lane: the report queue (its counters); None on the gRPC lane."""
-        return self._experience
-
-    @property
-    def watcher(self) -> PolicyWatcher:
-        """Local lane: the policy watcher (applied / refused counts, wait())."""
-        if self._watcher is None:
-            raise RuntimeError("watcher: this client is on the gRPC lane (local=False)")
-        return self._watcher
-
-    @property
-    def policy(self) -> LocalPolicy:
-        """Local lane: what the next tick runs."""
-        return self.watcher.current
-
-    def _unary_act(self, request: pb.ActRequest) -> pb.ActResponse:
-        return self._stub.Act(request, timeout=self.deadline_s)
-
-    def _stream_act(self, request: pb.ActRequest) -> pb.ActResponse:
-        if self._stream is None:
-            self._stream = _LockStepStream(self.target, self._options, self._credentials)
-        stream = self._stream
-        try:
-            reply = stream.roundtrip(request, self.deadline_s)
-        except _StepTimeout:
-            stream.misses_in_a_row += 1
-            if stream.misses_in_a_row >= MAX_STREAM_MISSES:
-                self._drop_stream()
-            raise
-        except (grpc.RpcError, _StreamClosed):
-            self._drop_stream()  # reconnect on the next act()
-            raise
-        stream.misses_in_a_row = 0
-        return reply
-
-    def _drop_stream(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
-
-    def _miss(self, why: str, active: LocalPolicy | None = None) -> np.ndarray:
+    def _miss(self, why: str) -> np.ndarray:
         self.misses += 1
         if self.last_error != why:
             log.warning("act() fell back to %s: %s", self.fallback, why)
         self.last_error = why
-        if active is not None:
-            low, high = active.policy.low, active.policy.high
-        elif self.fallback == "hold" and self._last is not None:
+        if self.fallback == "hold" and self._last is not None:
             return self._last.copy()
-        else:
-            low, high = self._bounds()
-        return fallback_action(self.fallback, self._last, low, high)
+        return fallback_action(self.fallback, self._last, *self._bounds())
 
     def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        """The bounds for the zeros fallback. They come from get_policy(): call it before the
-        control loop starts, so that a fallback never has to ask a server that is not answering."""
-        if self._info is None:
-            try:
-                self._info = self._stub.GetPolicy(pb.GetPolicyRequest(), timeout=self.deadline_s)
-            except grpc.RpcError as e:
-                raise RuntimeError(
-                    "no fallback action: the policy's bounds are unknown and the server does not "
-                    f"answer ({e.code().name}); call get_policy() before the control loop"
-                ) from e
-        info = self._info
-        return np.asarray(info.action_low, np.float32), np.asarray(info.action_high, np.float32)
-
-    # -- everything else --------------------------------------------------------------------------
+        """The policy's bounds, for the zeros fallback."""
+        raise NotImplementedError
 
     def get_policy(self) -> pb.PolicyInfo:
         """What the server serves (and the bounds the fallback uses). Raises grpc.RpcError."""
@@ -484,18 +256,103 @@ class PolicyClient:
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
 
     def close(self) -> None:
-        if self._experience is not None:
-            self._experience.close()
-        if self._watcher is not None:
-            self._watcher.close()
-        self._drop_stream()
         self._channel.close()
 
-    def __enter__(self) -> PolicyClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PolicyClient(Client):
+    """The gRPC lane: every act() asks the server, within `deadline_s`. With stream=True
+    (ActStream), act() drives a private asyncio loop: call it from plain (non-async) code."""
+
+    def __init__(
+        self, target: str, *, deadline_s: float = 0.05, stream: bool = True, **connection: Any
+    ) -> None:
+        """deadline_s bounds every act(); stream=False uses unary Act. `connection`: Client's
+        arguments (fallback, token, TLS, call_deadline_s, max_message_bytes)."""
+        if "local" in connection:  # the one lane switch there was before LocalClient
+            raise TypeError("the local lane is LocalClient(target, ...) (controller.robot.local)")
+        if deadline_s <= 0:
+            raise ValueError("deadlines must be positive")
+        super().__init__(target, **connection)
+        self.deadline_s = deadline_s
+        self.use_stream = stream
+        self._stream: _LockStepStream | None = None
+
+    def act(self, obs: Sequence[float] | np.ndarray, *, episode_start: bool = False) -> np.ndarray:
+        """The action for one observation, or the fallback action if the deadline is missed.
+        `episode_start`: `obs` starts an episode (a policy with history starts it afresh; a
+        stream's first request starts one anyway)."""
+        self._seq += 1
+        values = obs.tolist() if isinstance(obs, np.ndarray) else obs
+        request = pb.ActRequest(obs=values, seq=self._seq, episode_start=episode_start)
+        try:
+            reply = self._stream_act(request) if self.use_stream else self._unary_act(request)
+        except _StepTimeout:
+            return self._miss(f"no reply within {self.deadline_s * 1e3:.3g} ms")
+        except _StreamClosed as e:
+            return self._miss(str(e))
+        except grpc.RpcError as e:
+            code = e.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ActRefused(code, e.details()) from None
+            return self._miss(f"{code.name}: {e.details()}")
+        if reply.HasField("error"):
+            code = _status(reply.error.code)
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ActRefused(code, reply.error.message)
+            return self._miss(f"{code.name}: {reply.error.message}")
+        action = np.asarray(reply.action, dtype=np.float32)
+        self._last = action
+        self.version = reply.policy_version
+        return action
+
+    def _unary_act(self, request: pb.ActRequest) -> pb.ActResponse:
+        return self._stub.Act(request, timeout=self.deadline_s)
+
+    def _stream_act(self, request: pb.ActRequest) -> pb.ActResponse:
+        if self._stream is None:
+            self._stream = _LockStepStream(self.target, self._options, self._credentials)
+        stream = self._stream
+        try:
+            reply = stream.roundtrip(request, self.deadline_s)
+        except _StepTimeout:
+            stream.misses_in_a_row += 1
+            if stream.misses_in_a_row >= MAX_STREAM_MISSES:
+                self._drop_stream()
+            raise
+        except (grpc.RpcError, _StreamClosed):
+            self._drop_stream()  # reconnect on the next act()
+            raise
+        stream.misses_in_a_row = 0
+        return reply
+
+    def _drop_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """The bounds for the zeros fallback. They come from get_policy(): call it before the
+        control loop starts, so that a fallback never has to ask a server that is not answering."""
+        if self._info is None:
+            try:
+                self._info = self._stub.GetPolicy(pb.GetPolicyRequest(), timeout=self.deadline_s)
+            except grpc.RpcError as e:
+                raise RuntimeError(
+                    "no fallback action: the policy's bounds are unknown and the server does not "
+                    f"answer ({e.code().name}); call get_policy() before the control loop"
+                ) from e
+        info = self._info
+        return np.asarray(info.action_low, np.float32), np.asarray(info.action_high, np.float32)
+
+    def close(self) -> None:
+        self._drop_stream()
+        super().close()
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}

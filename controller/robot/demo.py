@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from controller.harness import POLICY, ServerProcess, serve_command
-from controller.robot.client import PolicyClient
+from controller.robot.client import Client, PolicyClient
 from controller.robot.engine import LoopResult, run_loop
+from controller.robot.local import LocalClient
 from controller.robot.loop import WARM_TICKS, check_policy
 from controller.robot.plants import SimPlant
 from controller.robot.report import summarize
@@ -31,7 +32,7 @@ ENV_ID = "PandaReachDense-v3"
 RATES_HZ = (1000, 500, 250, 100, 50)
 
 
-def measure_step_us(plant: SimPlant, client: PolicyClient, n: int = 300) -> tuple[float, float]:
+def measure_step_us(plant: SimPlant, client: Client, n: int = 300) -> tuple[float, float]:
     """p99 of one simulator step and of one round trip, in µs (policy actions, back to back,
     after a warm-up of n // 3 steps)."""
     sim, rtt = [], []
@@ -71,7 +72,7 @@ def drive(address: str, seconds: float) -> dict[str, LoopResult]:
             )
             client.deadline_s = 1.0 / rate
             results["gRPC lane (ActStream)"] = run_loop(client, plant, rate, seconds=seconds)
-        with PolicyClient(address, local=True) as client:
+        with LocalClient(address) as client:
             check_policy(client, ENV_ID, plant.obs_dim)
             warm = plant.reset()
             for _ in range(WARM_TICKS):

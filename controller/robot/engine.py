@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from controller.robot.client import PolicyClient
+from controller.robot.client import Client
 from controller.robot.realtime import collect_young, quiet_gc, realtime, sleep_until, spin_for
 
 
@@ -68,7 +68,7 @@ _COLUMNS = ("tick_ns", "rtt_ns", "sim_ns", "wake_ns", "version")
 
 
 def run_loop(
-    client: PolicyClient,
+    client: Client,
     plant: Plant,
     rate_hz: float,
     *,
@@ -112,7 +112,7 @@ def run_loop(
         result.start_ns = start
         while True:
             t0 = clock()
-            action = client.act(obs)
+            action = client.act(obs, episode_start=length == 0)
             t1 = clock()
             next_obs, reward, done, success = plant.step(action)
             t2 = clock()

@@ -11,27 +11,39 @@ and jitter, then applies whatever the (possibly restarted) server serves.
 `ExperienceQueue` carries transitions from the loop to the server's learner: a bounded queue
 that a tick only `put_nowait`s into (a full queue drops and counts), drained by a background
 thread that sends batches with ReportTransitions.
+
+`LocalClient` is what the loop calls: the lane's client (controller.robot.client.Client), whose
+act() runs the server's action pipeline (controller/pipeline.py) on the watched policy.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import queue
 import random
+import secrets
+import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
 
-from controller.config import keepalive_options
-from controller.policy import Policy, PolicyLoadError, load_policy
+from controller.contract import interface_change
+from controller.explore import Explorer
+from controller.keepalive import keepalive_options
+from controller.pipeline import Pipeline
+from controller.policy import ORT_ERRORS, ActError, Policy, PolicyLoadError, load_policy
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
+from controller.robot.client import ActRefused, Client
+from controller.transitions import Outcome, Transition, Transitions
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +56,8 @@ def channel_options(keepalive_s: float) -> list[tuple[str, int]]:
     would leave a restarted server unseen for minutes; the watcher adds its own backoff on top.
     Keepalive: a ping every `keepalive_s` on the idle WatchPolicy stream, so a server that
     vanished without closing the connection is noticed within 2 × keepalive_s, not after TCP's
-    hours (controller.config.keepalive_options). The server accepts pings down to every 0.5 s
-    (controller.server.server_options); PolicyClient allows 1 s."""
+    hours (controller.keepalive.keepalive_options). The server accepts pings down to every 0.5 s
+    (controller.server.server_options); LocalClient allows 1 s."""
     return [
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100),
@@ -246,15 +258,12 @@ class PolicyWatcher:
                 update.onnx, source=f"version {update.version} ({update.source})",
                 version=update.version,
             )  # fmt: skip
-            if current is not None:
-                old = current.policy
-                for what, a, b in (("env id", policy.env_id, old.env_id),
-                                   ("obs_dim", policy.obs_dim, old.obs_dim),
-                                   ("act_dim", policy.act_dim, old.act_dim)):  # fmt: skip
-                    if a != b:
-                        raise PolicyLoadError(
-                            f"version {update.version} has {what} {a}; this loop runs {b}"
-                        )
+            change = None if current is None else interface_change(policy, current.policy)
+            if change is not None:
+                what, a, b = change
+                raise PolicyLoadError(
+                    f"version {update.version} has {what} {a}; this loop runs {b}"
+                )
             zeros = [0.0] * policy.obs_dim
             for _ in range(WARM_CALLS):
                 policy.act_values(zeros)
@@ -298,18 +307,6 @@ class PolicyWatcher:
         self._thread.join(5.0)
 
 
-@dataclass
-class _Transition:
-    obs: list[float]
-    action: list[float]
-    reward: float
-    next_obs: list[float]
-    terminated: bool
-    truncated: bool
-    version: int
-    episode_return: float | None
-
-
 class ExperienceQueue:
     """Transitions from the loop to the server: `put` never blocks (a full queue drops the
     transition and counts it); a background thread sends batches with ReportTransitions."""
@@ -326,13 +323,14 @@ class ExperienceQueue:
     ) -> None:
         if maxsize < 1 or batch < 1:
             raise ValueError("maxsize and batch must be at least 1")
-        self._queue: queue.Queue[_Transition] = queue.Queue(maxsize)
+        self._queue: queue.Queue[Transition] = queue.Queue(maxsize)
         self._stub = pb_grpc.ControllerStub(channel)
         self._batch = batch
         self._metadata = metadata
         self._deadline_s = deadline_s
-        #: Dropped here because the queue was full; sent and accepted by the server; refused
-        #: by it (rejected rows, or its own queue full); lost in failed calls.
+        #: Dropped here because the queue was full; sent and accepted by the server; rejected
+        #: (by the loop's own checks, or rows the server refused); dropped by the server (its
+        #: queue full); lost in failed calls.
         self.dropped = 0
         self.accepted = 0
         self.rejected = 0
@@ -344,7 +342,9 @@ class ExperienceQueue:
         if start:
             self._thread.start()
 
-    def put(self, transition: _Transition) -> bool:
+    # The Sink of the loop's controller.transitions.Transitions.
+
+    def put(self, transition: Transition) -> bool:
         """Queue one transition; False (and counted in `dropped`) when the queue is full."""
         try:
             self._queue.put_nowait(transition)
@@ -352,6 +352,12 @@ class ExperienceQueue:
             self.dropped += 1
             return False
         return True
+
+    def reject(self) -> None:
+        self.rejected += 1
+
+    def episode(self, version: int, episode_return: float) -> None:
+        pass  # the return travels on the episode's last transition
 
     def pending(self) -> int:
         return self._queue.qsize()
@@ -370,14 +376,14 @@ class ExperienceQueue:
                     break
             self._send(batch)
 
-    def _send(self, batch: list[_Transition]) -> None:
+    def _send(self, batch: list[Transition]) -> None:
         messages = []
         for t in batch:
             m = pb.Transition(
-                obs=t.obs,
-                action=t.action,
+                obs=t.obs.tolist(),
+                action=t.action.tolist(),
                 reward=t.reward,
-                next_obs=t.next_obs,
+                next_obs=t.next_obs.tolist(),
                 terminated=t.terminated,
                 truncated=t.truncated,
                 policy_version=t.version,
@@ -411,17 +417,129 @@ class ExperienceQueue:
             self._thread.join(timeout)
 
 
-def make_transition(
-    obs: Sequence[float],
-    action: Sequence[float],
-    reward: float,
-    next_obs: Sequence[float],
-    terminated: bool,
-    truncated: bool,
-    version: int,
-    episode_return: float | None = None,
-) -> _Transition:
-    return _Transition(
-        list(obs), list(action), float(reward), list(next_obs), bool(terminated),
-        bool(truncated), version, episode_return,
-    )  # fmt: skip
+class LocalClient(Client):
+    """The local lane: the server ships the policy (WatchPolicy), act() evaluates it here with
+    the server's action pipeline; no tick touches the network. Not thread-safe."""
+
+    local = True
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        client_id: str | None = None,
+        queue_size: int = 4096,
+        seed: int = 0,
+        keepalive_s: float = 5.0,
+        **connection: Any,
+    ) -> None:
+        """Waits (up to call_deadline_s) for the first verified policy. `client_id` names this
+        loop on the server (default host-pid-random); `queue_size` bounds the transitions
+        waiting to be reported; `seed` seeds exploration; a server that stops answering
+        keepalive pings (sent every `keepalive_s`) is dropped and reconnected to within
+        2 × keepalive_s, the loop keeping its policy meanwhile. `connection`: Client's
+        arguments (fallback, token, TLS, call_deadline_s, max_message_bytes)."""
+        if keepalive_s < 1.0:  # the server accepts pings down to every 0.5 s
+            raise ValueError(f"keepalive_s must be at least 1 s, got {keepalive_s}")
+        super().__init__(target, channel_options=channel_options(keepalive_s), **connection)
+        self._explorer: Explorer | None = None
+        self._seed = seed
+        # Both background threads start here, before any loop: one started from inside a
+        # real-time loop would inherit its CPU and SCHED_FIFO priority.
+        metadata = self._admin_metadata
+        self.experience = ExperienceQueue(self._channel, maxsize=queue_size, metadata=metadata)
+        client_id = client_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.watcher = PolicyWatcher(self._channel, client_id, metadata=metadata)
+        try:
+            first = self.watcher.wait(timeout=self.call_deadline_s).policy
+        except (TimeoutError, PermissionError):
+            self.close()
+            raise
+        # Swaps keep the interface (controller.contract.interface_change): sized once.
+        self._pipe = Pipeline(Transitions(self.experience, first.obs_dim, first.act_dim))
+
+    @property
+    def policy(self) -> LocalPolicy:
+        """What the next tick runs."""
+        return self.watcher.current
+
+    @property
+    def transitions_dropped(self) -> int:
+        """Transitions dropped because the report queue was full."""
+        return self.experience.dropped
+
+    def act(self, obs: Sequence[float] | np.ndarray, *, episode_start: bool = False) -> np.ndarray:
+        """One tick: ActStream's tick (controller.pipeline) on the policy the watcher holds.
+        `episode_start`: `obs` starts an episode (the first act() and the one after report() of
+        an episode's end start one anyway)."""
+        active = self.watcher.current  # read once: the whole tick uses this version
+        policy = active.policy
+        pipe = self._pipe
+        values = obs.tolist() if isinstance(obs, np.ndarray) else list(obs)
+        try:
+            action = policy.act_values(pipe.input(policy, values, episode_start))
+        except ActError as e:
+            pipe.interrupted()
+            if e.code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ActRefused(e.code, e.message) from None
+            return self._miss(f"{e.code.name}: {e.message}")
+        except ORT_ERRORS as e:
+            pipe.interrupted()
+            return self._miss(f"onnxruntime: {e}")
+        action = pipe.output(
+            policy, active.version, action, self._explorer_for(active), active.max_delta
+        )
+        result = np.array(action, np.float32)
+        self._last = result
+        self.version = active.version
+        return result
+
+    def _explorer_for(self, active: LocalPolicy) -> Explorer | None:
+        """The server's exploration settings for this tick (none: std 0)."""
+        if active.explore_std <= 0:
+            return None
+        if self._explorer is None:
+            self._explorer = Explorer(
+                active.explore_std, active.explore_clip, active.policy.act_dim, self._seed
+            )
+        self._explorer.std, self._explorer.clip = active.explore_std, active.explore_clip
+        return self._explorer
+
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        policy = self.watcher.current.policy
+        return policy.low, policy.high
+
+    def warm(self, obs: Sequence[float] | np.ndarray) -> None:
+        """Evaluate the current policy on `obs` and drop the result (no exploration, no slew
+        state, nothing counted). `run_loop` calls it in the slack just before a deadline: after
+        a millisecond asleep, onnxruntime's weights are out of the cache and the next act()
+        costs several times what it costs warm."""
+        values = obs.tolist() if isinstance(obs, np.ndarray) else list(obs)
+        policy = self.watcher.current.policy
+        try:
+            policy.act_values(self._pipe.warm_input(policy, values))
+        except (ActError, *ORT_ERRORS):  # act() will meet it, and answer it, on the tick
+            pass
+
+    def report(
+        self,
+        reward: float,
+        next_obs: Sequence[float] | np.ndarray,
+        *,
+        terminated: bool = False,
+        truncated: bool = False,
+        applied_action: Sequence[float] | np.ndarray | None = None,
+    ) -> bool:
+        """What followed the last act() (reward, next observation, episode end), for the
+        server's online fine-tuning. Never blocks: returns False when the transition was not
+        queued (the queue is full: counted in `transitions_dropped`; values that cannot form a
+        transition, or no act() before it: counted in `experience.rejected`; or the server does
+        not fine-tune). `applied_action`: what the robot applied, when it changed the action
+        (a policy with history holds it). An episode's end makes the next act() start one."""
+        outcome = Outcome(reward, next_obs, terminated, truncated, applied_action)
+        return self._pipe.close(outcome, record=self.watcher.current.finetune)
+
+    def close(self) -> None:
+        self.experience.close()
+        self.watcher.close()
+        super().close()

@@ -17,8 +17,9 @@ from pathlib import Path
 import grpc
 
 from controller.errors import UsageError
-from controller.robot.client import PolicyClient
+from controller.robot.client import Client, PolicyClient
 from controller.robot.engine import LoopResult, run_loop
+from controller.robot.local import LocalClient
 from controller.robot.plants import SimPlant
 from controller.robot.report import format_summary, summarize, write_plot
 
@@ -26,7 +27,7 @@ from controller.robot.report import format_summary, summarize, write_plot
 WARM_TICKS = 200
 
 
-def check_policy(client: PolicyClient, env_id: str, obs_dim: int) -> None:
+def check_policy(client: Client, env_id: str, obs_dim: int) -> None:
     """The served policy must be for this env (GetPolicy, or the shipped policy on the local
     lane); UsageError otherwise."""
     info = client.policy.policy if client.local else client.get_policy()
@@ -99,15 +100,19 @@ def run_sim_loop(
     plant = SimPlant(env_id, seed)
     try:
         deadline = deadline_s if deadline_s is not None else 1.0 / rate_hz
-        with PolicyClient(
-            target, deadline_s=deadline, stream=True, local=local, token=token, seed=seed
-        ) as client:
+        # gRPC lane: the first call opens the stream, not a control tick: a long deadline.
+        client: Client = (
+            LocalClient(target, token=token, seed=seed)
+            if local
+            else PolicyClient(target, deadline_s=5.0, stream=True, token=token)
+        )
+        with client:
             check_policy(client, env_id, plant.obs_dim)
             warm = plant.reset()
-            client.deadline_s = 5.0  # the first call opens the stream: not a control tick
             for _ in range(WARM_TICKS if local else 1):
                 client.act(warm)
-            client.deadline_s = deadline
+            if not local:
+                client.deadline_s = deadline
             return run_loop(
                 client, plant, rate_hz, episodes=episodes, seconds=seconds, ticks=ticks,
                 cpu=cpu, rt_priority=rt_priority,

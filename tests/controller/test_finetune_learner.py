@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from controller.contract import row_width
 from controller.finetune.config import FinetuneConfig
-from controller.finetune.experience import row_width
 from controller.finetune.learner import Learner
 from controller.finetune.versions import candidate_paths
 from training import checkpoint

@@ -5,18 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from controller.finetune.experience import (
-    Counters,
-    Explorer,
-    StreamExperience,
-    TransitionSink,
-    row_width,
-    split_rows,
-)
+from controller.contract import row_width, split_rows
+from controller.explore import Explorer
+from controller.finetune.experience import Counters, LearnerSink, TransitionSink
 from controller.finetune.gates import check_candidate
 from controller.finetune.monitor import RollbackMonitor
 from controller.policy import load_policy, read_policy_file
 from controller.proto import controller_pb2 as pb
+from controller.service import request_outcome
+from controller.transitions import Transitions
 
 LOW, HIGH = np.array([-1.0, 0.0], np.float32), np.array([1.0, 2.0], np.float32)
 
@@ -28,14 +25,16 @@ def make_stream(chunk_size: int = 1, full: bool = False):
     sink = TransitionSink(
         row_width(3, 2), chunk_size, lambda c: not full and chunks.append(c) is None, counters
     )
-    stream = StreamExperience(sink, lambda v, r: episodes.append((v, r)), 3, 2)
-    return stream, chunks, episodes, counters
+    learner = LearnerSink(sink, lambda v, r: episodes.append((v, r)), row_width(3, 2))
+    return Transitions(learner, 3, 2), chunks, episodes, counters
 
 
-def step(stream: StreamExperience, obs, action, version=1, **report) -> None:
+def step(stream: Transitions, obs, action, version=1, **report) -> None:
+    """One ActStream request as the server takes it (controller.service)."""
     request = pb.ActRequest(obs=obs, **report)
-    stream.report(request.obs, request)
-    stream.served(np.asarray(action, np.float32), version, LOW, HIGH)
+    if request.HasField("reward"):
+        stream.close(request_outcome(request))
+    stream.served(request.obs, np.asarray(action, np.float32), version, LOW, HIGH)
 
 
 def test_reward_on_request_t_plus_1_closes_the_step_served_for_request_t() -> None:

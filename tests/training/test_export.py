@@ -9,6 +9,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from controller.contract import FORMAT_TAG
 from training import checkpoint, export
 from training.config import TrainConfig
 from training.envs import make_env
@@ -58,7 +59,7 @@ def test_contract_io_metadata_and_opset(exported):
     assert inp.type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
     props = {p.key: p.value for p in model.metadata_props}
     assert set(KEYS) <= set(props)
-    assert props["mu.format"] == export.FORMAT
+    assert props["mu.format"] == FORMAT_TAG
     assert json.loads(props["mu.obs_layout"]) == meta["obs_layout"]
     assert json.loads(props["mu.action_low"]) == meta["action_low"]
     assert (props["mu.obs_dim"], props["mu.act_dim"], props["mu.algo"]) == ("12", "3", "td3")

@@ -222,3 +222,22 @@ def test_admin_calls(server_factory, policy_path: Path, make_policy, tmp_path: P
         assert client.load_policy(other, upload=True).source == "<bytes>"
         assert client.load_policy(other.read_bytes()).version == 4
         assert client.rollback().version == 3
+
+
+def test_each_lane_takes_only_its_own_arguments(connected) -> None:
+    """One interface, two classes: the gRPC lane's client has no local-lane arguments or
+    methods, and the other way round."""
+    from controller.robot.client import Client
+    from controller.robot.local import LocalClient
+
+    target = connected.server.target
+    with pytest.raises(TypeError, match="LocalClient"):
+        PolicyClient(target, local=True)
+    with pytest.raises(TypeError, match="deadline_s"):
+        LocalClient(target, deadline_s=0.01)
+    with PolicyClient(target, deadline_s=5) as remote, LocalClient(target) as local:
+        for client in (remote, local):
+            assert isinstance(client, Client)
+            assert client.act([0.0] * 26).shape == (6,) and client.version == 1
+        assert not hasattr(remote, "report") and not hasattr(remote, "watcher")
+        assert not hasattr(local, "deadline_s")

@@ -23,7 +23,8 @@ from controller.finetune.config import FinetuneConfig
 from controller.proto import controller_pb2 as pb
 from controller.proto import grpc_service_pb2 as inference_pb
 from controller.robot.client import PolicyClient
-from controller.robot.local import ExperienceQueue, make_transition
+from controller.robot.local import ExperienceQueue, LocalClient
+from controller.transitions import Transition
 
 REPO = Path(__file__).resolve().parents[3]
 POLICY = REPO / "policies" / "panda_reach" / "policy.onnx"
@@ -41,7 +42,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _acts(client: PolicyClient) -> np.ndarray:
+def _acts(client: LocalClient) -> np.ndarray:
     return np.stack([client.act(row) for row in OBS])
 
 
@@ -49,7 +50,7 @@ def test_watcher_applies_a_swap_and_a_rollback(server_factory, policy_path, make
     server = server_factory(policy_path)
     other = make_policy("other.onnx", seed=3)
     with (
-        PolicyClient(server.target, local=True, client_id="arm-1") as robot,
+        LocalClient(server.target, client_id="arm-1") as robot,
         PolicyClient(server.target) as admin,
     ):
         np.testing.assert_allclose(_acts(robot), _expected(policy_path), atol=1e-6)
@@ -117,7 +118,7 @@ def test_watcher_refuses_a_sha256_mismatch_and_keeps_the_old_policy(
     lying_server, policy_path: Path
 ) -> None:
     target, acks = lying_server
-    with PolicyClient(target, local=True) as robot:
+    with LocalClient(target) as robot:
         robot.watcher.wait_handled(2, timeout=WAIT_S)
         assert robot.version == 0 and robot.policy.version == 1
         np.testing.assert_allclose(_acts(robot), _expected(policy_path), atol=1e-6)
@@ -132,7 +133,7 @@ def test_watcher_survives_a_server_restart(
     listen = f"unix:{tmp_path / 'mu.sock'}"
     server = server_factory(policy_path, listen=listen)
     other = make_policy("other.onnx", seed=3)
-    with PolicyClient(listen, local=True) as robot:
+    with LocalClient(listen) as robot:
         before = _acts(robot)
         server.stop()
         for _ in range(20):  # ticks with the server gone: the last verified policy, no miss
@@ -151,7 +152,7 @@ def test_a_silently_vanished_server_is_noticed_by_keepalive(server_factory, poli
     far from gRPC's 60 s ping timeout, which a keepalive left to its defaults would wait for."""
     relay = Blackhole(server_factory(policy_path).target)
     try:
-        with PolicyClient(relay.target, local=True, keepalive_s=1.0) as robot:
+        with LocalClient(relay.target, keepalive_s=1.0) as robot:
             before = _acts(robot)
             assert robot.watcher.connected and robot.watcher.reconnects == 0
             relay.cut.set()
@@ -175,7 +176,7 @@ def test_a_silent_client_is_reaped_by_the_servers_keepalive(server_factory, poli
     relay = Blackhole(server.target)
     try:
         with (
-            PolicyClient(relay.target, local=True, client_id="arm-1") as robot,
+            LocalClient(relay.target, client_id="arm-1") as robot,
             PolicyClient(server.target) as admin,
         ):
             robot.watcher.wait_handled(1, timeout=WAIT_S)
@@ -224,8 +225,8 @@ def test_local_lane_runs_the_servers_safety_code(server_factory, policy_path: Pa
     server = server_factory(policy_path, max_delta=0.05)
     rows = np.random.default_rng(9).normal(0, 3, (30, 26)).astype(np.float32)
     with (
-        PolicyClient(server.target, local=True) as robot,
-        PolicyClient(server.target, local=True) as warmed,
+        LocalClient(server.target) as robot,
+        LocalClient(server.target) as warmed,
         PolicyClient(server.target, deadline_s=5) as remote,
     ):
         assert robot.policy.max_delta == pytest.approx(0.05)
@@ -243,7 +244,7 @@ def test_local_lane_runs_the_servers_safety_code(server_factory, policy_path: Pa
 def test_local_lane_refuses_bad_observations_like_the_server(connected) -> None:
     from controller.robot.client import ActRefused
 
-    with PolicyClient(connected.server.target, local=True) as robot:
+    with LocalClient(connected.server.target) as robot:
         with pytest.raises(ActRefused, match="observation has 25 values; the policy expects 26"):
             robot.act([0.0] * 25)
         with pytest.raises(ActRefused, match="NaN or infinite"):
@@ -253,7 +254,7 @@ def test_local_lane_refuses_bad_observations_like_the_server(connected) -> None:
 
 def test_nan_action_falls_back_on_the_local_lane(server_factory, nan_policy: Path) -> None:
     server = server_factory(nan_policy)
-    with PolicyClient(server.target, local=True, fallback="hold") as robot:
+    with LocalClient(server.target, fallback="hold") as robot:
         held = robot.act([0.0] * 26)
         np.testing.assert_array_equal(robot.act([101.0] + [0.0] * 25), held)
         assert robot.misses == 1 and "INTERNAL" in robot.last_error
@@ -264,16 +265,17 @@ def test_watch_policy_needs_the_token(server_factory, policy_path: Path, tmp_pat
     token.write_text("s3cret")
     server = server_factory(policy_path, admin_token_file=token)
     with pytest.raises(PermissionError, match="UNAUTHENTICATED"):
-        PolicyClient(server.target, local=True, call_deadline_s=WAIT_S)
+        LocalClient(server.target, call_deadline_s=WAIT_S)
     with pytest.raises(PermissionError, match="PERMISSION_DENIED"):
-        PolicyClient(server.target, local=True, token="wrong", call_deadline_s=WAIT_S)
-    with PolicyClient(server.target, local=True, token="s3cret") as robot:
+        LocalClient(server.target, token="wrong", call_deadline_s=WAIT_S)
+    with LocalClient(server.target, token="s3cret") as robot:
         assert robot.policy.version == 1
 
 
 def test_experience_queue_drops_and_counts_instead_of_blocking(connected) -> None:
     queue = ExperienceQueue(connected.channel, maxsize=3, start=False)  # nothing drains it
-    t = make_transition([0.0] * 26, [0.0] * 6, 1.0, [0.0] * 26, False, False, 1)
+    obs, act = np.zeros(26, np.float32), np.zeros(6, np.float32)
+    t = Transition(obs, act, 1.0, obs, False, False, 1, act - 1, act + 1)
     assert [queue.put(t) for _ in range(10)] == [True] * 3 + [False] * 7
     assert queue.dropped == 7 and queue.pending() == 3
 
@@ -316,7 +318,7 @@ def test_finetuning_in_local_mode_explores_reports_and_promotes(server_factory, 
     server = server_factory(POLICY, finetune=cfg)
     rng = np.random.default_rng(0)
     seen: list[int] = []
-    with PolicyClient(server.target, local=True, queue_size=100_000) as robot:
+    with LocalClient(server.target, queue_size=100_000) as robot:
         assert robot.policy.finetune and robot.policy.explore_std == pytest.approx(0.05)
         deterministic = _expected(POLICY, np.zeros((1, 12), np.float32))[0]
         assert not np.allclose(robot.act(np.zeros(12, np.float32)), deterministic, atol=1e-6)
@@ -357,14 +359,17 @@ def test_mu_loop_local_runs_an_episode(server_factory, make_policy, tmp_path: Pa
     assert s["misses"]["fallbacks"] == 0
 
 
-def test_the_server_side_never_imports_the_robot_side() -> None:
+def test_the_server_side_and_the_robot_side_import_only_what_they_share() -> None:
+    """The server never imports the robot side; the robot side never imports fine-tuning."""
     import subprocess
     import sys
 
-    code = (
-        "import sys, controller.server, benchmarks.echo; "
-        "print(sorted(m for m in sys.modules if m.startswith('controller.robot')))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    for imports, prefix in (("controller.server, benchmarks.echo", "controller.robot"),
+                            ("controller.robot.demo, controller.robot.loop, controller.bench",
+                             "controller.finetune")):  # fmt: skip
+        code = f"import sys, {imports}; print(sorted(m for m in sys.modules if '{prefix}' in m))"
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "[]", imports
