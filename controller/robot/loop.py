@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from controller.contract import history_spec
 from controller.errors import UsageError
 from controller.robot.client import Client, PolicyClient
 from controller.robot.engine import LoopResult, run_loop
@@ -31,14 +32,17 @@ def check_policy(client: Client, env_id: str, obs_dim: int) -> None:
     """The served policy must be for this env (GetPolicy, or the shipped policy on the local
     lane); UsageError otherwise."""
     info = client.policy.policy if client.local else client.get_policy()
+    # a policy with history takes one observation per tick (the lane builds the rest)
+    history = info.history if client.local else history_spec(dict(info.metadata))
+    expected = history["obs_dim"] if history else info.obs_dim
     if info.env_id != env_id:
         raise UsageError(
             f"the server at {client.target} serves a policy for {info.env_id!r}, "
             f"not {env_id!r}; serve a policy trained on {env_id} or pass --env {info.env_id}"
         )
-    if info.obs_dim != obs_dim:
+    if expected != obs_dim:
         raise UsageError(
-            f"{env_id} gives {obs_dim} observation values; the served policy expects {info.obs_dim}"
+            f"{env_id} gives {obs_dim} observation values; the served policy expects {expected}"
         )
 
 

@@ -4,6 +4,7 @@ holding the action sent after the slew limit; stateless calls refuse a base-size
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from controller.proto import grpc_service_pb2 as inference_pb
 from controller.proto import grpc_service_pb2_grpc as inference_grpc
 from controller.robot.client import ActRefused, PolicyClient
 from controller.robot.local import LocalClient
+from controller.robot.loop import add_loop_arguments, loop_from_args
 from controller.safety import SlewLimiter
 from controller.transitions import Outcome, Transitions
 from training.config import TrainConfig
@@ -183,3 +185,20 @@ def test_experience_of_a_history_policy_holds_its_inputs(history_policy: Path) -
         np.testing.assert_array_equal(kept.obs, inputs[t])
         np.testing.assert_array_equal(kept.next_obs, inputs[t + 1])
     assert inputs[2][10] == inputs[3][11] == 0.5  # the applied action reported at t=1
+
+
+@pytest.mark.parametrize("lane", ["grpc", "local"])
+def test_mu_loop_drives_a_history_policy(server_factory, history_policy: Path, lane, tmp_path):
+    """`mu loop` checks the env's observation against the policy's one observation (not its
+    whole input) and runs an episode on either lane."""
+    server = server_factory(history_policy)
+    parser = argparse.ArgumentParser()
+    add_loop_arguments(parser)
+    # a deadline far past the period: a fallback here is a refusal, not a slow machine
+    argv = ["--env", ENV, "--target", server.target, "--rate", "100", "--ticks", "60",
+            "--deadline-ms", "2000", "--json", str(tmp_path / "loop.json")]  # fmt: skip
+    assert (
+        loop_from_args(parser.parse_args([*argv, *(["--local"] if lane == "local" else [])])) == 0
+    )
+    summary = json.loads((tmp_path / "loop.json").read_text())
+    assert summary["ticks"] == 60 and summary["misses"]["fallbacks"] == 0
