@@ -187,18 +187,33 @@ def test_experience_of_a_history_policy_holds_its_inputs(history_policy: Path) -
     assert inputs[2][10] == inputs[3][11] == 0.5  # the applied action reported at t=1
 
 
+def _loop(target: str, env_id: str, lane: str, out: Path, *stop: str) -> dict:
+    """`mu loop` on `lane`, with a deadline far past the period: a fallback is a refusal, not a
+    slow machine."""
+    parser = argparse.ArgumentParser()
+    add_loop_arguments(parser)
+    argv = ["--env", env_id, "--target", target, "--rate", "50", "--deadline-ms", "2000",
+            "--json", str(out), *stop, *(["--local"] if lane == "local" else [])]  # fmt: skip
+    assert loop_from_args(parser.parse_args(argv)) == 0
+    return json.loads(out.read_text())
+
+
 @pytest.mark.parametrize("lane", ["grpc", "local"])
 def test_mu_loop_drives_a_history_policy(server_factory, history_policy: Path, lane, tmp_path):
     """`mu loop` checks the env's observation against the policy's one observation (not its
-    whole input) and runs an episode on either lane."""
+    whole input) and runs on either lane."""
     server = server_factory(history_policy)
-    parser = argparse.ArgumentParser()
-    add_loop_arguments(parser)
-    # a deadline far past the period: a fallback here is a refusal, not a slow machine
-    argv = ["--env", ENV, "--target", server.target, "--rate", "100", "--ticks", "60",
-            "--deadline-ms", "2000", "--json", str(tmp_path / "loop.json")]  # fmt: skip
-    assert (
-        loop_from_args(parser.parse_args([*argv, *(["--local"] if lane == "local" else [])])) == 0
-    )
-    summary = json.loads((tmp_path / "loop.json").read_text())
+    summary = _loop(server.target, ENV, lane, tmp_path / "loop.json", "--ticks", "60")
     assert summary["ticks"] == 60 and summary["misses"]["fallbacks"] == 0
+
+
+@pytest.mark.parametrize("lane", ["grpc", "local"])
+def test_the_bundled_adaptive_policy_runs_on_both_lanes(server_factory, lane, tmp_path) -> None:
+    path = Path(__file__).resolve().parents[2] / "policies" / "panda_reach_adaptive" / "policy.onnx"
+    policy = load_policy(path.read_bytes(), source=str(path), version=1)
+    assert policy.history == {"obs": 2, "actions": 2, "obs_dim": 12}
+    server = server_factory(path)
+    summary = _loop(
+        server.target, "PandaReachDense-v3", lane, tmp_path / "l.json", "--episodes", "1"
+    )
+    assert summary["episodes"] == 1 and summary["misses"]["fallbacks"] == 0
