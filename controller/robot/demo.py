@@ -1,5 +1,6 @@
-"""`make demo`: serve the bundled Panda policy in a subprocess and drive the simulated arm with
-it through both lanes.
+"""`make demo`: serve the bundled adaptive Panda policy (policies/panda_reach_adaptive: its input
+holds the last observations and applied actions, which each lane builds) in a subprocess and
+drive the simulated arm with it through both lanes.
 
 Starts `mu serve` on a Unix socket, waits for its readiness line, measures how long one simulator
 step and one round trip take, picks the highest control rate whose tick fits both at p99, then
@@ -29,6 +30,7 @@ from controller.robot.plants import SimPlant
 from controller.robot.report import summarize
 
 ENV_ID = "PandaReachDense-v3"
+DEMO_POLICY = POLICY.parents[1] / "panda_reach_adaptive" / "policy.onnx"
 RATES_HZ = (1000, 500, 250, 100, 50)
 
 
@@ -147,7 +149,7 @@ def run_demo(policy: Path, seconds: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m controller.robot.demo", description=__doc__)
-    parser.add_argument("--policy", type=Path, default=POLICY)
+    parser.add_argument("--policy", type=Path, default=DEMO_POLICY)
     parser.add_argument("--seconds", type=float, default=5.0, help="how long the loop runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
