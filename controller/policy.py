@@ -415,8 +415,9 @@ def _check_signature(
 def _probe(policy: Policy, source: str) -> None:
     """Run probe observations through both code paths before serving: the zero observation
     alone, then a batch of it and seeded normal draws. Their unclamped actions must be finite
-    (the clamp would hide an infinite one) and must not all be equal: a policy whose action
-    ignores the observation (an infinite bias saturating a layer, say) is broken."""
+    (the clamp would hide an infinite one) and must not all be equal inside the bounds: a
+    policy whose action ignores the observation is broken (an infinite parameter, which
+    saturates a layer the same way, is refused before, by `check_finite`)."""
     rows = np.random.default_rng(0).normal(0.0, 1.0, (PROBE_ROWS, policy.obs_dim))
     rows[0] = 0.0
     try:
@@ -435,8 +436,17 @@ def _probe(policy: Policy, source: str) -> None:
     if not np.isfinite(raw).all():
         raise PolicyLoadError(f"{source} outputs infinite actions on probe observations")
     if (raw == raw[0]).all():
-        raise PolicyLoadError(
-            f"{source} outputs the same action for {PROBE_ROWS} different probe observations: "
-            "its action does not depend on the observation"
-        )
+        # Saturated on every probe (tanh at ±1: the action at its bounds) is what a young or
+        # aggressive policy does on arbitrary probes, and says nothing of real observations;
+        # a constant inside the bounds is an actor that ignores its input.
+        if np.all(np.isclose(raw[0], policy.low) | np.isclose(raw[0], policy.high)):
+            log.warning(
+                "%s gives the same action, at its bounds, for %d probe observations (saturated "
+                "there); serving it", source, PROBE_ROWS,
+            )  # fmt: skip
+        else:
+            raise PolicyLoadError(
+                f"{source} outputs the same action for {PROBE_ROWS} different probe "
+                "observations: its action does not depend on the observation"
+            )
     log.debug("probe ok for %s: %s", source, single)

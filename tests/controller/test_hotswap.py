@@ -179,6 +179,17 @@ def test_policies_with_non_finite_parameters_or_a_constant_action_are_refused(
     assert reply.policy_version == 1 and len(reply.action) == 6
 
 
+def test_a_policy_saturated_on_every_probe_is_served(connected, caplog) -> None:
+    """A finite policy whose actions sit at their bounds on every probe (a young policy does
+    that on arbitrary observations) is served, with a warning: saturation is not a broken
+    actor."""
+    info = connected.stub.LoadPolicy(
+        pb.LoadPolicyRequest(onnx=_variant(_set("b2", (slice(None),), 1e4))), timeout=30
+    )
+    assert info.version == 2
+    assert "at its bounds, for 8 probe observations" in caplog.text
+
+
 def test_load_needs_a_source(connected) -> None:
     with pytest.raises(grpc.RpcError) as refused:
         connected.stub.LoadPolicy(pb.LoadPolicyRequest(), timeout=5)
