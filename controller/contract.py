@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
 FORMAT_TAG = "mu.policy.v1"
 #: The graph's one input, [batch, mu.obs_dim], and its output, [batch, mu.act_dim].
@@ -27,6 +28,20 @@ OBS_LAYOUT = "mu.obs_layout"
 #: Only on a policy whose input holds its recent past: JSON {"obs": H, "actions": K, "obs_dim": D}.
 HISTORY = "mu.history"
 REQUIRED_KEYS = (FORMAT, ENV_ID, OBS_DIM, ACT_DIM, ACTION_LOW, ACTION_HIGH, OBS_LAYOUT)
+
+
+# What onnxruntime raises for a bad model or a failed run (its own classes are not RuntimeError).
+ORT_ERRORS: tuple[type[BaseException], ...] = (
+    RuntimeError,
+    ValueError,
+    _ort_errors.Fail,
+    _ort_errors.InvalidArgument,
+    _ort_errors.InvalidGraph,
+    _ort_errors.InvalidProtobuf,
+    _ort_errors.NoModel,
+    _ort_errors.NotImplemented,
+    _ort_errors.RuntimeException,
+)
 
 
 def history_spec(meta: dict[str, str]) -> dict[str, int] | None:

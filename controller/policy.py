@@ -18,27 +18,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
 from controller import contract as c
-from controller.contract import FORMAT_TAG, INPUT_NAME, OUTPUT_NAME, REQUIRED_KEYS
+from controller.contract import FORMAT_TAG, INPUT_NAME, ORT_ERRORS, OUTPUT_NAME, REQUIRED_KEYS
 from controller.decoding import clipped
 from controller.onnxfile import NonFinite, check_finite
 
 log = logging.getLogger(__name__)
-
-# What onnxruntime raises for a bad model or a failed run (its own classes are not RuntimeError).
-ORT_ERRORS: tuple[type[BaseException], ...] = (
-    RuntimeError,
-    ValueError,
-    _ort_errors.Fail,
-    _ort_errors.InvalidArgument,
-    _ort_errors.InvalidGraph,
-    _ort_errors.InvalidProtobuf,
-    _ort_errors.NoModel,
-    _ort_errors.NotImplemented,
-    _ort_errors.RuntimeException,
-)
 
 
 # Observations run through a policy before it is served (controller.policy._probe).

@@ -12,15 +12,11 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from controller import contract
 from training.envs import make_env, run_episodes
 from training.history import with_history
 from training.randomization import randomize
-
-# onnxruntime's own errors for a file it cannot load (none derives from a builtin error)
-LOAD_ERRORS = (ort_state.Fail, ort_state.InvalidProtobuf, ort_state.InvalidGraph)
 
 
 @dataclass
@@ -47,7 +43,7 @@ def load_session(path: str | Path) -> ort.InferenceSession:
     opts.intra_op_num_threads = 1
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except LOAD_ERRORS as err:
+    except contract.ORT_ERRORS as err:
         raise ValueError(f"{path} is not an ONNX policy file: {str(err)[:200]}") from None
 
 

@@ -111,6 +111,8 @@ def train(
     run = Run(cfg, prepare_dir(Path(out), resume, overwrite), on_eval)
     if resume:
         run.restore()
+    else:
+        run.obs = run.reset()
     run.start_log()
     bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress, unit="step")
     with _ctrl_c() as stop:
@@ -215,7 +217,6 @@ class Run:
         self.step, self.saved_at, self.wall_before, self.evaluated_at = 0, -1, 0.0, -1
         self.evals: list[list] = []
         self.best: dict | None = None  # the best evaluated actor so far (`snapshots`)
-        self.obs = self.reset()
 
     # -- the loop's steps ----------------------------------------------------------------------
 
