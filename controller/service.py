@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from controller.decoding import Undecodable
 from controller.metrics import Metrics
 from controller.pipeline import Pipeline
-from controller.policy import ORT_ERRORS, ActError, Policy
+from controller.policy import ActError, Policy
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
 from controller.store import PolicyStore, SwapRefused
@@ -68,7 +68,8 @@ class MicroBatcher:
             self.largest_batch = max(self.largest_batch, len(group))
             try:
                 results = policy.act_rows([obs for obs, _ in group])
-            except ORT_ERRORS as e:  # the handlers re-raise it, as an inline act() would
+            except Exception as e:  # noqa: BLE001 - every awaiting handler raises it, as an
+                # inline act() would; left in this callback it would hang them all
                 for _, future in group:
                     if not future.cancelled():
                         future.set_exception(e)

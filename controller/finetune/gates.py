@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from controller.contract import INPUT_NAME, OUTPUT_NAME
-from controller.policy import ORT_ERRORS, Policy, load_policy
+from controller.policy import ORT_ERRORS, Policy, PolicyLoadError, load_policy
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def check_candidate(
         states = np.ascontiguousarray(states, np.float32)
         new = candidate.session.run([OUTPUT_NAME], {INPUT_NAME: states})[0]
         old = current.session.run([OUTPUT_NAME], {INPUT_NAME: states})[0]
-    except (*ORT_ERRORS, OSError) as e:
+    except (PolicyLoadError, *ORT_ERRORS, OSError) as e:
         return GateResult(False, f"candidate does not load or run: {e}")
     if candidate.obs_dim != current.obs_dim or candidate.act_dim != current.act_dim:
         return GateResult(False, "candidate dimensions differ from the served policy")

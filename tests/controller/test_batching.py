@@ -38,6 +38,24 @@ def test_one_call_answers_each_row_on_its_own(policy_path: Path) -> None:
     assert results[1].code == results[2].code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_bug_in_a_batched_call_reaches_every_caller(policy_path: Path, monkeypatch) -> None:
+    """Not a fallback and not a hang: each awaiting handler raises the error with its traceback."""
+    policy = _policy(policy_path)
+
+    def broken(rows):
+        raise RuntimeError("bug inside act_rows")
+
+    monkeypatch.setattr(policy, "act_rows", broken)
+
+    async def submit_all():
+        batcher = MicroBatcher()
+        futures = [batcher.submit(policy, [0.0] * 26) for _ in range(3)]
+        return await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 60)
+
+    results = asyncio.run(submit_all())
+    assert [type(r) for r in results] == [RuntimeError] * 3
+
+
 # Lock-step robots on a busy machine do not always land in one loop pass: repeat the rows until a
 # batch of more than one has formed (bounded), so the batched path is known to have run.
 MAX_PASSES = 25

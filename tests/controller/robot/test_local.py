@@ -260,6 +260,21 @@ def test_nan_action_falls_back_on_the_local_lane(server_factory, nan_policy: Pat
         assert robot.misses == 1 and "INTERNAL" in robot.last_error
 
 
+def test_a_bug_inside_a_tick_is_raised_not_a_fallback(connected, monkeypatch) -> None:
+    """Only onnxruntime's own errors become a fallback action; a bug keeps its traceback."""
+    with LocalClient(connected.server.target) as robot:
+        robot.act([0.0] * 26)
+        policy = robot.watcher.current.policy
+
+        def broken(obs):
+            raise RuntimeError("bug inside the tick")
+
+        monkeypatch.setattr(policy, "act_values", broken)
+        with pytest.raises(RuntimeError, match="bug inside the tick"):
+            robot.act([0.0] * 26)
+        assert robot.misses == 0
+
+
 def test_watch_policy_needs_the_token(server_factory, policy_path: Path, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret")
