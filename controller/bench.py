@@ -28,7 +28,7 @@ import numpy as np
 
 from controller.errors import UsageError
 from controller.harness import POLICY, ServerProcess, serve_command
-from controller.policy import PolicyLoadError, load_policy, read_policy_file
+from controller.policy import load_policy, read_policy_file
 from controller.robot.client import Client, PolicyClient
 from controller.robot.engine import LoopResult, run_loop
 from controller.robot.local import LocalClient
@@ -140,10 +140,8 @@ def run_lanes(
     policy: Path, rate_hz: float, seconds: float, rt: dict, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """The floor and both lanes at `rate_hz`; their summaries and each lane's verdict."""
-    try:
-        probe = load_policy(read_policy_file(policy), source=str(policy), version=1)
-    except PolicyLoadError as e:
-        raise UsageError(str(e)) from e
+    # PolicyLoadError (a UsageError): a file that is not a servable policy
+    probe = load_policy(read_policy_file(policy), source=str(policy), version=1)
     obs_dim, act_dim = probe.obs_dim, probe.act_dim
     out: dict[str, Any] = {
         "machine": machine(),

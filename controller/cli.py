@@ -1,7 +1,8 @@
 """`mu`: train, export, explain, eval, plot, sweep, serve, loop, bench.
 
 Each subcommand imports what it needs when it runs, so a serving install (no torch) can run
-`mu serve`, `mu loop` and `mu bench`.
+`mu serve`, `mu loop` and `mu bench`. Bad input (`controller.errors.UsageError`) is one line on
+stderr and exit 2, for every command; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from controller.errors import UsageError
+from controller.errors import MissingFile, UsageError
 from controller.extras import install_hint
 
 # `mu train` flags a resumed run would ignore (it keeps its config.json): refused with --resume
@@ -37,7 +38,7 @@ def _train(args: argparse.Namespace) -> int:
             if getattr(args, name) not in (None, [], False)
         ]
         if given:
-            raise ValueError(
+            raise UsageError(
                 f"--resume continues a run with its own config.json: {', '.join(given)} would "
                 "be ignored; only --steps (to train on further) goes with --resume"
             )
@@ -74,7 +75,7 @@ def _run_file(run: str, name: str) -> Path:
     """`run`/`name`, or a one-line error that says what `run` should be."""
     path = Path(run) / name
     if not path.is_file():
-        raise FileNotFoundError(f"{run} is not a run directory of mu train (no {name})")
+        raise MissingFile(f"{run} is not a run directory of mu train (no {name})")
     return path
 
 
@@ -203,15 +204,6 @@ def _arguments(
 def _missing(hint: str) -> int:
     print(hint, file=sys.stderr)
     return 2
-
-
-def _one_line_errors(command: str) -> tuple[type[Exception], ...]:
-    """What `command` reports in one line (exit 2); anything else keeps its traceback. The
-    robot side raises UsageError for bad input; training, and `mu serve` around its policy
-    file and flags, still raise ValueError and FileNotFoundError for it."""
-    if command in ("loop", "bench"):
-        return (UsageError,)
-    return (ValueError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except _one_line_errors(args.command) as err:
+    except UsageError as err:  # bad input, said in one line; any other exception is a bug
         print(f"mu {args.command}: {err}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:

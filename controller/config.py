@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.errors import UsageError
 from controller.finetune.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -17,27 +18,27 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 def parse_shifts(items: list[str]) -> dict[str, float]:
-    """`KNOB=VALUE` flags of `mu eval --shift` onto {knob: value}. Raises ValueError."""
+    """`KNOB=VALUE` flags of `mu eval --shift` onto {knob: value}. Raises UsageError."""
     out: dict[str, float] = {}
     for item in items:
         key, _, value = item.partition("=")
         try:
             out[key] = float(value)
         except ValueError:
-            raise ValueError(f"--shift {item!r}: expected KNOB=NUMBER, e.g. friction=0.5") from None
+            raise UsageError(f"--shift {item!r}: expected KNOB=NUMBER, e.g. friction=0.5") from None
     return out
 
 
 def parse_listen(listen: str) -> tuple[str, int | None]:
-    """'HOST:PORT' -> (host, port); 'unix:PATH' -> (path, None). Raises ValueError."""
+    """'HOST:PORT' -> (host, port); 'unix:PATH' -> (path, None). Raises UsageError."""
     if listen.startswith("unix:"):
         path = listen.removeprefix("unix:").removeprefix("//")
         if not path:
-            raise ValueError(f"listen {listen!r}: unix: needs a socket path")
+            raise UsageError(f"listen {listen!r}: unix: needs a socket path")
         return path, None
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"listen {listen!r} is not HOST:PORT (port 0-65535) or unix:PATH")
+        raise UsageError(f"listen {listen!r} is not HOST:PORT (port 0-65535) or unix:PATH")
     return host.removeprefix("[").removesuffix("]"), int(port)
 
 
@@ -91,50 +92,54 @@ class ServeConfig:
             if value is not None:
                 setattr(self, name, Path(value))
                 if not getattr(self, name).is_file():
-                    raise ValueError(f"{name} {value} is not a readable file")
+                    raise UsageError(f"{name} {value} is not a readable file")
         if not self.policy.is_file():
-            raise ValueError(f"policy {self.policy} is not a file")
+            raise UsageError(f"policy {self.policy} is not a file")
         parse_listen(self.listen)
         if not is_local(self.listen) and self.admin_token_file is None:
-            raise ValueError(
+            raise UsageError(
                 f"listening on {self.listen} (beyond loopback) needs an admin token file "
                 "(--admin-token-file) so that nobody else can swap the policy"
             )
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
+            raise UsageError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+            raise UsageError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.max_delta is not None and not (
             math.isfinite(self.max_delta) and self.max_delta > 0
         ):
-            raise ValueError(f"max_delta must be a positive number, got {self.max_delta}")
+            raise UsageError(f"max_delta must be a positive number, got {self.max_delta}")
         if not (math.isfinite(self.watch_interval_s) and self.watch_interval_s > 0):
-            raise ValueError(f"watch_interval_s must be positive, got {self.watch_interval_s}")
+            raise UsageError(f"watch_interval_s must be positive, got {self.watch_interval_s}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must be 0-65535, got {self.metrics_port}")
+            raise UsageError(f"metrics_port must be 0-65535, got {self.metrics_port}")
         if self.max_message_bytes < 1024:
-            raise ValueError(
+            raise UsageError(
                 f"max_message_bytes must be at least 1024, got {self.max_message_bytes}"
             )
         if not (math.isfinite(self.client_keepalive_s) and self.client_keepalive_s >= 1):
-            raise ValueError(
+            raise UsageError(
                 f"client_keepalive_s must be at least 1 s, got {self.client_keepalive_s}"
             )
         if self.shutdown_grace_s < 0:
-            raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+            raise UsageError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
 
     def read_admin_token(self) -> str | None:
         """The token from `admin_token_file` (surrounding whitespace stripped), or None."""
         if self.admin_token_file is None:
             return None
-        mode = self.admin_token_file.stat().st_mode
+        try:
+            mode = self.admin_token_file.stat().st_mode
+            token = self.admin_token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            why = getattr(e, "strerror", None) or e
+            raise UsageError(f"cannot read admin_token_file {self.admin_token_file}: {why}") from e
         if mode & 0o077:
             log.warning(
                 "admin token file %s can be read by other users (mode %o); chmod 600 it",
                 self.admin_token_file,
                 mode & 0o777,
             )
-        token = self.admin_token_file.read_text().strip()
         if not token:
-            raise ValueError(f"admin_token_file {self.admin_token_file} is empty")
+            raise UsageError(f"admin_token_file {self.admin_token_file} is empty")
         return token

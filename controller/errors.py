@@ -4,3 +4,7 @@ and exits 2. Any other exception is a bug and keeps its traceback."""
 
 class UsageError(ValueError):
     """Bad input from the user, said in one line that names what to change."""
+
+
+class MissingFile(UsageError, FileNotFoundError):
+    """A file or run directory the user named is not there (or lacks what it should hold)."""

@@ -22,6 +22,7 @@ import onnxruntime as ort
 from controller import contract as c
 from controller.contract import FORMAT_TAG, INPUT_NAME, ORT_ERRORS, OUTPUT_NAME, REQUIRED_KEYS
 from controller.decoding import clipped
+from controller.errors import UsageError
 from controller.onnxfile import NonFinite, check_finite
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ PROBE_ROWS = 8
 BATCH_CHUNK = 1024
 
 
-class PolicyLoadError(ValueError):
+class PolicyLoadError(UsageError):
     """The file is not a usable mu policy; the message says why."""
 
 

@@ -29,6 +29,7 @@ from controller.config import (
     parse_listen,
 )
 from controller.decoding import DecodeGuard
+from controller.errors import UsageError
 from controller.finetune.config import FinetuneConfig
 from controller.finetune.manager import Finetuner, resume_policy
 from controller.inference import INFERENCE_SERVICE_NAME, InferenceService
@@ -43,6 +44,10 @@ from training.fields import parse_sets
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class BindError(RuntimeError):
+    """gRPC cannot listen on the address (in use, no permission, no such directory)."""
 
 
 def server_options(config: ServeConfig) -> list[tuple[str, Any]]:
@@ -62,12 +67,19 @@ def server_options(config: ServeConfig) -> list[tuple[str, Any]]:
     ]
 
 
+def _read_pem(name: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {name} {path}: {e.strerror or e}") from e
+
+
 def _server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None or config.tls_key is None:
         return None
-    ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    ca = _read_pem("tls_client_ca", config.tls_client_ca) if config.tls_client_ca else None
     return grpc.ssl_server_credentials(
-        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        [(_read_pem("tls_key", config.tls_key), _read_pem("tls_cert", config.tls_cert))],
         root_certificates=ca,
         require_client_auth=ca is not None,
     )
@@ -113,9 +125,14 @@ class ControllerServer:
         if self.config.metrics_port is not None:
             host, port = parse_listen(self.config.listen)
             addr = host if port is not None else "127.0.0.1"
-            self.metrics_port, self._stop_metrics = self.metrics.serve_http(
-                self.config.metrics_port, addr
-            )
+            try:
+                self.metrics_port, self._stop_metrics = self.metrics.serve_http(
+                    self.config.metrics_port, addr
+                )
+            except OSError as e:  # the port is taken, or needs privileges
+                raise UsageError(
+                    f"cannot serve metrics on {addr}:{self.config.metrics_port}: {e.strerror or e}"
+                ) from e
         log.info(
             "serving %s version %d on %s",
             self.config.policy,
@@ -147,8 +164,8 @@ async def create_server(config: ServeConfig) -> tuple[ControllerServer, int]:
     """Load and validate the policy, build the server and bind it; call inside the event loop.
 
     Returns the server (not yet started) and the bound TCP port (0 for a Unix socket).
-    Raises PolicyLoadError for a bad policy file, ValueError for a bad token file, RuntimeError
-    when the address cannot be bound.
+    Raises UsageError for bad input (PolicyLoadError for a bad policy file; an unreadable
+    token or TLS file), BindError (a RuntimeError) when the address cannot be bound.
     """
     metrics = Metrics()
     finetuner: Finetuner | None = None
@@ -195,12 +212,15 @@ async def create_server(config: ServeConfig) -> tuple[ControllerServer, int]:
     host, port = parse_listen(config.listen)
     bind = f"unix:{host}" if port is None else f"[{host}]:{port}" if ":" in host else config.listen
     credentials = _server_credentials(config)
-    if credentials is None:
-        bound = server.add_insecure_port(bind)
-        if admin_token is not None and not is_local(config.listen):
-            log.warning("admin token travels in clear text on %s; use TLS", config.listen)
-    else:
-        bound = server.add_secure_port(bind, credentials)
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(bind)
+        else:
+            bound = server.add_secure_port(bind, credentials)
+    except RuntimeError as e:  # grpc's "Failed to bind to address"
+        raise BindError(str(e)) from e
+    if credentials is None and admin_token is not None and not is_local(config.listen):
+        log.warning("admin token travels in clear text on %s; use TLS", config.listen)
     if port is None:
         address, bound = f"unix:{host}", 0
     else:
@@ -359,7 +379,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def finetune_from_args(args: argparse.Namespace) -> FinetuneConfig | None:
     if args.finetune is None:
         if args.finetune_dir or args.explore_std or args.finetune_set:
-            raise ValueError("--finetune-dir, --explore-std and --finetune-set need --finetune")
+            raise UsageError("--finetune-dir, --explore-std and --finetune-set need --finetune")
         return None
     extra = parse_sets(
         FinetuneConfig,
@@ -405,10 +425,10 @@ def serve_from_args(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         asyncio.run(serve(config))
-    except (ValueError, OSError) as e:  # bad flags, bad policy file (PolicyLoadError), bad token
+    except UsageError as e:  # bad flags, bad policy file (PolicyLoadError), unreadable token
         log.error("cannot serve: %s", e)
         return 2
-    except RuntimeError as e:  # grpc cannot bind the address
+    except BindError as e:
         log.error("cannot serve on %s: %s", args.listen, e)
         return 1
     return 0

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from controller.errors import MissingFile, UsageError
 from training.algos import OPTIMIZERS, AnyAgent, create_agent
 from training.atomic import atomic_write
 from training.config import TrainConfig
@@ -61,17 +62,17 @@ def load(
     if path.is_dir():
         path = path / "agent.pt" if (path / "agent.pt").exists() else path / "checkpoint.pt"
         if not path.exists():
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"no agent.pt or checkpoint.pt in {path.parent}: not a run directory of mu train"
             )
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingFile(f"no checkpoint at {path}")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception:  # torch raises a different error for each kind of wrong file
         payload = None
     if not isinstance(payload, dict) or payload.get("format") != "mu.checkpoint.v1":
-        raise ValueError(
+        raise UsageError(
             f"{path} is not a mu checkpoint: give a run directory of mu train, its agent.pt or "
             "its checkpoint.pt (a policy file holds the actor only, no critic)"
         )

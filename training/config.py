@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller.errors import UsageError
 from training.fields import check_types, unknown_field
 
 
@@ -167,12 +168,12 @@ class TrainConfig:
         }
         failed = [msg for msg, ok in checks.items() if not ok]
         if failed:
-            raise ValueError("invalid TrainConfig: " + "; ".join(failed))
+            raise UsageError("invalid TrainConfig: " + "; ".join(failed))
         from training.randomization import check_ranges
 
         check_ranges(self.randomization)
         if self.rand_widen_steps and not self.randomization:
-            raise ValueError("invalid TrainConfig: rand_widen_steps widens no rand_* range")
+            raise UsageError("invalid TrainConfig: rand_widen_steps widens no rand_* range")
 
     def _algorithm_settings(self) -> None:
         """Fill the algorithm's own settings where unset; refuse a setting that contradicts the
@@ -190,7 +191,7 @@ class TrainConfig:
             if getattr(self, name) != defaults[name]:
                 errors.append(f"{name}={getattr(self, name)} ({why})")
         if errors:
-            raise ValueError(
+            raise UsageError(
                 f"invalid TrainConfig: algo {self.algo} does not take " + "; ".join(errors)
             )
 

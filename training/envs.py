@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 import gymnasium as gym
 import numpy as np
 
+from controller.errors import UsageError
+
 ObsLayout = list[tuple[str, int]]
 # Evaluation envs are seeded this far from the training seed, so the two never share starts.
 EVAL_SEED_OFFSET = 1_000_000
@@ -55,7 +57,7 @@ def obs_layout(space: gym.Space) -> ObsLayout:
         return [(key, int(np.prod(sub.shape))) for key, sub in space.spaces.items()]
     if isinstance(space, gym.spaces.Box):
         return [("obs", int(np.prod(space.shape)))]
-    raise ValueError(f"unsupported observation space {space}; mu needs Box or Dict of Box")
+    raise UsageError(f"unsupported observation space {space}; mu needs Box or Dict of Box")
 
 
 class FlatObs(gym.ObservationWrapper):
@@ -84,13 +86,13 @@ def make_env(env_id: str, seed: int | None = None) -> FlatObs:
         try:
             made = gym.make(env_id)
         except gym.error.DependencyNotInstalled as err:  # its message says what to install
-            raise ValueError(f"{env_id} needs a package this install lacks: {err}") from None
+            raise UsageError(f"{env_id} needs a package this install lacks: {err}") from None
         except gym.error.UnregisteredEnv as err:
             hint = " (Panda*-v3 ids come with panda-gym)" if env_id.startswith("Panda") else ""
-            raise ValueError(f"{env_id}: {err}{hint}") from None
+            raise UsageError(f"{env_id}: {err}{hint}") from None
         if not isinstance(made.action_space, gym.spaces.Box):
             made.close()
-            raise ValueError(
+            raise UsageError(
                 f"{env_id} has {made.action_space} actions; deterministic actor-critics (TD3, "
                 "DDPG, TD7) need continuous (Box) actions"
             )
@@ -104,7 +106,7 @@ def action_bounds(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
     low = np.asarray(env.action_space.low, np.float32)
     high = np.asarray(env.action_space.high, np.float32)
     if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high)) and np.all(low < high)):
-        raise ValueError(f"action bounds must be finite with low < high, got {low}, {high}")
+        raise UsageError(f"action bounds must be finite with low < high, got {low}, {high}")
     return low, high
 
 

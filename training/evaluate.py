@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from controller import contract
+from controller.errors import MissingFile, UsageError
 from training.envs import make_env, run_episodes
 from training.history import with_history
 from training.randomization import randomize
@@ -36,21 +37,21 @@ def load_session(path: str | Path) -> ort.InferenceSession:
     path = Path(path)
     if path.is_dir():
         hint = f"; its policy is {path / 'policy.onnx'}" if (path / "policy.onnx").exists() else ""
-        raise ValueError(f"{path} is a directory: give a policy file (.onnx){hint}")
+        raise UsageError(f"{path} is a directory: give a policy file (.onnx){hint}")
     if not path.is_file():
-        raise FileNotFoundError(f"no policy file at {path}")
+        raise MissingFile(f"no policy file at {path}")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except contract.ORT_ERRORS as err:
-        raise ValueError(f"{path} is not an ONNX policy file: {str(err)[:200]}") from None
+        raise UsageError(f"{path} is not an ONNX policy file: {str(err)[:200]}") from None
 
 
 def policy_env_id(sess: ort.InferenceSession) -> str:
     meta = sess.get_modelmeta().custom_metadata_map
     if contract.ENV_ID not in meta:
-        raise ValueError("not a mu policy file (no mu.env_id metadata; `mu export` writes one)")
+        raise UsageError("not a mu policy file (no mu.env_id metadata; `mu export` writes one)")
     return meta[contract.ENV_ID]
 
 
@@ -70,7 +71,10 @@ def evaluate_session(
     """Deterministic returns of `sess` on `env_id` under `shifts` ({knob: value}); episode i
     is reset with seed + i, and noise draws come from a generator seeded with `seed`."""
     shifts = dict(shifts or {})
-    history = contract.history_spec(sess.get_modelmeta().custom_metadata_map)
+    try:
+        history = contract.history_spec(sess.get_modelmeta().custom_metadata_map)
+    except (ValueError, TypeError) as err:  # its mu.history is not what mu export writes
+        raise UsageError(f"not a usable mu policy file: {err}") from None
     env = shifted_env(env_id, seed, shifts)
     if history:  # the policy reads its own recent past: the same input as in training
         env = with_history(env, history["obs"], history["actions"])

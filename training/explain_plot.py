@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from controller.errors import UsageError
 from training import checkpoint
 from training.algos import AnyAgent
 from training.explain import actor_objective
@@ -73,7 +74,7 @@ def plot_action_slice(
     if dims is None:
         dims = sorted(np.argsort(-np.abs(dq_da))[: min(2, act_dim)].tolist())
     if len(dims) != min(2, act_dim) or not all(0 <= d < act_dim for d in dims):
-        raise ValueError(f"--dims: give {min(2, act_dim)} action dimensions in [0, {act_dim})")
+        raise UsageError(f"--dims: give {min(2, act_dim)} action dimensions in [0, {act_dim})")
     step = moved - mu
     half = max(4 * float(np.abs(step[dims]).max()), 1e-3)  # the zoom window's half-width
 

@@ -12,6 +12,8 @@ import types
 import typing
 from typing import Any
 
+from controller.errors import UsageError
+
 
 def field_types(cls: type) -> dict[str, Any]:
     """{name: type} of the dataclass `cls` (annotations resolved)."""
@@ -34,7 +36,7 @@ def _optional(tp: Any) -> tuple[Any, bool]:
 
 
 def _scalar(tp: Any, value: Any) -> Any:
-    """`value` (from JSON or text) as a `tp` scalar; raises ValueError."""
+    """`value` (from JSON or text) as a `tp` scalar; raises UsageError."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -43,41 +45,41 @@ def _scalar(tp: Any, value: Any) -> Any:
             return True
         if text in ("false", "0", "no", "off"):
             return False
-        raise ValueError("expects true or false")
+        raise UsageError("expects true or false")
     if tp is int:
         if isinstance(value, bool):
-            raise ValueError("expects an integer")
+            raise UsageError("expects an integer")
         if isinstance(value, int):
             return value
         try:
             x = float(str(value).replace("_", ""))
         except ValueError:
-            raise ValueError("expects an integer") from None
+            raise UsageError("expects an integer") from None
         if not (math.isfinite(x) and x.is_integer()):
-            raise ValueError("expects an integer")
+            raise UsageError("expects an integer")
         return int(x)
     if tp is float:
         if isinstance(value, bool):
-            raise ValueError("expects a number")
+            raise UsageError("expects a number")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ValueError("expects a number") from None
+            raise UsageError("expects a number") from None
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError("expects a string")
+            raise UsageError("expects a string")
         return value
     return value  # a type this parser does not know (Path and the like): the class checks it
 
 
 def coerce(tp: Any, value: Any) -> Any:
-    """`value` as type `tp` (bool, int, float, str, list of those, optional); raises ValueError
+    """`value` as type `tp` (bool, int, float, str, list of those, optional); raises UsageError
     saying what the type expects."""
     inner, nullable = _optional(tp)
     if value is None or (nullable and isinstance(value, str) and value.lower() in ("none", "null")):
         if nullable:
             return None
-        raise ValueError(f"expects {type_name(tp)}, not none")
+        raise UsageError(f"expects {type_name(tp)}, not none")
     if typing.get_origin(inner) is list:
         (item,) = typing.get_args(inner)
         if isinstance(value, str):
@@ -86,11 +88,11 @@ def coerce(tp: Any, value: Any) -> Any:
             except json.JSONDecodeError:
                 value = None
         if not isinstance(value, list):
-            raise ValueError(f"expects a list like [{type_name(item)}, ...]")
+            raise UsageError(f"expects a list like [{type_name(item)}, ...]")
         try:
             return [_scalar(item, v) for v in value]
-        except ValueError:
-            raise ValueError(f"expects a list of {type_name(item)}") from None
+        except UsageError:
+            raise UsageError(f"expects a list of {type_name(item)}") from None
     return _scalar(inner, value)
 
 
@@ -106,46 +108,46 @@ def parse_text(tp: Any, text: str) -> Any:
     return coerce(tp, value)
 
 
-def unknown_field(name: str, names: list[str], where: str) -> ValueError:
+def unknown_field(name: str, names: list[str], where: str) -> UsageError:
     """The error for a field name that is not one: with "did you mean" for a near miss."""
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    return ValueError(f"{where}: no field {name!r}{hint} (list them with --list-fields)")
+    return UsageError(f"{where}: no field {name!r}{hint} (list them with --list-fields)")
 
 
 def parse_sets(
     cls: type, items: list[str], flag: str, exclude: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """`FIELD=VALUE` items onto {field: typed value} of the dataclass `cls`. Raises ValueError."""
+    """`FIELD=VALUE` items onto {field: typed value} of the dataclass `cls`. Raises UsageError."""
     hints = {k: v for k, v in field_types(cls).items() if k not in exclude}
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep:
-            raise ValueError(f"{flag} {item!r}: expected FIELD=VALUE")
+            raise UsageError(f"{flag} {item!r}: expected FIELD=VALUE")
         if key not in hints:
             if key in exclude:
-                raise ValueError(f"{flag} {key}: it has a flag of its own")
+                raise UsageError(f"{flag} {key}: it has a flag of its own")
             raise unknown_field(key, sorted(hints), f"{flag} {item!r}")
         try:
             out[key] = parse_text(hints[key], value)
-        except ValueError as err:
-            raise ValueError(f"{flag} {item!r}: {key} {err}") from None
+        except UsageError as err:
+            raise UsageError(f"{flag} {item!r}: {key} {err}") from None
     return out
 
 
 def check_types(obj: Any) -> None:
     """Coerce every field of the dataclass instance `obj` to its declared type (ints where a
-    float is declared become floats); raises ValueError naming each field that does not fit."""
+    float is declared become floats); raises UsageError naming each field that does not fit."""
     errors = []
     for name, tp in field_types(type(obj)).items():
         try:
             setattr(obj, name, coerce(tp, getattr(obj, name)))
-        except ValueError as err:
+        except UsageError as err:
             errors.append(f"{name} {err} (got {getattr(obj, name)!r})")
     if errors:
-        raise ValueError(f"invalid {type(obj).__name__}: " + "; ".join(errors))
+        raise UsageError(f"invalid {type(obj).__name__}: " + "; ".join(errors))
 
 
 def describe_fields(cls: type) -> str:

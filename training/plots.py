@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from controller.errors import MissingFile
+
 
 def read_evals(run: Path) -> dict[str, np.ndarray]:
     """evals.csv as columns, the deployed actor's rows (the first named: TD7's checkpoint
@@ -51,7 +53,7 @@ def plot_runs(runs: Sequence[str | Path], path: str | Path) -> Path:
 
     for run in runs:
         if not (Path(run) / "evals.csv").exists() or not (Path(run) / "config.json").exists():
-            raise FileNotFoundError(f"no evals.csv or config.json in {run}: not a run of mu train")
+            raise MissingFile(f"no evals.csv or config.json in {run}: not a run of mu train")
     groups = group_by_config([Path(r) for r in runs])
     curves = {label: [read_evals(r) for r in members] for label, members in groups.items()}
     has_success = any(

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from controller.errors import MissingFile, UsageError
 from training.config import ALGO_SETTINGS
 
 ZOO: dict[str, Any] = {
@@ -143,10 +144,10 @@ def preset(env_id: str, name: str | None = None, algo: str = "td3") -> dict[str,
     if name is None:
         base = dict(BY_ENV.get(env_id, {}))
     elif name not in NAMED:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(NAMED)}")
+        raise UsageError(f"unknown preset {name!r}; choose from {sorted(NAMED)}")
     elif name in ("robust", "adaptive"):
         if env_id not in ROBUST:
-            raise ValueError(
+            raise UsageError(
                 f"no {name} preset for {env_id} (there is one for {sorted(ROBUST)}); "
                 "set the ranges with --set rand_friction=[0.5,1.25] and the like"
             )
@@ -164,12 +165,16 @@ def load_preset_file(path: str | Path) -> dict[str, Any]:
     one, best_preset.json). Fields are checked when the TrainConfig is built."""
     try:
         data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"preset file {path}: not JSON ({err})") from None
+    except FileNotFoundError:
+        raise MissingFile(f"preset file {path}: no such file") from None
+    except OSError as err:
+        raise UsageError(f"preset file {path}: cannot read it ({err.strerror or err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"preset file {path}: not JSON ({err})") from None
     if not isinstance(data, dict):
-        raise ValueError(
+        raise UsageError(
             f"preset file {path}: expected {{field: value}}, got {type(data).__name__}"
         )
     if "seed" in data:
-        raise ValueError(f"preset file {path}: a preset holds no seed; give --seed")
+        raise UsageError(f"preset file {path}: a preset holds no seed; give --seed")
     return data

@@ -31,7 +31,7 @@ The privileged critic reads what the actor cannot see (`privileged`): every knob
 episode, normalized to its range, and the observation before noise (`CleanObs`).
 
 Dynamics knobs work on the PyBullet locomotion envs and the panda-gym arms; the other knobs on
-any Gymnasium env. A knob an env cannot honour raises ValueError naming both. No torch here:
+any Gymnasium env. A knob an env cannot honour raises UsageError naming both. No torch here:
 `mu eval --shift/--sweep` runs on a serving install with the simulator.
 """
 
@@ -42,6 +42,8 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+
+from controller.errors import UsageError
 
 Ranges = dict[str, tuple[float, float]]
 
@@ -65,17 +67,17 @@ def check_ranges(ranges: dict[str, Any]) -> Ranges:
     out: Ranges = {}
     for name in sorted(ranges):
         if name not in NOMINAL:
-            raise ValueError(f"unknown randomization knob {name!r}; choose from {list(NOMINAL)}")
+            raise UsageError(f"unknown randomization knob {name!r}; choose from {list(NOMINAL)}")
         value = ranges[name]
         if len(value) != 2 or not value[0] <= value[1]:
-            raise ValueError(f"randomization {name}: expected [lo, hi] with lo <= hi, got {value}")
+            raise UsageError(f"randomization {name}: expected [lo, hi] with lo <= hi, got {value}")
         lo, hi = float(value[0]), float(value[1])
         if name in ("friction", "mass", "strength") and lo <= 0:
-            raise ValueError(f"randomization {name}: multipliers must be > 0, got {value}")
+            raise UsageError(f"randomization {name}: multipliers must be > 0, got {value}")
         if name in ("damping", "latency", "obs_noise", "push") and lo < 0:
-            raise ValueError(f"randomization {name}: must be >= 0, got {value}")
+            raise UsageError(f"randomization {name}: must be >= 0, got {value}")
         if name == "latency" and not (lo.is_integer() and hi.is_integer()):
-            raise ValueError(f"randomization latency: whole control steps, got {value}")
+            raise UsageError(f"randomization latency: whole control steps, got {value}")
         out[name] = (lo, hi)
     return out
 
@@ -230,7 +232,7 @@ class _Robot:
     def require(self, knobs: list[str]) -> None:
         bad = [k for k in knobs if not self.supports(k)]
         if bad:
-            raise ValueError(
+            raise UsageError(
                 f"{self.env_id} cannot honour randomization {', '.join(bad)}: dynamics knobs "
                 "need a PyBullet locomotion env or a panda-gym arm (strength: one with a motor "
                 "power or an end-effector gain; push: a free-moving locomotion robot)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from controller.errors import UsageError
 from training.config import TrainConfig
 from training.fields import parse_sets
 from training.presets import load_preset_file, preset
@@ -23,22 +24,22 @@ def resolve(
     preset_file: str | None = None,
 ) -> TrainConfig:
     """The TrainConfig of `mu train`: `flags` ({flag: value or None}, see FLAGS), `sets`
-    (`FIELD=VALUE` items), the named preset and the preset file. Raises ValueError."""
+    (`FIELD=VALUE` items), the named preset and the preset file. Raises UsageError."""
     from_sets = parse_sets(TrainConfig, sets, "--set")
     from_flags = {FLAGS[k]: v for k, v in flags.items() if v is not None}
     for field, value in from_flags.items():
         if field in from_sets and from_sets[field] != value:
             flag = next(k for k, f in FLAGS.items() if f == field)
-            raise ValueError(
+            raise UsageError(
                 f"--{flag} {value} and --set {field}={from_sets[field]} disagree; give one"
             )
     from_file = load_preset_file(preset_file) if preset_file else {}
     chosen = {**from_file, **from_sets, **from_flags}
     env = chosen.get("env_id")
     if not env:
-        raise ValueError("--env is required (or --resume RUN, or a --preset-file with env_id)")
+        raise UsageError("--env is required (or --resume RUN, or a --preset-file with env_id)")
     if from_file.get("env_id", env) != env:
-        raise ValueError(f"--preset-file {preset_file} is for {from_file['env_id']}, not {env}")
+        raise UsageError(f"--preset-file {preset_file} is for {from_file['env_id']}, not {env}")
     algo = chosen.get("algo", "td3")
     return TrainConfig.from_dict({**preset(env, preset_name, algo), **chosen, "algo": algo})
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from controller.errors import UsageError
 from training.envs import make_env
 from training.evaluate import evaluate_session, load_session, policy_env_id
 from training.randomization import NOMINAL, supported_knobs
@@ -103,7 +104,7 @@ def sweep(
     sessions = [load_session(str(p)) for p in policies]
     env_ids = {policy_env_id(s) for s in sessions}
     if len(env_ids) != 1:
-        raise ValueError(f"policies are for different envs: {sorted(env_ids)}")
+        raise UsageError(f"policies are for different envs: {sorted(env_ids)}")
     (env_id,) = env_ids
     sweeps, shifts = grid(env_id)
     cells = [Cell(s) for s in shifts]

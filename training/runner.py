@@ -22,6 +22,8 @@ import pyarrow.fs
 import ray
 from ray import tune
 
+from controller.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -47,11 +49,11 @@ class RunnerConfig:
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
-            raise ValueError(f"runner name must be a non-empty directory name, got {self.name!r}")
+            raise UsageError(f"runner name must be a non-empty directory name, got {self.name!r}")
         if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+            raise UsageError(f"workers must be >= 1, got {self.workers}")
         if self.cpus_per_trial <= 0:
-            raise ValueError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
+            raise UsageError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
 
     @property
     def storage_uri(self) -> str:
@@ -128,7 +130,7 @@ def run_trials(
     module doc); resumes the experiment at `runner.experiment` when it holds these trials."""
     labels = [t["label"] for t in trials]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"trial labels must be unique, got {labels}")
+        raise UsageError(f"trial labels must be unique, got {labels}")
     _init_ray(runner)
     fs, exp_path = pyarrow.fs.FileSystem.from_uri(runner.experiment)
     fn = tune.with_resources(trainable, {"cpu": runner.cpus_per_trial})
@@ -137,7 +139,7 @@ def run_trials(
     if tune.Tuner.can_restore(runner.experiment):
         with fs.open_input_stream(f"{exp_path}/trials.json") as f:
             if f.read().decode() != spec:
-                raise ValueError(
+                raise UsageError(
                     f"{runner.experiment} holds an experiment with other trials; give another "
                     "name, or remove it to start over"
                 )

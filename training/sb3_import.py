@@ -34,6 +34,7 @@ from stable_baselines3.common.torch_layers import CombinedExtractor, FlattenExtr
 from stable_baselines3.common.vec_env import VecNormalize
 from torch import nn
 
+from controller.errors import UsageError
 from training.envs import ObsLayout, action_bounds, make_env
 from training.export import (
     PARITY_SAMPLES,
@@ -66,13 +67,13 @@ class SB3ImportConfig:
     def __post_init__(self) -> None:
         self.model = Path(self.model)
         if not self.model.is_file():
-            raise ValueError(f"SB3 model {self.model} is not a file")
+            raise UsageError(f"SB3 model {self.model} is not a file")
         if self.vecnormalize is not None:
             self.vecnormalize = Path(self.vecnormalize)
             if not self.vecnormalize.is_file():
-                raise ValueError(f"VecNormalize file {self.vecnormalize} is not a file")
+                raise UsageError(f"VecNormalize file {self.vecnormalize} is not a file")
         if self.parity_samples < 10:
-            raise ValueError(f"parity_samples must be at least 10, got {self.parity_samples}")
+            raise UsageError(f"parity_samples must be at least 10, got {self.parity_samples}")
 
     def to_json(self) -> str:
         fields = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -85,7 +86,7 @@ def sb3_algo(model_zip: Path) -> str:
         with zipfile.ZipFile(model_zip) as archive:
             data = json.loads(archive.read("data"))
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{model_zip} is not a Stable-Baselines3 model zip: {e}") from None
+        raise UsageError(f"{model_zip} is not a Stable-Baselines3 model zip: {e}") from None
     module = data.get("policy_class", {}).get("__module__", "")
     if module.startswith("stable_baselines3.sac."):
         return "sac"
@@ -93,7 +94,7 @@ def sb3_algo(model_zip: Path) -> str:
         # DDPG is TD3's code with no policy delay and no target-policy smoothing clip.
         ddpg = data.get("policy_delay") == 1 and data.get("target_noise_clip") == 0.0
         return "ddpg" if ddpg else "td3"
-    raise ValueError(
+    raise UsageError(
         f"{model_zip} holds a {module or 'unknown'} policy; only TD3, DDPG and SAC actors "
         "(deterministic, continuous actions) can be imported"
     )
@@ -112,7 +113,7 @@ def load_trusted(cfg: SB3ImportConfig) -> tuple[str, BaseAlgorithm, VecNormalize
     with open(cfg.vecnormalize, "rb") as f:
         stats = pickle.load(f)  # the format VecNormalize.save writes; the user vouched for it
     if not isinstance(stats, VecNormalize):
-        raise ValueError(f"{cfg.vecnormalize} holds a {type(stats).__name__}, not VecNormalize")
+        raise UsageError(f"{cfg.vecnormalize} holds a {type(stats).__name__}, not VecNormalize")
     return algo, model, stats
 
 
@@ -130,7 +131,7 @@ class SB3Actor(nn.Module):
         if not flat:
             # Flattening each part and concatenating them in order is the flat vector itself;
             # any other extractor (CNN, custom) would have to go into the graph too.
-            raise ValueError(
+            raise UsageError(
                 f"the actor uses a {type(extractor).__name__}; only flattened vector "
                 "observations (FlattenExtractor, CombinedExtractor of vectors) can be imported"
             )
@@ -151,7 +152,7 @@ def folded_normalizer(stats: VecNormalize | None, layout: ObsLayout) -> Normaliz
     if isinstance(stats.obs_rms, dict):
         keys = [name for name, _ in layout]
         if sorted(stats.obs_rms) != sorted(keys):
-            raise ValueError(
+            raise UsageError(
                 f"VecNormalize normalizes keys {sorted(stats.obs_rms)} of {keys}; mu's normalizer "
                 "applies one clip to every value, so all keys must be normalized"
             )
@@ -161,7 +162,7 @@ def folded_normalizer(stats: VecNormalize | None, layout: ObsLayout) -> Normaliz
     mean = np.concatenate([r.mean.reshape(-1) for r in rms])
     var = np.concatenate([r.var.reshape(-1) for r in rms])
     if mean.shape != (dim,):
-        raise ValueError(f"VecNormalize statistics have {mean.size} values; the env has {dim}")
+        raise UsageError(f"VecNormalize statistics have {mean.size} values; the env has {dim}")
     normalizer = Normalizer(dim, clip=float(stats.clip_obs), eps=float(stats.epsilon))
     normalizer.shift.copy_(torch.as_tensor(mean, dtype=torch.float32))
     normalizer.scale.copy_(torch.as_tensor(1.0 / np.sqrt(var + stats.epsilon), dtype=torch.float32))
@@ -194,19 +195,19 @@ def reference_actions(
 def _check_env(model: BaseAlgorithm, env: gym.Env, layout: ObsLayout, env_id: str) -> None:
     space = model.observation_space
     if isinstance(space, gym.spaces.Dict) and list(space.spaces) != [n for n, _ in layout]:
-        raise ValueError(
+        raise UsageError(
             f"the model observes keys {list(space.spaces)}; {env_id} gives {[n for n, _ in layout]}"
         )
     dim = sum(size for _, size in layout)
     model_dim = int(gym.spaces.flatdim(space))
     if model_dim != dim:
-        raise ValueError(f"the model observes {model_dim} values; {env_id} gives {dim}")
+        raise UsageError(f"the model observes {model_dim} values; {env_id} gives {dim}")
     low, high = action_bounds(env)
     if not (
         np.array_equal(model.action_space.low, low)
         and np.array_equal(model.action_space.high, high)
     ):
-        raise ValueError(
+        raise UsageError(
             f"the model's action bounds {model.action_space} differ from {env_id}'s "
             f"{env.action_space}: was it trained on another environment?"
         )
@@ -230,7 +231,7 @@ def _rollout(
 def import_sb3(cfg: SB3ImportConfig, out: str | Path) -> Path:
     """`mu export --from-sb3 MODEL.zip [--vecnormalize STATS.pkl] --env ID --out policy.onnx`.
 
-    Raises ValueError when the model or the statistics do not fit the env, ParityError when
+    Raises UsageError when the model or the statistics do not fit the env, ParityError when
     onnxruntime disagrees with `model.predict`; nothing is written then.
     """
     out = Path(out)

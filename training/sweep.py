@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from controller.errors import MissingFile, UsageError
 from training.config import TrainConfig
 from training.presets import preset
 from training.runner import RunnerConfig, error_line, run_trials
@@ -109,20 +110,27 @@ class SweepConfig:
         ):
             errors.append("asha takes grace_period (steps) and reduction_factor, both >= 1")
         if errors:
-            raise ValueError("invalid sweep: " + "; ".join(errors))
+            raise UsageError("invalid sweep: " + "; ".join(errors))
         preset(self.env, self.preset)  # raises on an unknown preset
 
     @classmethod
     def load(cls, path: str | Path) -> SweepConfig:
         import yaml
 
-        data = yaml.safe_load(Path(path).read_text())
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise MissingFile(f"{path}: no such sweep file") from None
+        except OSError as err:
+            raise UsageError(f"{path}: cannot read it ({err.strerror or err})") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise UsageError(f"{path}: not YAML ({' '.join(str(err).split())})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: a sweep file is a mapping of keys (see mu sweep --help)")
+            raise UsageError(f"{path}: a sweep file is a mapping of keys (see mu sweep --help)")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
+            raise UsageError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
         return cls(**{"name": Path(path).stem, **_numbers(data)})
 
     def configurations(self) -> list[dict[str, Any]]:
@@ -217,7 +225,7 @@ def sweep_trial(params: dict[str, Any]) -> None:
 
     def report(row: dict[str, Any]) -> None:
         if metric == "success_rate" and row["success_rate"] is None:
-            raise ValueError(f"{cfg.env_id} reports no success rate; use metric: return")
+            raise UsageError(f"{cfg.env_id} reports no success rate; use metric: return")
         last.update(_metrics(row))
         tune.report(dict(last))
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from controller.errors import MissingFile, UsageError
 from training import checkpoint
 from training.algos import (
     AnyAgent,
@@ -138,13 +139,13 @@ def prepare_dir(out: Path, resume: bool, overwrite: bool) -> Path:
     with `overwrite`; `resume` needs a run's checkpoint."""
     if resume:
         if not (out / "checkpoint.pt").exists():
-            raise FileNotFoundError(f"no checkpoint.pt in {out}: nothing to resume")
+            raise MissingFile(f"no checkpoint.pt in {out}: nothing to resume")
         return out
     if out.exists() and any(out.iterdir()):
         if not (out / "config.json").exists():
-            raise ValueError(f"{out} is not empty and holds no run; choose another --out")
+            raise UsageError(f"{out} is not empty and holds no run; choose another --out")
         if not overwrite:
-            raise ValueError(
+            raise UsageError(
                 f"{out} holds a run already: continue it with --resume {out}, replace it with "
                 "--overwrite, or choose another --out"
             )
@@ -343,11 +344,11 @@ class Run:
         path = self.out / "checkpoint.pt"
         _, self.agent, _, state = checkpoint.load(path, self.cfg.device)
         if state is None:
-            raise ValueError(f"{path} holds no training state to resume from")
+            raise UsageError(f"{path} holds no training state to resume from")
         if state["step"] > self.cfg.steps or (
             state["step"] == self.cfg.steps and (self.out / "policy.onnx").exists()
         ):
-            raise ValueError(
+            raise UsageError(
                 f"{self.out} is at step {state['step']}: resume it with --steps above that"
             )
         self.buffer.load_state_dict(state["replay"])

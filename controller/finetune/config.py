@@ -6,12 +6,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.errors import UsageError
+
 
 def check_algo(algo: str, source: object) -> None:
     """Online fine-tuning runs the TD3 update (td3 and ddpg agents). A td7 agent is refused: its
     SALE encoders, prioritized replay and checkpoint rule are not part of the learner."""
     if algo == "td7":
-        raise ValueError(
+        raise UsageError(
             f"{source} was trained with td7; online fine-tuning supports td3 and ddpg agents "
             "only (the learner runs the TD3 update, without TD7's encoders, LAP replay and "
             "checkpoints). Serve the policy without --finetune, or fine-tune a td3 run "
@@ -112,4 +114,4 @@ class FinetuneConfig:
         }
         failed = [msg for msg, ok in checks.items() if not ok]
         if failed:
-            raise ValueError("invalid FinetuneConfig: " + "; ".join(failed))
+            raise UsageError("invalid FinetuneConfig: " + "; ".join(failed))

@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 
 from controller.contract import fill_row, row_width, to_unit
+from controller.errors import UsageError
 from controller.explore import Explorer
 from controller.finetune.config import FinetuneConfig, check_algo
 from controller.finetune.experience import (
@@ -51,7 +52,7 @@ RECENT_STATES = 2048
 def resume_policy(cfg: FinetuneConfig) -> tuple[Policy, int] | None:
     """The policy the last run committed to (versions pointer), with its version number, and
     the highest version number that run gave out; None when there is no pointer. Raises
-    ValueError when the pointed file is not the one recorded."""
+    UsageError when the pointed file is not the one recorded."""
     assert cfg.versions_dir is not None
     pointer = read_pointer(cfg.versions_dir)
     if pointer is None:
@@ -59,7 +60,7 @@ def resume_policy(cfg: FinetuneConfig) -> tuple[Policy, int] | None:
     data = read_policy_file(pointer.policy)
     policy = load_policy(data, source=pointer.policy, version=pointer.version)
     if policy.sha256 != pointer.sha256:
-        raise ValueError(
+        raise UsageError(
             f"{pointer.policy} has sha256 {policy.sha256[:12]}, but the versions pointer in "
             f"{cfg.versions_dir} recorded {pointer.sha256[:12]}; refusing to guess what to serve"
         )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from controller.errors import UsageError
-
 
 class SimPlant:
     """A Gymnasium env (training.envs.make_env: flat float32 observations, pybullet silenced)."""
@@ -13,10 +11,7 @@ class SimPlant:
     def __init__(self, env_id: str, seed: int = 0) -> None:
         from training.envs import is_success, make_env  # gymnasium + pybullet, no torch
 
-        try:
-            self.env = make_env(env_id, seed)
-        except ValueError as e:  # make_env's refusals: an env id this install cannot run
-            raise UsageError(str(e)) from e
+        self.env = make_env(env_id, seed)  # UsageError: an env id this install cannot run
         self._is_success = is_success
         self._seed = seed
         self.obs_dim = int(self.env.observation_space.shape[0])

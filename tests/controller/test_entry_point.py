@@ -51,3 +51,32 @@ def test_loop_bad_input_is_one_line(argv: list[str], says: str, capsys) -> None:
     code = main(["loop", "--env", "PandaReachDense-v3", "--target", "127.0.0.1:1", *argv])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"mu loop: {says}") and err.count("\n") == 1, err
+
+
+def _bug(*args, **kwargs):
+    raise ValueError("bug")
+
+
+@pytest.mark.parametrize("command", ["eval", "serve"])
+def test_a_bug_keeps_its_traceback_while_bad_input_is_one_line(
+    command: str, policy_path: Path, tmp_path, monkeypatch, capsys, caplog
+) -> None:
+    """Only UsageError is one line: a ValueError from a bug (here raised where the command does
+    its work) propagates, traceback and all, on every command, `mu serve` included."""
+    missing = str(tmp_path / "missing.onnx")
+    if command == "eval":
+        argv, bad = ["eval", str(policy_path)], ["eval", missing]
+        monkeypatch.setattr("training.evaluate.evaluate_onnx", _bug)
+    else:
+        argv, bad = ["serve", "--policy", str(policy_path)], ["serve", "--policy", missing]
+        monkeypatch.setattr("controller.server.serve", _bug)
+    with pytest.raises(ValueError, match="^bug$"):
+        main(argv)
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(bad) == 2
+    if command == "eval":
+        err = capsys.readouterr().err
+        assert err.startswith("mu eval: no policy file at") and err.count("\n") == 1, err
+    else:
+        assert f"cannot serve: policy {missing} is not a file" in caplog.text
