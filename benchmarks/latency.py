@@ -162,7 +162,7 @@ def run_bench(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
     latency = {"in-process onnxruntime": _in_process(cfg.policy, rows, cfg)}
 
     py = sys.executable
-    echo = [py, "-m", "benchmarks.echo", "--listen", "127.0.0.1:0", "--act-dim", str(act_dim)]
+    echo = [py, "-m", "controller.echo", "--listen", "127.0.0.1:0", "--act-dim", str(act_dim)]
     servers = {
         "bare": ServerProcess([*echo, "--bare"]),
         "echo": ServerProcess(echo),

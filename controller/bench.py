@@ -2,8 +2,9 @@
 
 Serves the policy with `mu serve` in its own process on loopback, as on a robot computer, and
 runs at `--rate`, one after the other for `--seconds` each: the floor (the same loop with no
-policy and no server: the deadline misses this machine causes alone), the gRPC lane (ActStream
-round trips, client deadline one period) and the local lane (WatchPolicy: the shipped policy
+policy and no server: the deadline misses this machine causes alone), the gRPC floor (the same
+ActStream loop against a bare gRPC echo, controller/echo.py: what the transport costs alone),
+the gRPC lane (ActStream round trips, client deadline one period) and the local lane (WatchPolicy: the shipped policy
 evaluated in this process). Observations are synthetic, no simulator: only the lanes are timed.
 
 A lane holds when its deadline misses exceed the floor's by at most 0.1% of its ticks and its
@@ -96,6 +97,12 @@ def grpc_lane(
         return run_loop(client, plant, rate_hz, seconds=seconds, **rt)
 
 
+def echo_command(act_dim: int) -> list[str]:
+    """The bare gRPC echo (controller/echo.py) in its own process: the gRPC lane's floor."""
+    return [sys.executable, "-m", "controller.echo", "--listen", "127.0.0.1:0",
+            "--act-dim", str(act_dim), "--bare"]  # fmt: skip
+
+
 def local_client(target: str, obs_dim: int) -> tuple[LocalClient, SyntheticPlant]:
     """A local-lane client with the shipped policy, warmed up, and its plant."""
     client = LocalClient(target, call_deadline_s=30.0)
@@ -156,6 +163,13 @@ def run_lanes(
     }
     log(f"floor: {rate_hz:g} Hz for {seconds:g} s with no policy ...")
     lanes = {"floor": floor(obs_dim, act_dim, rate_hz, seconds, rt)}
+    echo = ServerProcess(echo_command(act_dim))
+    try:
+        log(f"gRPC floor: {rate_hz:g} Hz for {seconds:g} s against a bare echo server ...")
+        lanes["echo"] = grpc_lane(echo.address, obs_dim, rate_hz, seconds, rt)
+        lanes["echo"].lane = "bare echo"
+    finally:
+        echo.stop()
     server = ServerProcess(serve_command(policy, "127.0.0.1:0"))
     try:
         log(f"gRPC lane: {rate_hz:g} Hz for {seconds:g} s ...")
@@ -176,7 +190,12 @@ def run_lanes(
     return out
 
 
-LANE_NAMES = {"floor": "floor (no policy)", "grpc": "gRPC lane", "local": "local lane"}
+LANE_NAMES = {
+    "floor": "floor (no policy)",
+    "echo": "gRPC floor (echo)",
+    "grpc": "gRPC lane",
+    "local": "local lane",
+}
 
 
 def format_lanes(r: dict[str, Any]) -> str:
@@ -192,15 +211,23 @@ def format_lanes(r: dict[str, Any]) -> str:
     for name, s in r["summaries"].items():
         a, w, miss = s["round_trip_us"], s["wakeup_delay_us"], s["misses"]
         action = "-" if name == "floor" else f"{a['p50']:.0f} / {a['p99']:.0f} / {a['p99.9']:.0f}"
-        fallbacks = f", {miss['fallbacks']} fallbacks" if name == "grpc" else ""
+        fallbacks = f", {miss['fallbacks']} fallbacks" if name in ("echo", "grpc") else ""
         lines.append(
             f"{LANE_NAMES[name]:18} {action:>28} {w['p99']:15.0f}  {miss['total']} of "
             f"{s['ticks']} ({_miss_fraction(s):.3%}){fallbacks}"
         )
     lines.append(
-        "action: the ActStream round trip on the gRPC lane, the policy in this process on the "
+        "action: the ActStream round trip on the gRPC lane and its floor (a bare gRPC echo: the "
+        "same server settings, no decoding, no inference), the policy in this process on the "
         "local lane"
     )
+    if "echo" in r["summaries"]:
+        grpc_rt, echo_rt = (r["summaries"][k]["round_trip_us"] for k in ("grpc", "echo"))
+        lines.append(
+            "gRPC lane against its floor: "
+            + ", ".join(f"{p} {grpc_rt[p]:.0f} µs = {grpc_rt[p] / echo_rt[p]:.2f}x the echo's "
+                        f"{echo_rt[p]:.0f}" for p in ("p50", "p99"))  # fmt: skip
+        )
     base = r["summaries"]["floor"]
     if _miss_fraction(base) > MISS_MARGIN:
         lines.append(

@@ -28,7 +28,7 @@ def test_bench_at_the_robots_rate_gives_each_lane_a_verdict(tmp_path: Path) -> N
     )
     assert done.returncode == 0, done.stderr
     text = done.stdout
-    for lane in ("floor (no policy)", "gRPC lane", "local lane"):
+    for lane in ("floor (no policy)", "gRPC floor (echo)", "gRPC lane", "local lane"):
         assert re.search(rf"^{re.escape(lane)} .* of \d+ \(", text, re.M), text  # its row
     for lane in ("gRPC lane", "local lane"):
         assert re.search(
@@ -39,9 +39,11 @@ def test_bench_at_the_robots_rate_gives_each_lane_a_verdict(tmp_path: Path) -> N
         ), text
     r = json.loads(out.read_text())
     assert r["rate_hz"] == 100 and r["policy"]["env_id"] == "PandaReachDense-v3"
-    assert set(r["summaries"]) == {"floor", "grpc", "local"}
-    assert [r["summaries"][k]["lane"] for k in ("floor", "grpc", "local")] == [
-        "no policy", "grpc", "local"
+    assert re.search(r"^gRPC lane against its floor: p50 \d+ µs = [\d.]+x the echo's \d+, p99 ",
+                     text, re.M), text  # fmt: skip
+    assert set(r["summaries"]) == {"floor", "echo", "grpc", "local"}
+    assert [r["summaries"][k]["lane"] for k in ("floor", "echo", "grpc", "local")] == [
+        "no policy", "bare echo", "grpc", "local"
     ]  # fmt: skip
     assert all(s["ticks"] > 0 for s in r["summaries"].values())
     assert {k: type(v["holds"]) for k, v in r["verdicts"].items()} == {"grpc": bool, "local": bool}

@@ -379,7 +379,7 @@ def test_the_server_side_and_the_robot_side_import_only_what_they_share() -> Non
     import subprocess
     import sys
 
-    for imports, prefix in (("controller.server, benchmarks.echo", "controller.robot"),
+    for imports, prefix in (("controller.server, controller.echo", "controller.robot"),
                             ("controller.robot.demo, controller.robot.loop, controller.bench",
                              "controller.finetune")):  # fmt: skip
         code = f"import sys, {imports}; print(sorted(m for m in sys.modules if '{prefix}' in m))"

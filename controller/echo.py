@@ -1,4 +1,5 @@
-"""The transport floors: mu.v1.Controller servers that answer without inference.
+"""The transport floors: mu.v1.Controller servers that answer without inference (`mu bench`
+measures the gRPC lane against the bare one; `make bench` against both).
 
 Same grpc.aio server and options (`server_options`) as `mu serve`. The echo servicer decodes
 each request and encodes a reply of act_dim values with the request's seq (the proto work
@@ -6,7 +7,7 @@ included). `--bare` is the floor docs/targets.md measures against: a generic han
 deserializer and no serializer, bytes in, pre-serialized bytes out; the only work per message is
 finding where the request's seq field starts and appending those bytes to the pre-serialized
 reply, so the same lock-step client can match replies by seq. Run it as a process:
-`python -m benchmarks.echo --listen 127.0.0.1:0 --act-dim 3 [--bare]`; it logs the readiness
+`python -m controller.echo --listen 127.0.0.1:0 --act-dim 3 [--bare]`; it logs the readiness
 line `serving echo version 0 on ADDRESS`.
 """
 
