@@ -16,14 +16,16 @@ import queue
 import signal
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing.queues import Queue
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from controller.contract import split_rows
 from controller.finetune.config import FinetuneConfig, check_algo
+from controller.finetune.schedule import Cost, Window
 from controller.finetune.versions import (
     agent_for,
     candidate_paths,
@@ -37,6 +39,7 @@ from training.replay import ReplayBuffer
 from training.td3 import learn
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STATS_EVERY_S = 1.0
 
@@ -204,7 +207,9 @@ def _lowest_priority() -> None:
         os.nice(19)
 
 
-def run(cfg: FinetuneConfig, inbox: Queue, commands: Queue, outbox: Queue, log_level: int) -> None:
+def run(
+    cfg: FinetuneConfig, inbox: Queue, commands: Queue, outbox: Queue, log_level: int, ticks: Any
+) -> None:
     """The learner process's main loop; ends on a "stop" command."""
     _die_with_parent()
     logging.basicConfig(
@@ -214,14 +219,19 @@ def run(cfg: FinetuneConfig, inbox: Queue, commands: Queue, outbox: Queue, log_l
         _lowest_priority()
     torch.set_num_threads(1)
     try:
-        _serve_learner(cfg, inbox, commands, outbox)
+        _serve_learner(cfg, inbox, commands, outbox, ticks)
     except Exception as e:  # the server logs it and shows it in GetFinetuneStatus
         outbox.put({"kind": "died", "error": f"{type(e).__name__}: {e}"[:1000]})
         raise
 
 
-def _serve_learner(cfg: FinetuneConfig, inbox: Queue, commands: Queue, outbox: Queue) -> None:
+def _serve_learner(
+    cfg: FinetuneConfig, inbox: Queue, commands: Queue, outbox: Queue, ticks: Any
+) -> None:
     learner = Learner(cfg)
+    # Each piece of work waits for a gap between the ticks the server answers (schedule.py).
+    window = Window(ticks, cfg.learner_guard_ms / 1e3) if cfg.learner_between_ticks else None
+    update_cost, export_cost = Cost(), Cost()
     outbox.put({"kind": "ready", "env_id": learner.meta["env_id"]})
     last_stats = 0.0
     while True:
@@ -247,9 +257,9 @@ def _serve_learner(cfg: FinetuneConfig, inbox: Queue, commands: Queue, outbox: Q
             learner.add(chunk)
             timeout = None
         if learner.can_update():
-            learner.step()
+            _timed(window, update_cost, learner.step)
             if learner.candidate_due():
-                outbox.put(learner.export_candidate())
+                outbox.put(_timed(window, export_cost, learner.export_candidate))
         now = time.monotonic()
         if now - last_stats >= STATS_EVERY_S:
             last_stats = now
@@ -260,5 +270,16 @@ def _serve_learner(cfg: FinetuneConfig, inbox: Queue, commands: Queue, outbox: Q
                     "actor_updates": learner.actor_updates,
                     "online_seen": learner.online_seen,
                     "paused": learner.paused,
+                    "waited_s": 0.0 if window is None else window.waited_s,
                 }
             )
+
+
+def _timed(window: Window | None, cost: Cost, work: Callable[[], T]) -> T:
+    """`work()`, started where it fits between ticks (with a window), its duration measured."""
+    if window is not None:
+        window.wait(cost.seconds)
+    start = time.perf_counter()
+    out = work()
+    cost.measured(time.perf_counter() - start)
+    return out

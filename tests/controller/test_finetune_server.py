@@ -162,7 +162,7 @@ def test_a_dead_learner_is_logged_shown_and_stops_exploration(
                 break
             threading.Event().wait(0.1)
         assert not status.learner_alive
-        assert status.learner_error.startswith("ValueError") and "not a mu checkpoint" in (
+        assert status.learner_error.startswith("UsageError") and "not a mu checkpoint" in (
             status.learner_error
         )
         assert not any(stream.step(obs=obs).explored for _ in range(10))
