@@ -4,8 +4,9 @@ Serves the policy with `mu serve` in its own process on loopback, as on a robot 
 runs at `--rate`, one after the other for `--seconds` each: the floor (the same loop with no
 policy and no server: the deadline misses this machine causes alone), the gRPC floor (the same
 ActStream loop against a bare gRPC echo, controller/echo.py: what the transport costs alone),
-the gRPC lane (ActStream round trips, client deadline one period) and the local lane (WatchPolicy: the shipped policy
-evaluated in this process). Observations are synthetic, no simulator: only the lanes are timed.
+the gRPC lane (ActStream round trips, client deadline one period) and the local lane
+(WatchPolicy: the shipped policy evaluated in this process). Observations are synthetic, no
+simulator: only the lanes are timed.
 
 A lane holds when its deadline misses exceed the floor's by at most 0.1% of its ticks and its
 p99 action time (round trip, or policy in this process) is below the period.
@@ -225,8 +226,11 @@ def format_lanes(r: dict[str, Any]) -> str:
         grpc_rt, echo_rt = (r["summaries"][k]["round_trip_us"] for k in ("grpc", "echo"))
         lines.append(
             "gRPC lane against its floor: "
-            + ", ".join(f"{p} {grpc_rt[p]:.0f} µs = {grpc_rt[p] / echo_rt[p]:.2f}x the echo's "
-                        f"{echo_rt[p]:.0f}" for p in ("p50", "p99"))  # fmt: skip
+            + ", ".join(
+                f"{p} {grpc_rt[p]:.0f} µs = {grpc_rt[p] / echo_rt[p]:.2f}x the echo's "
+                f"{echo_rt[p]:.0f}"
+                for p in ("p50", "p99")
+            )  # fmt: skip
         )
     base = r["summaries"]["floor"]
     if _miss_fraction(base) > MISS_MARGIN:

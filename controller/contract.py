@@ -34,7 +34,7 @@ REQUIRED_KEYS = (FORMAT, ENV_ID, OBS_DIM, ACT_DIM, ACTION_LOW, ACTION_HIGH, OBS_
 # them a RuntimeError or ValueError, so a bug of ours inside a tick is never taken for one (it
 # keeps its traceback instead of becoming a fallback action).
 ORT_ERRORS: tuple[type[Exception], ...] = tuple(
-    cls for cls in vars(_ort_errors).values() if isinstance(cls, type) and issubclass(cls, Exception)
+    c for c in vars(_ort_errors).values() if isinstance(c, type) and issubclass(c, Exception)
 )
 
 
