@@ -211,6 +211,8 @@ def serve(args: argparse.Namespace, versions: Path) -> ServerProcess:
                          ("actor_lr", args.actor_lr), ("rollback_window", args.window),
                          ("seed", args.seed)):  # fmt: skip
         command += ["--finetune-set", f"{field}={value}"]
+    for setting in args.finetune_set:
+        command += ["--finetune-set", setting]
     return ServerProcess(command)
 
 
@@ -232,6 +234,7 @@ def online(
     env, control = GapEnv(True, args.seed), pb.FinetuneControlRequest()
     seeds = iter(range(args.seed * 100_000, args.seed * 100_000 + 2 * args.steps))
     rtt: dict[str, list[float]] = {"off": [], "on": []}
+    seconds = {"off": 0.0, "on": 0.0}  # the blocks' loop time, for updates per second
     returns: list[float] = []
     versions: list[int] = []
     t0 = time.perf_counter()
@@ -247,7 +250,9 @@ def online(
                 local.watcher.wait_until(lambda p, on=on: (p.explore_std > 0) == on, timeout=30)
             stream = LockStep(stub) if local is None else LocalStep(local)
             block_seeds = list(islice(seeds, args.block))  # episodes end before they run out
+            start = time.perf_counter()
             rets, vers = run_episodes(stream, env, block_seeds, args.rate, True, args.block)
+            seconds[side] += time.perf_counter() - start
             stream.close()
             rtt[side] += stream.rtt_us
             if side == "on":
@@ -257,6 +262,7 @@ def online(
     return {
         "steps": len(rtt["on"]),
         "wall_s": time.perf_counter() - t0,
+        "seconds": seconds,
         "returns": returns,
         "versions": versions,
         "latency": {side: latency(values) for side, values in rtt.items()},
@@ -303,7 +309,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 results["status"] = {
                     k: getattr(status, k)
                     for k in ("updates", "actor_updates", "candidates", "promotions", "refusals",
-                              "rollbacks", "transitions_received", "transitions_dropped")
+                              "rollbacks", "transitions_received", "transitions_dropped",
+                              "learner_waited_s")
                 }  # fmt: skip
                 results["status"]["last_refusal"] = status.last_refusal
                 results["after"] = evaluate(stub, True, args)
@@ -317,6 +324,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     results["recovered_of_achievable"] = (after - before) / (bound - before)
     lat = results["online"]["latency"]
     results["p99_ratio"] = lat["on"]["p99_us"] / lat["off"]["p99_us"]
+    # Updates happen only while the learner is on (the blocks between pauses).
+    results["updates_per_s"] = results["status"]["updates"] / results["online"]["seconds"]["on"]
     return results
 
 
@@ -342,6 +351,11 @@ def table(r: dict[str, Any]) -> str:
             f"{lat['off']['p99_us']:.0f} / "
             f"{lat['on']['p99_us']:.0f} µs ({r['p99_ratio']:.2f}x, target <= 1.25x)",
         ),  # fmt: skip
+        (
+            "learner updates per second on / waiting for gaps between ticks",
+            f"{r['updates_per_s']:.1f} / {s['learner_waited_s']:.0f} s of "
+            f"{r['online']['seconds']['on']:.0f} s",
+        ),
         (
             "updates / candidates / promoted / refused / rolled back",
             f"{s['updates']} / {s['candidates']} / {s['promotions']} / {s['refusals']} / "
@@ -405,12 +419,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--local", action="store_true", help="online phase on the local lane (WatchPolicy)"
     )
+    parser.add_argument(
+        "--finetune-set", action="append", default=[], metavar="FIELD=VALUE",
+        help="a further fine-tuning setting for mu serve (e.g. learner_between_ticks=false)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--name", default=None, help="results file name (default: from --policy and --local)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     r = measure(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = (
+    name = args.name or (
         "finetune_gap"
         if args.policy.resolve() == POLICY_DIR
         else f"finetune_gap_{args.policy.name}"
