@@ -13,8 +13,9 @@ one that never stopped).
 
 No stream ticking (none open, or the earliest overdue by more than `STALE_S`: the robot paused
 or stopped): the learner runs freely. Where the gap a stream leaves between ticks cannot hold
-the work at all (a fast loop, a lock-step simulator, a slow CPU) waiting would stop learning:
-the learner then runs beside serving, as without the schedule. A window that should come but
+the work at all (a fast loop, a lock-step simulator, a slow CPU), waiting for one would stop
+learning: the work then starts right after an answer (within `ALIGN_S`), where it overlaps the
+next request least. A window that should come but
 does not (jitter) is waited for at most `STARVED_S`. `GetFinetuneStatus` reports the seconds
 spent waiting (`learner_waited_s`) beside the updates made.
 """
@@ -28,6 +29,8 @@ from typing import Any
 
 # A stream whose next request is this late has paused or stopped: it is not waited for.
 STALE_S = 0.1
+# Work that no gap can hold starts at most this long after an answer.
+ALIGN_S = 0.001
 # The learner runs one piece of work anyway after waiting this long for a window.
 STARVED_S = 1.0
 # The period estimate follows a new rate over ~10 ticks; a gap longer than this many periods
@@ -41,9 +44,10 @@ class TickClock:
     stream leaves between answering one request and receiving the next, shared."""
 
     def __init__(self, ctx: BaseContext) -> None:
-        #: [earliest expected request, that stream's gap]: times on time.perf_counter()'s clock
-        #: (CLOCK_MONOTONIC on Linux: the same in both processes); inf when no stream ticks.
-        self.shared: Any = ctx.RawArray("d", 2)
+        #: [earliest expected request, that stream's gap, the last answer]: times on
+        #: time.perf_counter()'s clock (CLOCK_MONOTONIC on Linux: the same in both processes);
+        #: inf when no stream ticks.
+        self.shared: Any = ctx.RawArray("d", 3)
         self.shared[0] = self.shared[1] = math.inf
         self._next: dict[int, tuple[float, float]] = {}
 
@@ -92,6 +96,7 @@ class StreamTicks:
         if self._serve is not None:
             serve = self._serve + _EMA * (serve - self._serve)
         self._serve = serve
+        self._clock.shared[2] = now
         if period is not None:
             self._clock._publish(id(self), (last + period, period - serve), now)
 
@@ -111,11 +116,14 @@ class Window:
 
     def fits(self, now: float, cost_s: float) -> bool:
         """Whether work of `cost_s` started at `now` ends `guard_s` before the next expected
-        request; also when no stream is ticking, or when the stream's gap between ticks is too
-        short to hold it ever (a fast loop, a slow CPU: the learner then runs beside serving)."""
-        expected, gap = self._shared[0], self._shared[1]
+        request; also when no stream is ticking. Work longer than the stream's gap between ticks
+        (a fast loop, a lock-step simulator, a slow CPU) starts right after an answer, where it
+        overlaps the next request least."""
+        expected, gap, answered = self._shared[0], self._shared[1], self._shared[2]
         need = cost_s + self.guard_s
-        return now + need <= expected or now - expected > STALE_S or need > gap
+        if now + need <= expected or now - expected > STALE_S:
+            return True
+        return need > gap and now - answered < ALIGN_S
 
     def wait(self, cost_s: float) -> None:
         """Return once work of `cost_s` fits, or after STARVED_S."""

@@ -132,13 +132,14 @@ def test_the_learner_works_in_the_gaps_between_ticks() -> None:
     assert not window.fits(10.194, 0.006)  # would run into it
     assert not window.fits(10.2 + STALE_S / 2, 0.006)  # the request is late: wait for it
     assert window.fits(10.2 + 2 * STALE_S, 0.006)  # the robot stopped ticking
-    assert window.fits(10.194, 0.02)  # longer than any gap this stream leaves: beside serving
+    # longer than any gap this stream leaves: right after an answer (10.192), not later
+    assert window.fits(10.1925, 0.02) and not window.fits(10.196, 0.02)
 
     fast = clock.stream()  # a second stream, 1 kHz, answered in 0.2 ms: its next comes first
     for k in range(20):
         _tick(fast, 10.175 + 0.001 * k, serve=0.0002)
     assert clock.shared[0] == pytest.approx(10.195)
-    assert window.fits(10.1945, 0.006)  # no 7 ms gap at 1 kHz: beside serving
+    assert window.fits(10.1945, 0.006)  # no 7 ms gap at 1 kHz: right after its answers
     fast.close()
     assert clock.shared[0] == pytest.approx(10.2)  # the 100 Hz stream again
     robot.close()
