@@ -9,6 +9,12 @@ with metadata_props describing the env, and refused unless onnxruntime agrees wi
 that coarse (TD7's encoder, ELU and AvgL1Norm layers, reach 1e-5 between torch in float32 and in
 float64), to 4× that rounding: two float32 evaluations each within e of the exact function
 differ by up to 2e, and onnxruntime's exp and tanh kernels are not torch's.
+
+`torch.onnx.export` takes seconds of CPU (building its operator registry, decomposing the
+program), most of a fine-tuning learner's time when it exports every few dozen updates. An
+`Exporter` exports a network once and keeps that graph as an `OnnxTemplate`: a later export of
+the same architecture copies the graph with the network's current weights in place of the
+template's (milliseconds). The parity check runs on every file either way.
 """
 
 from __future__ import annotations
@@ -53,12 +59,18 @@ def export_policy(
     cfg: TrainConfig,
     path: str | Path,
     replay_obs: np.ndarray | None = None,
+    exporter: Exporter | None = None,
 ) -> Path:
-    """Write `path` (atomically) after checking parity; returns the path."""
+    """Write `path` (atomically) after checking parity; returns the path. With an `exporter`,
+    a graph it exported before for this architecture is reused with the current weights; a
+    reused graph that fails the parity check is exported again in full before refusing."""
     path = Path(path)
     policy = agent.policy(meta["action_low"], meta["action_high"])
     props = {**contract_props(meta, cfg.algo), "mu.config": cfg.to_json()}
-    data = to_onnx(policy, meta["obs_dim"], props)
+    if exporter is None:
+        data, reused = to_onnx(policy, meta["obs_dim"], props), False
+    else:
+        data, reused = exporter.to_onnx(policy, meta["obs_dim"], props)
 
     if replay_obs is None or len(replay_obs) == 0:
         replay_obs = rollout_observations(agent, meta, PARITY_SAMPLES)
@@ -66,6 +78,12 @@ def export_policy(
         [replay_obs[-PARITY_SAMPLES:], random_observations(replay_obs, PARITY_SAMPLES)]
     )
     err, tol = parity_error(policy, data, probes)
+    if reused and not err <= tol:
+        assert exporter is not None
+        log.warning("the reused graph is %.3g off (> %.3g): exporting in full", err, tol)
+        exporter.stop_reusing()
+        data, _ = exporter.to_onnx(policy, meta["obs_dim"], props)
+        err, tol = parity_error(policy, data, probes)
     write_checked(path, data, err, len(probes), tol)
     (path.parent / f"{path.stem}.config.json").write_text(cfg.to_json())
     return path
@@ -93,8 +111,17 @@ def contract_props(meta: dict[str, Any], algo: str) -> dict[str, str]:
 
 def to_onnx(policy: torch.nn.Module, obs_dim: int, props: dict[str, str]) -> bytes:
     """The graph `obs [batch, obs_dim] -> action` (dynamic batch) with `props` attached."""
+    model = _export(policy, obs_dim).model_proto
+    onnx.helper.set_model_props(model, props)
+    return model.SerializeToString()
+
+
+def _export(policy: torch.nn.Module, obs_dim: int) -> torch.onnx.ONNXProgram:
+    """torch.onnx.export's program, with no option that adds work: OPSET is torchlib's own opset
+    (the default, 20, runs the version converter), the optimizer (a tenth of a second) folds
+    constants such as the clip bounds' casts, and report, verify and profile stay off."""
     with _quiet_exporter():
-        program = torch.onnx.export(
+        return torch.onnx.export(
             policy,
             (torch.zeros(2, obs_dim),),
             input_names=[contract.INPUT_NAME],
@@ -104,9 +131,138 @@ def to_onnx(policy: torch.nn.Module, obs_dim: int, props: dict[str, str]) -> byt
             dynamo=True,
             verbose=False,
         )
-    model = program.model_proto
-    onnx.helper.set_model_props(model, props)
-    return model.SerializeToString()
+
+
+class Exporter:
+    """`to_onnx` for repeated exports of one architecture (a fine-tuning learner's candidates,
+    a training run's two files): the first export goes through `torch.onnx.export` and is kept
+    as an `OnnxTemplate`; later ones fill it with the network's current weights, or export in
+    full (and keep that graph instead) where the template does not fit."""
+
+    def __init__(self) -> None:
+        self.template: OnnxTemplate | None = None
+        self.reuse = True
+        self.full_exports = 0
+        self.reused = 0
+
+    def stop_reusing(self) -> None:
+        """A filled template failed the parity check: export every graph in full from now on."""
+        self.template, self.reuse = None, False
+
+    def to_onnx(
+        self, policy: torch.nn.Module, obs_dim: int, props: dict[str, str]
+    ) -> tuple[bytes, bool]:
+        """`to_onnx`'s file, and whether it was filled from the template."""
+        model = self.template.fill(policy, obs_dim) if self.template is not None else None
+        reused = model is not None
+        if model is None:
+            program = _export(policy, obs_dim)
+            model = program.model_proto
+            if self.reuse:
+                self.template = OnnxTemplate.of(program, model, policy, obs_dim)
+            self.full_exports += 1
+        else:
+            self.reused += 1
+        onnx.helper.set_model_props(model, props)
+        return model.SerializeToString(), reused
+
+
+class OnnxTemplate:
+    """An exported graph whose weights can be replaced: the exporter names each initializer
+    that holds a parameter or buffer by its state_dict key (`actor.net.0.weight`,
+    `normalizer.shift`, ...) in the layout torch keeps it in, so another network of the same
+    architecture is the same graph with its own tensors under those names.
+
+    `of` declines a graph in which some tensor the network computes with is not such an
+    initializer (folded into a constant, or merged with another); `fill` declines a network
+    that differs from the template's in anything but its tensors' values: its modules, their
+    settings (a normalizer's clip is a constant in the graph) or a tensor's name, shape or
+    dtype. Both return None, and `Exporter` exports in full.
+    """
+
+    def __init__(self, model: onnx.ModelProto, signature: tuple, slots: dict[str, int]) -> None:
+        self.model = model
+        self.signature = signature
+        self.slots = slots  # state_dict key -> index of its initializer
+
+    @classmethod
+    def of(
+        cls,
+        program: torch.onnx.ONNXProgram,
+        model: onnx.ModelProto,
+        policy: torch.nn.Module,
+        obs_dim: int,
+    ) -> OnnxTemplate | None:
+        """The template of `model`, `program`'s graph of `policy` (kept as a copy)."""
+        signature = _signature(policy, obs_dim)
+        if signature is None or program.exported_program is None:
+            return None
+        state = policy.state_dict()
+        inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
+        graph_sig = program.exported_program.graph_signature
+        lifted = {**graph_sig.inputs_to_parameters, **graph_sig.inputs_to_buffers}
+        used = {
+            lifted[n.name]
+            for n in program.exported_program.graph.nodes
+            if n.op == "placeholder" and n.name in lifted and n.users
+        }
+        if not used <= inits.keys():
+            missing = sorted(used - inits.keys())
+            log.info("not reusing the exported graph: no initializer holds %s", missing)
+            return None
+        slots = {name: inits[name] for name in state if name in inits}
+        for name, i in slots.items():
+            init = model.graph.initializer[i]
+            if init.data_location == onnx.TensorProto.EXTERNAL or not _matches(init, state[name]):
+                return None
+        kept = onnx.ModelProto()
+        kept.CopyFrom(model)
+        return cls(kept, signature, slots)
+
+    def fill(self, policy: torch.nn.Module, obs_dim: int) -> onnx.ModelProto | None:
+        """A copy of the graph holding `policy`'s tensors, or None where it does not fit."""
+        if _signature(policy, obs_dim) != self.signature:
+            return None
+        state = policy.state_dict()
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        for name, i in self.slots.items():
+            init = model.graph.initializer[i]
+            tensor = state.get(name)
+            if tensor is None or init.name != name or not _matches(init, tensor):
+                return None
+            init.CopyFrom(onnx.numpy_helper.from_array(tensor.detach().cpu().numpy(), name))
+        return model
+
+
+def _matches(init: onnx.TensorProto, tensor: torch.Tensor) -> bool:
+    """Whether `tensor` has the initializer's shape and element type."""
+    dtype = onnx.helper.np_dtype_to_tensor_dtype(tensor.detach().cpu().numpy().dtype)
+    return tuple(init.dims) == tuple(tensor.shape) and init.data_type == dtype
+
+
+_SETTING = (bool, int, float, str, type(None))
+
+
+def _signature(policy: torch.nn.Module, obs_dim: int) -> tuple | None:
+    """What the graph depends on besides tensor values: the module tree, each module's
+    settings (public attributes of plain types), and the name, shape and dtype of each tensor
+    of the state_dict. None for a module with any other public attribute (a plain tensor is
+    baked into the graph as a constant and would not be replaced)."""
+    modules = []
+    for name, module in policy.named_modules():
+        settings = []
+        for key, value in sorted(vars(module).items()):
+            if key.startswith("_"):
+                continue
+            if isinstance(value, (tuple, list)) and all(isinstance(v, _SETTING) for v in value):
+                value = tuple(value)
+            elif not isinstance(value, _SETTING):
+                return None
+            settings.append((key, value))
+        modules.append((name, type(module).__module__, type(module).__qualname__, tuple(settings)))
+    tensors = tuple((k, tuple(v.shape), v.dtype) for k, v in policy.state_dict().items())
+    return obs_dim, tuple(modules), tensors
 
 
 def write_checked(

@@ -426,13 +426,14 @@ class Run:
         _, last_meta = choose_export("last", None, last, meta)
         exported = with_deployed(self.agent, pick["weights"])
         checkpoint.save(self.out / "agent.pt", self.cfg, exported, export_meta)
-        from training.export import export_policy
+        from training.export import Exporter, export_policy
         from training.plots import plot_runs
 
-        replay_obs = self.buffer.recent_obs(1000)
-        export_policy(self.agent, last_meta, self.cfg, self.out / "policy.last.onnx", replay_obs)
+        obs = self.buffer.recent_obs(1000)
+        exporter = Exporter()  # one architecture: the second file fills the first one's graph
+        export_policy(self.agent, last_meta, self.cfg, self.out / "policy.last.onnx", obs, exporter)
         path = export_policy(
-            deployed(exported), export_meta, self.cfg, self.out / "policy.onnx", replay_obs
+            deployed(exported), export_meta, self.cfg, self.out / "policy.onnx", obs, exporter
         )
         log.info(
             "exported the %s actor of step %d (eval return %.1f) to %s; the last (eval return "

@@ -33,7 +33,7 @@ from controller.finetune.versions import (
     read_pointer,
 )
 from training import checkpoint
-from training.export import ParityError, export_policy
+from training.export import Exporter, ParityError, export_policy
 from training.randomization import nominal_privileged
 from training.replay import ReplayBuffer
 from training.td3 import learn
@@ -81,6 +81,9 @@ class Learner:
         self.updates = 0
         self.actor_updates = 0
         self.candidates = 0
+        # The first candidate's graph, refilled with each later candidate's weights: the actor's
+        # architecture never changes here, and a full torch.onnx.export costs seconds of CPU.
+        self.exporter = Exporter()
         self.paused = cfg.start_paused
         log.info(
             "learner: %s from %s, buffer %d transitions",
@@ -160,7 +163,12 @@ class Learner:
         checkpoint.save(agent_path, self.train_cfg, self.agent, meta)
         try:
             export_policy(
-                self.agent, meta, self.train_cfg, onnx_path, replay_obs=self.buffer.recent_obs(1000)
+                self.agent,
+                meta,
+                self.train_cfg,
+                onnx_path,
+                replay_obs=self.buffer.recent_obs(1000),
+                exporter=self.exporter,
             )
         except ParityError as e:
             log.warning("candidate %d refused: %s", index, e)

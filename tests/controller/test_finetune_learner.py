@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -191,3 +192,30 @@ def test_start_paused_holds_updates_until_resumed(tmp_path: Path) -> None:
     assert learner.paused and not learner.can_update()
     learner.paused = False  # what the "resume" command sets
     assert learner.can_update()
+
+
+def test_candidates_after_the_first_fill_its_graph(tmp_path: Path, one_torch_thread) -> None:
+    """Only the first candidate goes through torch.onnx.export; later ones, after a rollback
+    too, fill its graph with their own weights: each file acts as its agent snapshot does."""
+    learner = make_learner(tmp_path, normalize_obs=True, actor_warmup=0)
+    rng = np.random.default_rng(4)
+    found = []
+    for rollback in (False, False, True):
+        if rollback:
+            learner.served(found[0]["path"], True)
+        train(learner, rng)
+        found.append(learner.export_candidate())
+    assert [c["kind"] for c in found] == ["candidate"] * 3
+    assert (learner.exporter.full_exports, learner.exporter.reused) == (1, 2)
+    obs = rng.normal(3, 2, (300, 2)).astype(np.float32)
+    actions = []
+    for c in found:
+        onnx_path, agent_path = candidate_paths(learner.cfg.versions_dir, c["index"])
+        _, agent, meta, _ = checkpoint.load(agent_path)
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        actions.append(sess.run(["action"], {"obs": obs})[0])
+        want = agent.policy(meta["action_low"], meta["action_high"])(torch.from_numpy(obs))
+        np.testing.assert_allclose(actions[-1], want.detach().numpy(), atol=1e-5)
+        written = sess.get_modelmeta().custom_metadata_map["mu.train_steps"]
+        assert written == str(meta["train_steps"])
+    assert not np.allclose(actions[0], actions[1]) and not np.allclose(actions[1], actions[2])
