@@ -157,6 +157,8 @@ def run_episodes(
             if done:
                 final = obs
                 obs = env.reset(seeds[k + 1]) if k + 1 < len(seeds) else obs
+                # A policy with history starts it afresh here (a report's episode end says so too).
+                request.episode_start = True
                 if report:
                     request.final_obs[:] = final.tolist()
             if report:
