@@ -131,14 +131,10 @@ class ControllerService(pb_grpc.ControllerServicer):
         # The same tick as the local lane's (controller.pipeline).
         pipe = Pipeline(None if finetune is None else finetune.stream(trusted, context.peer()))
         explorer = None if finetune is None or not trusted else finetune.explorer
-        # Fine-tuning: this stream's arrivals tell the learner when to stay out of the way.
-        ticks = None if finetune is None else finetune.ticks.stream()
         self._open_streams += 1
         try:
             async for request in request_iterator:
                 t0 = perf_counter()
-                if ticks is not None:
-                    ticks.arrived(t0)
                 policy = store.current
                 if type(request) is Undecodable:  # in-band, like any refused request
                     metrics.error("ActStream", grpc.StatusCode.INVALID_ARGUMENT, 0.0)
@@ -178,15 +174,10 @@ class ControllerService(pb_grpc.ControllerServicer):
                 )
                 if explore is not None:
                     reply.explored = True
-                t1 = perf_counter()
-                metrics.ok("ActStream", t1 - t0)
-                if ticks is not None:
-                    ticks.replied(t1)
+                metrics.ok("ActStream", perf_counter() - t0)
                 yield reply
         finally:
             self._open_streams -= 1
-            if ticks is not None:
-                ticks.close()
 
     async def ActBatch(
         self, request: pb.ActBatchRequest, context: grpc.aio.ServicerContext

@@ -82,11 +82,6 @@ class FinetuneConfig:
     #: Test-only: False keeps it at normal priority, so that a test on a saturated machine
     #: still sees updates within its deadline. Never turn it off on a serving machine.
     learner_idle_priority: bool = True
-    #: The learner starts an update or a candidate export only where it ends, by its measured
-    #: cost, `learner_guard_ms` before the next ActStream request the server expects
-    #: (controller/finetune/schedule.py); False: it computes whenever it has CPU time.
-    learner_between_ticks: bool = True
-    learner_guard_ms: float = 1.0
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
@@ -113,11 +108,6 @@ class FinetuneConfig:
             "rollback_window must be >= 1": self.rollback_window >= 1,
             "rollback margins must be >= 0": min(self.rollback_margin, self.rollback_margin_abs)
             >= 0,
-            "learner_guard_ms must be >= 0": math.isfinite(self.learner_guard_ms)
-            and self.learner_guard_ms >= 0,
-            "learner_between_ticks must be true or false": isinstance(
-                self.learner_between_ticks, bool
-            ),
             "learner_idle_priority must be true or false": isinstance(
                 self.learner_idle_priority, bool
             ),

@@ -16,16 +16,14 @@ import queue
 import signal
 import sys
 import time
-from collections.abc import Callable
 from multiprocessing.queues import Queue
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from controller.contract import split_rows
 from controller.finetune.config import FinetuneConfig, check_algo
-from controller.finetune.schedule import Cost, Window
 from controller.finetune.versions import (
     agent_for,
     candidate_paths,
@@ -39,7 +37,6 @@ from training.replay import ReplayBuffer
 from training.td3 import learn
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 STATS_EVERY_S = 1.0
 
@@ -215,9 +212,7 @@ def _lowest_priority() -> None:
         os.nice(19)
 
 
-def run(
-    cfg: FinetuneConfig, inbox: Queue, commands: Queue, outbox: Queue, log_level: int, ticks: Any
-) -> None:
+def run(cfg: FinetuneConfig, inbox: Queue, commands: Queue, outbox: Queue, log_level: int) -> None:
     """The learner process's main loop; ends on a "stop" command."""
     _die_with_parent()
     logging.basicConfig(
@@ -227,19 +222,14 @@ def run(
         _lowest_priority()
     torch.set_num_threads(1)
     try:
-        _serve_learner(cfg, inbox, commands, outbox, ticks)
+        _serve_learner(cfg, inbox, commands, outbox)
     except Exception as e:  # the server logs it and shows it in GetFinetuneStatus
         outbox.put({"kind": "died", "error": f"{type(e).__name__}: {e}"[:1000]})
         raise
 
 
-def _serve_learner(
-    cfg: FinetuneConfig, inbox: Queue, commands: Queue, outbox: Queue, ticks: Any
-) -> None:
+def _serve_learner(cfg: FinetuneConfig, inbox: Queue, commands: Queue, outbox: Queue) -> None:
     learner = Learner(cfg)
-    # Each piece of work waits for a gap between the ticks the server answers (schedule.py).
-    window = Window(ticks, cfg.learner_guard_ms / 1e3) if cfg.learner_between_ticks else None
-    update_cost, export_cost = Cost(), Cost()
     outbox.put({"kind": "ready", "env_id": learner.meta["env_id"]})
     last_stats = 0.0
     while True:
@@ -265,9 +255,9 @@ def _serve_learner(
             learner.add(chunk)
             timeout = None
         if learner.can_update():
-            _timed(window, update_cost, learner.step)
+            learner.step()
             if learner.candidate_due():
-                outbox.put(_timed(window, export_cost, learner.export_candidate))
+                outbox.put(learner.export_candidate())
         now = time.monotonic()
         if now - last_stats >= STATS_EVERY_S:
             last_stats = now
@@ -278,16 +268,5 @@ def _serve_learner(
                     "actor_updates": learner.actor_updates,
                     "online_seen": learner.online_seen,
                     "paused": learner.paused,
-                    "waited_s": 0.0 if window is None else window.waited_s,
                 }
             )
-
-
-def _timed(window: Window | None, cost: Cost, work: Callable[[], T]) -> T:
-    """`work()`, started where it fits between ticks (with a window), its duration measured."""
-    if window is not None:
-        window.wait(cost.seconds)
-    start = time.perf_counter()
-    out = work()
-    cost.measured(time.perf_counter() - start)
-    return out

@@ -37,7 +37,6 @@ from controller.finetune.experience import (
 )
 from controller.finetune.gates import check_candidate
 from controller.finetune.monitor import RollbackMonitor, Verdict
-from controller.finetune.schedule import TickClock
 from controller.finetune.versions import Pointer, agent_for, read_pointer, write_pointer
 from controller.metrics import Metrics
 from controller.policy import Policy, load_policy, read_policy_file
@@ -85,7 +84,6 @@ class _Stats:
     refusals: int = 0
     rollbacks: int = 0
     last_refusal: str = ""
-    waited_s: float = 0.0
 
 
 class Finetuner:
@@ -120,8 +118,6 @@ class Finetuner:
             else None
         )
         ctx = mp.get_context("spawn")
-        #: When the next ActStream request is expected, shared with the learner's schedule.
-        self.ticks = TickClock(ctx)
         self._inbox = ctx.Queue(cfg.queue_chunks)
         self._commands = ctx.Queue()
         self._outbox = ctx.Queue()
@@ -132,7 +128,7 @@ class Finetuner:
         self._recent_n = 0
         self._process = ctx.Process(
             target=_learner_main,
-            args=(cfg, self._inbox, self._commands, self._outbox, log_level, self.ticks.shared),
+            args=(cfg, self._inbox, self._commands, self._outbox, log_level),
             name="mu-learner",
             daemon=True,
         )
@@ -278,7 +274,6 @@ class Finetuner:
         if kind == "stats":
             self.stats.updates = message["updates"]
             self.stats.actor_updates = message["actor_updates"]
-            self.stats.waited_s = message["waited_s"]
         elif kind == "ready":
             log.info("learner ready (%s)", message["env_id"])
         elif kind == "died":
@@ -447,5 +442,4 @@ class Finetuner:
             "explore_std": self.cfg.explore_std,
             "versions_dir": str(self.cfg.versions_dir),
             "learner_error": self.learner_error or "",
-            "learner_waited_s": self.stats.waited_s,
         }

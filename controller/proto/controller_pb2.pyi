@@ -261,7 +261,7 @@ class FinetuneControlRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class FinetuneStatus(_message.Message):
-    __slots__ = ("paused", "learner_alive", "transitions_received", "transitions_rejected", "transitions_dropped", "updates", "actor_updates", "candidates", "promotions", "refusals", "last_refusal", "rollbacks", "judging_version", "judging_episodes", "current_mean_return", "current_episodes", "explore_std", "versions_dir", "learner_error", "learner_waited_s")
+    __slots__ = ("paused", "learner_alive", "transitions_received", "transitions_rejected", "transitions_dropped", "updates", "actor_updates", "candidates", "promotions", "refusals", "last_refusal", "rollbacks", "judging_version", "judging_episodes", "current_mean_return", "current_episodes", "explore_std", "versions_dir", "learner_error")
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     LEARNER_ALIVE_FIELD_NUMBER: _ClassVar[int]
     TRANSITIONS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
@@ -281,7 +281,6 @@ class FinetuneStatus(_message.Message):
     EXPLORE_STD_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_DIR_FIELD_NUMBER: _ClassVar[int]
     LEARNER_ERROR_FIELD_NUMBER: _ClassVar[int]
-    LEARNER_WAITED_S_FIELD_NUMBER: _ClassVar[int]
     paused: bool
     learner_alive: bool
     transitions_received: int
@@ -301,5 +300,4 @@ class FinetuneStatus(_message.Message):
     explore_std: float
     versions_dir: str
     learner_error: str
-    learner_waited_s: float
-    def __init__(self, paused: _Optional[bool] = ..., learner_alive: _Optional[bool] = ..., transitions_received: _Optional[int] = ..., transitions_rejected: _Optional[int] = ..., transitions_dropped: _Optional[int] = ..., updates: _Optional[int] = ..., actor_updates: _Optional[int] = ..., candidates: _Optional[int] = ..., promotions: _Optional[int] = ..., refusals: _Optional[int] = ..., last_refusal: _Optional[str] = ..., rollbacks: _Optional[int] = ..., judging_version: _Optional[int] = ..., judging_episodes: _Optional[int] = ..., current_mean_return: _Optional[float] = ..., current_episodes: _Optional[int] = ..., explore_std: _Optional[float] = ..., versions_dir: _Optional[str] = ..., learner_error: _Optional[str] = ..., learner_waited_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, paused: _Optional[bool] = ..., learner_alive: _Optional[bool] = ..., transitions_received: _Optional[int] = ..., transitions_rejected: _Optional[int] = ..., transitions_dropped: _Optional[int] = ..., updates: _Optional[int] = ..., actor_updates: _Optional[int] = ..., candidates: _Optional[int] = ..., promotions: _Optional[int] = ..., refusals: _Optional[int] = ..., last_refusal: _Optional[str] = ..., rollbacks: _Optional[int] = ..., judging_version: _Optional[int] = ..., judging_episodes: _Optional[int] = ..., current_mean_return: _Optional[float] = ..., current_episodes: _Optional[int] = ..., explore_std: _Optional[float] = ..., versions_dir: _Optional[str] = ..., learner_error: _Optional[str] = ...) -> None: ...

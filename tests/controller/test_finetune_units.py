@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-
 import numpy as np
 import pytest
 
@@ -12,7 +10,6 @@ from controller.explore import Explorer
 from controller.finetune.experience import Counters, LearnerSink, TransitionSink
 from controller.finetune.gates import check_candidate
 from controller.finetune.monitor import RollbackMonitor
-from controller.finetune.schedule import STALE_S, TickClock, Window
 from controller.policy import load_policy, read_policy_file
 from controller.proto import controller_pb2 as pb
 from controller.service import request_outcome
@@ -113,34 +110,3 @@ def test_monitor_rolls_back_only_on_a_clear_regression(new_return: float, rollba
     verdicts = [monitor.episode(2, new_return) for _ in range(3)]
     assert verdicts[:2] == [None, None]
     assert verdicts[2] is not None and verdicts[2].rollback is rollback
-
-
-def _tick(stream, at: float, serve: float = 0.002) -> None:
-    stream.arrived(at)
-    stream.replied(at + serve)
-
-
-def test_the_learner_works_in_the_gaps_between_ticks() -> None:
-    clock = TickClock(mp.get_context("spawn"))
-    window = Window(clock.shared, guard_s=0.001)
-    assert window.fits(0.0, 1.0)  # no stream: free
-    robot = clock.stream()
-    for k in range(20):  # 100 Hz, answered in 2 ms
-        _tick(robot, 10.0 + 0.01 * k)
-    assert clock.shared[0] == pytest.approx(10.2) and clock.shared[1] == pytest.approx(0.008)
-    assert window.fits(10.192, 0.006)  # ends 1 ms before the next request
-    assert not window.fits(10.194, 0.006)  # would run into it
-    assert not window.fits(10.2 + STALE_S / 2, 0.006)  # the request is late: wait for it
-    assert window.fits(10.2 + 2 * STALE_S, 0.006)  # the robot stopped ticking
-    # longer than any gap this stream leaves: right after an answer (10.192), not later
-    assert window.fits(10.1925, 0.02) and not window.fits(10.196, 0.02)
-
-    fast = clock.stream()  # a second stream, 1 kHz, answered in 0.2 ms: its next comes first
-    for k in range(20):
-        _tick(fast, 10.175 + 0.001 * k, serve=0.0002)
-    assert clock.shared[0] == pytest.approx(10.195)
-    assert window.fits(10.1945, 0.006)  # no 7 ms gap at 1 kHz: right after its answers
-    fast.close()
-    assert clock.shared[0] == pytest.approx(10.2)  # the 100 Hz stream again
-    robot.close()
-    assert clock.shared[0] == float("inf") and window.fits(10.194, 0.006)
