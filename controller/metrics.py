@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from itertools import accumulate
 
 import grpc
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -76,6 +76,12 @@ class Metrics:
             "Local-lane loops with an open WatchPolicy stream (GetPolicy lists what each runs)",
             registry=self.registry,
         )
+        self._run_ahead = Counter(
+            "mu_actstream_paused",
+            "ActStream pauses of a stream whose requests kept arriving before their replies "
+            "were sent (a client that does not read its replies)",
+            registry=self.registry,
+        )
         self._learner_alive: Gauge | None = None
         self._ok = {
             method: self._latency.get(method, grpc.StatusCode.OK.name)
@@ -87,6 +93,9 @@ class Metrics:
 
     def error(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         self._latency.get(method, code.name).observe(seconds)
+
+    def run_ahead(self) -> None:
+        self._run_ahead.inc()
 
     def set_version(self, version: int) -> None:
         self._version.set(version)

@@ -57,6 +57,11 @@ def server_options(config: ServeConfig) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", config.max_message_bytes),
         # A second server on the same port must fail to bind, not silently share the traffic.
         ("grpc.so_reuseport", 0),
+        # Each stream's receive window stays at HTTP/2's 64 KiB: with bandwidth-delay probing it
+        # grows to megabytes, which a stream the server has stopped reading (an ActStream that
+        # does not read its replies: controller.service) fills with requests nobody will read,
+        # while its client keeps writing. Uploads then move 64 KiB per round trip.
+        ("grpc.http2.bdp_probe", 0),
         # Local-lane loops ping their idle WatchPolicy stream (controller.robot.local) to notice
         # a vanished server; gRPC's default refuses pings more often than every 5 minutes.
         ("grpc.http2.min_ping_interval_without_data_ms", 500),

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from time import perf_counter
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 import numpy as np
@@ -83,6 +83,69 @@ class MicroBatcher:
                     future.set_result(result)
 
 
+class ReadAhead:
+    """A coroutine (a stream's `context.read()`) started now and finished by `await get()`;
+    `arrived` turns true once what it waits on is done (the next request came).
+
+    It is driven by hand as an asyncio Task would drive it: run to the future it waits on, and
+    resumed once that future is done. A Task per request cost ~12 µs of event-loop time per
+    message (a task step and a loop pass more); this costs what awaiting the read did. The
+    done-callback that sets `arrived` runs in the order the loop completed the futures, so a
+    request that came after the reply's write completed is never seen as there before it.
+    """
+
+    __slots__ = ("_coro", "_waiting", "_result", "arrived")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._coro = coro
+        self.arrived = False
+        self._result: Any = _RUNNING
+        self._step()
+
+    def _step(self) -> None:
+        try:
+            waiting = self._coro.send(None)
+        except StopIteration as e:
+            self._waiting, self._result, self.arrived = None, e.value, True
+            return
+        self._waiting = waiting
+        if asyncio.isfuture(waiting):
+            waiting.add_done_callback(self._arrive)
+
+    def _arrive(self, _: Any) -> None:
+        self.arrived = True
+
+    async def get(self) -> Any:
+        """The coroutine's result (or its exception)."""
+        while self._result is _RUNNING:
+            waiting = self._waiting
+            if waiting is None:  # a bare yield: run again on the next loop pass, as a Task does
+                await asyncio.sleep(0)
+            elif not waiting.done():
+                waiting._asyncio_future_blocking = False  # as Task does before waiting on it
+                try:
+                    await waiting
+                except asyncio.CancelledError:
+                    if not waiting.cancelled():  # this task is cancelled, not the read
+                        raise
+                except Exception:  # noqa: BLE001 - the coroutine raises it when resumed
+                    pass
+            self._step()
+        return self._result
+
+    def close(self) -> None:
+        """Abandon the read, as cancelling its Task would (the future it waits on included)."""
+        if self._result is _RUNNING:
+            self._result = None
+            waiting = self._waiting
+            if asyncio.isfuture(waiting) and not waiting.cancel() and not waiting.cancelled():
+                waiting.exception()  # done: retrieved, so an error is not logged as unhandled
+            self._coro.close()
+
+
+_RUNNING = object()
+
+
 class ControllerService(pb_grpc.ControllerServicer):
     def __init__(
         self,
@@ -101,6 +164,10 @@ class ControllerService(pb_grpc.ControllerServicer):
         #: None when batching is off.
         self.batcher = MicroBatcher() if batching else None
         self._open_streams = 0
+        #: ActStreams whose last reply was awaited by their client (see ActStream).
+        self._lock_step_streams = 0
+        #: ActStream pauses of streams writing ahead of their replies (see _run_ahead).
+        self.paused_streams = 0
         #: The local-lane loops (WatchPolicy) and what each runs.
         self.local_loops = LocalLoops()
         self._expected_auth = None if admin_token is None else f"Bearer {admin_token}".encode()
@@ -131,53 +198,114 @@ class ControllerService(pb_grpc.ControllerServicer):
         # The same tick as the local lane's (controller.pipeline).
         pipe = Pipeline(None if finetune is None else finetune.stream(trusted, context.peer()))
         explorer = None if finetune is None or not trusted else finetune.explorer
+        # The next request is read while this one is answered (context.read, not the iterator):
+        # when that read has completed before the reply went out, the client sent the request
+        # without waiting for the reply. A lock-step client never does (it cannot have seen the
+        # reply yet); a stream that does it MAX_AHEAD times in a row writes ahead of its replies
+        # (a client that does not read them, or pipelines) and, while a lock-step stream is
+        # open, is paused: see _run_ahead.
+        read = context.read
+        pending = ReadAhead(read())
+        # lock_step: counted in self._lock_step_streams (its replies are awaited, level 0);
+        # ahead: replies in a row sent with the next request there; level: how far into its
+        # pauses the stream is (0 to _MAX_LEVEL); pauses: how many it took in all.
+        lock_step = False
+        ahead = level = pauses = 0
         self._open_streams += 1
         try:
-            async for request in request_iterator:
+            while (request := await pending.get()) is not grpc.aio.EOF:
+                pending = ReadAhead(read())
                 t0 = perf_counter()
                 policy = store.current
                 if type(request) is Undecodable:  # in-band, like any refused request
                     metrics.error("ActStream", grpc.StatusCode.INVALID_ARGUMENT, 0.0)
                     pipe.interrupted()
-                    yield pb.ActResponse(
+                    reply = pb.ActResponse(
                         policy_version=policy.version,
                         error=pb.Error(code=_INVALID, message=request.message),
                     )
-                    continue
-                if request.HasField("reward"):
-                    pipe.close(request_outcome(request))
-                try:
-                    obs = pipe.input(
-                        policy,
-                        request.obs,
-                        request.episode_start or request.terminated or request.truncated,
-                        request.applied_action if len(request.applied_action) else None,
-                    )
-                    if batcher is not None and self._open_streams > 1:
-                        action = (await batcher.submit(policy, obs)).tolist()
+                else:
+                    if request.HasField("reward"):
+                        pipe.close(request_outcome(request))
+                    try:
+                        obs = pipe.input(
+                            policy,
+                            request.obs,
+                            request.episode_start or request.terminated or request.truncated,
+                            request.applied_action if len(request.applied_action) else None,
+                        )
+                        if batcher is not None and self._open_streams > 1:
+                            action = (await batcher.submit(policy, obs)).tolist()
+                        else:
+                            action = policy.act_values(obs)
+                    except ActError as e:
+                        # In-band: this request is refused, the stream stays up for the next one.
+                        metrics.error("ActStream", e.code, perf_counter() - t0)
+                        pipe.interrupted()
+                        reply = pb.ActResponse(
+                            seq=request.seq,
+                            policy_version=policy.version,
+                            error=pb.Error(code=e.code.value[0], message=e.message),
+                        )
                     else:
-                        action = policy.act_values(obs)
-                except ActError as e:
-                    # In-band: this request is refused, the stream stays up for the next one.
-                    metrics.error("ActStream", e.code, perf_counter() - t0)
-                    pipe.interrupted()
-                    yield pb.ActResponse(
-                        seq=request.seq,
-                        policy_version=policy.version,
-                        error=pb.Error(code=e.code.value[0], message=e.message),
-                    )
-                    continue
-                explore = explorer if explorer is not None and finetune.learning else None
-                action = pipe.output(policy, policy.version, action, explore, delta)
-                reply = pb.ActResponse(
-                    action=action, seq=request.seq, policy_version=policy.version
-                )
-                if explore is not None:
-                    reply.explored = True
-                metrics.ok("ActStream", perf_counter() - t0)
+                        explore = explorer if explorer is not None and finetune.learning else None
+                        action = pipe.output(policy, policy.version, action, explore, delta)
+                        reply = pb.ActResponse(
+                            action=action, seq=request.seq, policy_version=policy.version
+                        )
+                        if explore is not None:
+                            reply.explored = True
+                        metrics.ok("ActStream", perf_counter() - t0)
                 yield reply
+                if not pending.arrived:  # lock-step: the client is waiting for this reply
+                    if level:  # one step back from the pauses (a flood can lag once)
+                        ahead, level = 0, level - 1
+                    elif not lock_step:
+                        ahead, lock_step = 0, True
+                        self._lock_step_streams += 1
+                    continue
+                if lock_step:
+                    lock_step = False
+                    self._lock_step_streams -= 1
+                ahead += 1
+                # MAX_AHEAD, halved by each pause in a row, down to one. With no lock-step stream
+                # to protect, the pause is skipped but counted: one that opens later finds this
+                # stream already at its longest pause, not at its first.
+                if ahead >= MAX_AHEAD >> level:
+                    ahead, level = 0, min(level + 1, _MAX_LEVEL)
+                    if self._lock_step_streams:
+                        pauses += 1
+                        await self._run_ahead(context, level, pauses == 1)
         finally:
             self._open_streams -= 1
+            if lock_step:
+                self._lock_step_streams -= 1
+            pending.close()
+            if pauses:
+                log.info("ActStream from %s ended; it was paused %d times", context.peer(), pauses)
+
+    async def _run_ahead(self, context: grpc.aio.ServicerContext, level: int, first: bool) -> None:
+        """Pause a stream that writes ahead of its replies, at `level` (1 to _MAX_LEVEL), while a
+        lock-step stream is open: it is not read from meanwhile, so it costs the event loop
+        nothing and, once its flow-control window is full, its client blocks. Pauses double from
+        FIRST_PAUSE_S to MAX_PAUSE_S, and the replies allowed between two halve from MAX_AHEAD to
+        one, while it goes on; each request that waits for its reply takes a level off."""
+        self.paused_streams += 1
+        self._metrics.run_ahead()
+        if first:  # once per stream
+            log.warning(
+                "ActStream from %s: %d requests in a row arrived before their replies were "
+                "sent; pausing it (ActStream is lock-step: read each reply before sending the "
+                "next request)",
+                context.peer(),
+                MAX_AHEAD,
+            )
+        # A paused stream sends nothing to batch: the others are answered as if it were closed.
+        self._open_streams -= 1
+        try:
+            await asyncio.sleep(min(FIRST_PAUSE_S * 2 ** (level - 1), MAX_PAUSE_S))
+        finally:
+            self._open_streams += 1
 
     async def ActBatch(
         self, request: pb.ActBatchRequest, context: grpc.aio.ServicerContext
@@ -398,6 +526,14 @@ class ControllerService(pb_grpc.ControllerServicer):
 
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+#: ActStream: replies in a row sent with the stream's next request already there, before the
+#: stream is paused; its pauses, doubling from the first to the longest while it goes on (the
+#: replies allowed between two pauses halve, down to one).
+MAX_AHEAD = 16
+FIRST_PAUSE_S = 0.001
+MAX_PAUSE_S = 1.0
+_MAX_LEVEL = int(MAX_PAUSE_S / FIRST_PAUSE_S).bit_length() + 1  # its pause is MAX_PAUSE_S
 
 
 def request_outcome(request: pb.ActRequest) -> Outcome:

@@ -200,13 +200,18 @@ def test_oversized_message_ends_a_stream_with_resource_exhausted(
     server_factory, policy_path: Path
 ) -> None:
     server = server_factory(policy_path, max_message_bytes=4096)
-    requests = [pb.ActRequest(obs=[0.0] * 26, seq=1), pb.ActRequest(obs=[0.0] * 2000, seq=2)]
+    requests: queue.SimpleQueue[pb.ActRequest | None] = queue.SimpleQueue()
+    requests.put(pb.ActRequest(obs=[0.0] * 26, seq=1))
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.ControllerStub(channel)
-        replies = stub.ActStream(iter(requests), timeout=10)
+        replies = stub.ActStream(iter(requests.get, None), timeout=10)
         assert next(replies).seq == 1
+        # lock-step: sent before reply 1 was read, it could end the call before reply 1 went
+        # out (the server reads a stream's next request while it answers the current one)
+        requests.put(pb.ActRequest(obs=[0.0] * 2000, seq=2))
         with pytest.raises(grpc.RpcError) as refused:
             next(replies)
+        requests.put(None)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         _assert_serving(stub)
 
