@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from controller.errors import MissingFile, UsageError
+from controller.errors import UsageError, read_text
 from training.config import ALGO_SETTINGS
 
 ZOO: dict[str, Any] = {
@@ -163,13 +163,10 @@ def preset(env_id: str, name: str | None = None, algo: str = "td3") -> dict[str,
 def load_preset_file(path: str | Path) -> dict[str, Any]:
     """A preset file: JSON of TrainConfig fields (`mu sweep` writes its best configuration as
     one, best_preset.json). Fields are checked when the TrainConfig is built."""
+    text = read_text(path, f"preset file {path}")
     try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise MissingFile(f"preset file {path}: no such file") from None
-    except OSError as err:
-        raise UsageError(f"preset file {path}: cannot read it ({err.strerror or err})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
         raise UsageError(f"preset file {path}: not JSON ({err})") from None
     if not isinstance(data, dict):
         raise UsageError(

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from controller.errors import MissingFile, UsageError
+from controller.errors import UsageError, read_text
 from training.config import TrainConfig
 from training.presets import preset
 from training.runner import RunnerConfig, error_line, run_trials
@@ -117,13 +117,10 @@ class SweepConfig:
     def load(cls, path: str | Path) -> SweepConfig:
         import yaml
 
+        text = read_text(path, f"sweep file {path}")
         try:
-            data = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise MissingFile(f"{path}: no such sweep file") from None
-        except OSError as err:
-            raise UsageError(f"{path}: cannot read it ({err.strerror or err})") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
             raise UsageError(f"{path}: not YAML ({' '.join(str(err).split())})") from None
         if not isinstance(data, dict):
             raise UsageError(f"{path}: a sweep file is a mapping of keys (see mu sweep --help)")
