@@ -45,6 +45,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from controller.finetune.config import FinetuneConfig
 from controller.harness import ServerProcess, serve_command
 from controller.proto import controller_pb2 as pb
 from controller.proto import controller_pb2_grpc as pb_grpc
@@ -212,7 +213,8 @@ def serve(args: argparse.Namespace, versions: Path) -> ServerProcess:
     for field, value in (("candidate_every", args.candidate_every),
                          ("actor_lr", args.actor_lr), ("rollback_window", args.window),
                          ("seed", args.seed)):  # fmt: skip
-        command += ["--finetune-set", f"{field}={value}"]
+        if value is not None:  # None: the server's default
+            command += ["--finetune-set", f"{field}={value}"]
     for setting in args.finetune_set:
         command += ["--finetune-set", setting]
     return ServerProcess(command)
@@ -286,6 +288,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "gap": {"motor_scale": MOTOR_SCALE, "motor_bias": MOTOR_BIAS.tolist()},
         "seed": args.seed,
         "rate_hz": args.rate,
+        "candidate_every": args.candidate_every or FinetuneConfig.candidate_every,
         "lane": "local" if args.local else "grpc",
         "eval_seeds": [EVAL_SEED, EVAL_SEED + args.eval_episodes - 1],
     }
@@ -367,7 +370,8 @@ def table(r: dict[str, Any]) -> str:
     head = (
         f"PandaReachDense-v3, motor x{MOTOR_SCALE} + bias {bias}, seed {r['seed']}, "
         f"{len(r['before']['returns'])} eval episodes (seeds {r['eval_seeds'][0]}..."
-        f"{r['eval_seeds'][1]}), loop at {r['rate_hz']:g} Hz"
+        f"{r['eval_seeds'][1]}), loop at {r['rate_hz']:g} Hz, "
+        f"a candidate every {r['candidate_every']} actor updates"
     )
     return "\n".join([head, *(f"  {k:<{width}}  {v}" for k, v in rows)])
 
@@ -408,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=100.0, help="control loop rate, Hz")
     parser.add_argument("--explore-std", type=float, default=0.1)
     parser.add_argument(
-        "--candidate-every", type=int, default=50, help="actor updates between candidates"
+        "--candidate-every",
+        type=int,
+        help="actor updates between candidates (default: the server's, FinetuneConfig)",
     )
     parser.add_argument("--actor-lr", type=float, default=2e-5)
     parser.add_argument("--window", type=int, default=5, help="rollback window, episodes")

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
@@ -43,6 +44,9 @@ from controller.store import PolicyStore
 from training.fields import parse_sets
 
 log = logging.getLogger(__name__)
+
+#: Longest wait of the serving loop for a GIL that another Python thread holds (see serve()).
+GIL_SWITCH_S = 1e-4
 T = TypeVar("T")
 
 
@@ -239,6 +243,10 @@ async def create_server(config: ServeConfig) -> tuple[ControllerServer, int]:
 
 async def serve(config: ServeConfig, *, handle_signals: bool = True) -> None:
     """Run the server until SIGINT/SIGTERM (or cancellation), then stop gracefully."""
+    # A thread running Python (a policy load, the gates, the learner's queue feeder) keeps the
+    # GIL for up to the switch interval before the event loop gets it: 5 ms by default, half a
+    # tick at 100 Hz. This process is the server's own, so the setting is ours to make.
+    sys.setswitchinterval(GIL_SWITCH_S)
     server, _ = await create_server(config)
     await server.start()
     if handle_signals:

@@ -8,6 +8,7 @@ a new file happen in a worker thread; the event loop keeps answering meanwhile.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -72,10 +73,16 @@ class PolicyStore:
         return store
 
     async def load_path(self, path: str | Path) -> Policy:
-        return await self._load(lambda: read_policy_file(path), str(path))
+        return await self._load(
+            lambda v: load_policy(read_policy_file(path), source=str(path), version=v), str(path)
+        )
 
     async def load_bytes(self, data: bytes) -> Policy:
-        return await self._load(lambda: data, "<bytes>")
+        return await self._load(lambda v: load_policy(data, source="<bytes>", version=v), "<bytes>")
+
+    async def load_loaded(self, policy: Policy) -> Policy:
+        """Swap in `policy`, already loaded and checked (a gated candidate), as the next version."""
+        return await self._load(lambda v: dataclasses.replace(policy, version=v), policy.source)
 
     async def rollback(self) -> Policy:
         async with self._lock:
@@ -91,14 +98,13 @@ class PolicyStore:
             log.info("rolled back to version %d (%s)", self.current.version, self.current.source)
             return self.current
 
-    async def _load(self, read: Callable[[], bytes], source: str) -> Policy:
+    async def _load(self, make: Callable[[int], Policy], source: str) -> Policy:
+        """`make(version)` builds the policy in the loader thread."""
         loop = asyncio.get_running_loop()
         async with self._lock:
             version = self._next_version
             try:
-                policy = await loop.run_in_executor(
-                    self._executor, lambda: load_policy(read(), source=source, version=version)
-                )
+                policy = await loop.run_in_executor(self._executor, make, version)
             except PolicyLoadError as e:
                 log.warning("refused policy %s: %s", clipped(source), e)
                 code = (

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from controller.contract import INPUT_NAME, OUTPUT_NAME
-from controller.policy import ORT_ERRORS, Policy, PolicyLoadError, load_policy
+from controller.policy import ORT_ERRORS, Policy
 
 
 @dataclass(frozen=True)
@@ -25,26 +25,25 @@ class GateResult:
 
 
 def check_candidate(
-    data: bytes,
-    source: str,
+    candidate: Policy,
     current: Policy,
     states: np.ndarray,
     max_change: float,
     mean_change: float,
     min_states: int,
 ) -> GateResult:
-    """Gate the ONNX file `data` against the served `current` policy on `states` [n, obs_dim]."""
+    """Gate the loaded `candidate` against the served `current` policy on `states` [n, obs_dim];
+    a candidate that passes is served as loaded (Finetuner._consider)."""
     if len(states) < min_states:
         return GateResult(False, f"only {len(states)} recent states; the gate needs {min_states}")
+    if candidate.obs_dim != current.obs_dim or candidate.act_dim != current.act_dim:
+        return GateResult(False, "candidate dimensions differ from the served policy")
     try:
-        candidate = load_policy(data, source=source, version=0)
         states = np.ascontiguousarray(states, np.float32)
         new = candidate.session.run([OUTPUT_NAME], {INPUT_NAME: states})[0]
         old = current.session.run([OUTPUT_NAME], {INPUT_NAME: states})[0]
-    except (PolicyLoadError, *ORT_ERRORS, OSError) as e:
-        return GateResult(False, f"candidate does not load or run: {e}")
-    if candidate.obs_dim != current.obs_dim or candidate.act_dim != current.act_dim:
-        return GateResult(False, "candidate dimensions differ from the served policy")
+    except ORT_ERRORS as e:
+        return GateResult(False, f"candidate does not run: {e}")
     if not np.isfinite(new).all():
         return GateResult(False, "candidate gives non-finite actions on recent states")
     # The served path clamps anyway; a candidate far outside its bounds is broken, not unlucky.

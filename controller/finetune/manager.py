@@ -39,14 +39,13 @@ from controller.finetune.gates import check_candidate
 from controller.finetune.monitor import RollbackMonitor, Verdict
 from controller.finetune.versions import Pointer, agent_for, read_pointer, write_pointer
 from controller.metrics import Metrics
-from controller.policy import Policy, load_policy, read_policy_file
+from controller.policy import Policy, PolicyLoadError, load_policy, read_policy_file
 from controller.store import PolicyStore, SwapRefused
 from controller.transitions import Transitions
 
 log = logging.getLogger(__name__)
 
 PUMP_INTERVAL_S = 0.05
-RECENT_STATES = 2048
 
 
 def resume_policy(cfg: FinetuneConfig) -> tuple[Policy, int] | None:
@@ -124,7 +123,8 @@ class Finetuner:
         self.sink = TransitionSink(
             row_width(self.obs_dim, self.act_dim), cfg.chunk_size, self._put_nowait, self.counters
         )
-        self._recent = np.zeros((RECENT_STATES, self.obs_dim), np.float32)
+        # The last gate_states served observations: what the gates compare actions on.
+        self._recent = np.zeros((cfg.gate_states, self.obs_dim), np.float32)
         self._recent_n = 0
         self._process = ctx.Process(
             target=_learner_main,
@@ -179,13 +179,14 @@ class Finetuner:
         return Transitions(sink, self.obs_dim, self.act_dim)
 
     def _record_states(self, obs: np.ndarray) -> None:
-        idx = (self._recent_n + np.arange(len(obs))) % RECENT_STATES
+        obs = obs[-len(self._recent) :]
+        idx = (self._recent_n + np.arange(len(obs))) % len(self._recent)
         self._recent[idx] = obs
         self._recent_n += len(obs)
 
     def recent_states(self) -> np.ndarray:
-        n = min(self._recent_n, RECENT_STATES, self.cfg.gate_states * 4)
-        idx = (self._recent_n - n + np.arange(n)) % RECENT_STATES
+        n = min(self._recent_n, self.cfg.gate_states)
+        idx = (self._recent_n - n + np.arange(n)) % len(self._recent)
         return self._recent[idx]
 
     def _put_nowait(self, chunk: np.ndarray) -> bool:
@@ -302,11 +303,18 @@ class Finetuner:
             )
             return
         log.info("promoting candidate %d (gates on %s)", index, path.name)
-        data = await asyncio.to_thread(read_policy_file, path)
+        # One onnxruntime session per promotion, gated then served: a load holds the GIL for
+        # milliseconds, and each one costs the serving loop's tail.
+        try:
+            candidate = await asyncio.to_thread(
+                lambda: load_policy(read_policy_file(path), source=str(path), version=0)
+            )
+        except PolicyLoadError as e:
+            self._refuse(index, f"candidate does not load: {e}")
+            return
         result = await asyncio.to_thread(
             check_candidate,
-            data,
-            str(path),
+            candidate,
             current,
             self.recent_states(),
             self.cfg.gate_max_change,
@@ -317,7 +325,7 @@ class Finetuner:
             self._refuse(index, result.reason)
             return
         try:
-            policy = await self._store.load_path(path)
+            policy = await self._store.load_loaded(candidate)
         except SwapRefused as e:
             self._refuse(index, e.message)
             return

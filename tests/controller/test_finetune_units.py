@@ -83,19 +83,22 @@ def test_exploration_is_bounded_and_clamped() -> None:
 
 
 def test_gates_refuse_a_far_away_or_non_finite_candidate(make_policy, nan_policy) -> None:
-    current = load_policy(read_policy_file(make_policy("a.onnx", seed=0)), source="a", version=1)
+    def load(path):
+        return load_policy(read_policy_file(path), source=str(path), version=0)
+
+    current = load(make_policy("a.onnx", seed=0))
     states = np.random.default_rng(0).normal(0, 1, (64, 26)).astype(np.float32)
-    same = read_policy_file(make_policy("a2.onnx", seed=0))
-    far = read_policy_file(make_policy("b.onnx", seed=1))
+    same = load(make_policy("a2.onnx", seed=0))
+    far = load(make_policy("b.onnx", seed=1))
     gate = dict(max_change=0.2, mean_change=0.05, min_states=32)
-    assert check_candidate(same, "a2", current, states, **gate).passed
-    refused = check_candidate(far, "b", current, states, **gate)
+    assert check_candidate(same, current, states, **gate).passed
+    refused = check_candidate(far, current, states, **gate)
     assert not refused.passed and "action change" in refused.reason
     hot = states.copy()
     hot[:, 0] = 200.0  # the NaN policy's trigger
-    bad = check_candidate(read_policy_file(nan_policy), "nan", current, hot, **gate)
+    bad = check_candidate(load(nan_policy), current, hot, **gate)
     assert not bad.passed and "non-finite" in bad.reason
-    few = check_candidate(same, "a2", current, states[:8], **gate)
+    few = check_candidate(same, current, states[:8], **gate)
     assert not few.passed and "recent states" in few.reason
 
 
