@@ -76,6 +76,7 @@ def plot_runs(runs: Sequence[str | Path], path: str | Path) -> Path:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -75,8 +75,8 @@ def test_export_last_restores_the_last_actor(run, tmp_path):
 
 
 def test_plot_overlays_runs(run, tmp_path, capsys):
-    assert main(["plot", str(run), str(run), "--out", str(tmp_path / "c.png")]) == 0
-    assert (tmp_path / "c.png").stat().st_size > 0
+    assert main(["plot", str(run), str(run), "--out", str(tmp_path / "new" / "c.png")]) == 0
+    assert (tmp_path / "new" / "c.png").stat().st_size > 0  # the folder made, like mu explain
     assert main(["plot", str(tmp_path)]) == 2
     assert "no evals.csv" in capsys.readouterr().err
 
