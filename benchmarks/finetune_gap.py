@@ -213,8 +213,7 @@ def serve(args: argparse.Namespace, versions: Path) -> ServerProcess:
     for field, value in (("candidate_every", args.candidate_every),
                          ("actor_lr", args.actor_lr), ("rollback_window", args.window),
                          ("seed", args.seed)):  # fmt: skip
-        if value is not None:  # None: the server's default
-            command += ["--finetune-set", f"{field}={value}"]
+        command += ["--finetune-set", f"{field}={value}"]
     for setting in args.finetune_set:
         command += ["--finetune-set", setting]
     return ServerProcess(command)
@@ -288,7 +287,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "gap": {"motor_scale": MOTOR_SCALE, "motor_bias": MOTOR_BIAS.tolist()},
         "seed": args.seed,
         "rate_hz": args.rate,
-        "candidate_every": args.candidate_every or FinetuneConfig.candidate_every,
+        "candidate_every": args.candidate_every,
         "lane": "local" if args.local else "grpc",
         "eval_seeds": [EVAL_SEED, EVAL_SEED + args.eval_episodes - 1],
     }
@@ -414,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--candidate-every",
         type=int,
-        help="actor updates between candidates (default: the server's, FinetuneConfig)",
+        default=FinetuneConfig.candidate_every,
+        help="actor updates between candidates (default: the server's)",
     )
     parser.add_argument("--actor-lr", type=float, default=2e-5)
     parser.add_argument("--window", type=int, default=5, help="rollback window, episodes")

@@ -185,7 +185,7 @@ class Finetuner:
         self._recent_n += len(obs)
 
     def recent_states(self) -> np.ndarray:
-        n = min(self._recent_n, self.cfg.gate_states)
+        n = min(self._recent_n, len(self._recent))
         idx = (self._recent_n - n + np.arange(n)) % len(self._recent)
         return self._recent[idx]
 
