@@ -18,6 +18,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+# the schedule of the rand_* ranges (training/randomization.py `widening_scale`), not a knob
+WIDENING = ("rand_widen_start", "rand_widen_steps")
 # The settings each algorithm fills where the user left them unset: DDPG is TD3 with one critic,
 # no target-policy noise and no delay, so a ddpg run refuses any other value of these.
 ALGO_SETTINGS: dict[str, dict[str, Any]] = {
@@ -112,6 +114,9 @@ class TrainConfig:
     rand_offset: list[float] = _f([], "Action bias per dimension, fraction of half range.")
     rand_obs_noise: list[float] = _f([], "Observation noise std, fraction of feature std.")
     rand_push: list[float] = _f([], "Velocity kick on the body on 1% of steps, m/s.")
+    rand_widen_start: int = _f(
+        0, "Steps at nominal dynamics before the rand_* ranges start to widen; 0 = at once."
+    )
     rand_widen_steps: int = _f(
         0, "Steps over which the rand_* ranges widen linearly from nominal to full; 0 = full."
     )
@@ -155,8 +160,8 @@ class TrainConfig:
                 h > 0 for h in [*self.actor_hidden, *self.critic_hidden]
             ),
             "torch_threads must be >= 1": self.torch_threads >= 1,
-            "history_obs, history_actions, rand_widen_steps must be >= 0": min(
-                self.history_obs, self.history_actions, self.rand_widen_steps
+            "history_obs, history_actions, rand_widen_start, rand_widen_steps must be >= 0": min(
+                self.history_obs, self.history_actions, self.rand_widen_start, self.rand_widen_steps
             )
             >= 0,
             "td7 sizes and periods must be >= 1": min(
@@ -172,8 +177,9 @@ class TrainConfig:
         from training.randomization import check_ranges
 
         check_ranges(self.randomization)
-        if self.rand_widen_steps and not self.randomization:
-            raise UsageError("invalid TrainConfig: rand_widen_steps widens no rand_* range")
+        for name in WIDENING:
+            if getattr(self, name) and not self.randomization:
+                raise UsageError(f"invalid TrainConfig: {name} widens no rand_* range")
 
     def _algorithm_settings(self) -> None:
         """Fill the algorithm's own settings where unset; refuse a setting that contradicts the
@@ -201,7 +207,7 @@ class TrainConfig:
         return {
             f.name.removeprefix("rand_"): getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name.startswith("rand_") and f.name != "rand_widen_steps" and getattr(self, f.name)
+            if f.name.startswith("rand_") and f.name not in WIDENING and getattr(self, f.name)
         }
 
     def to_json(self) -> str:

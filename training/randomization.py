@@ -23,9 +23,10 @@ every reset applies nominal × draw, so shifts never compound across episodes.
                (locomotion only: the panda arms are position-controlled with a fixed base)
 
 Ranges can widen from nominal (`Widening`): each draw is pulled toward the knob's nominal value
-by a scale that the trainer grows from 0 to 1 (`rand_widen_steps`), so a policy first learns
-the nominal task and then meets ever larger shifts, instead of the cautious average that a
-fixed wide range teaches from the first step.
+by a scale that the trainer holds at 0 for `rand_widen_start` steps and then grows to 1 over
+`rand_widen_steps` (`widening_scale`), so a policy first learns the nominal task and then meets
+ever larger shifts, instead of the cautious average that a fixed wide range teaches from the
+first step.
 
 The privileged critic reads what the actor cannot see (`privileged`): every knob's draw of the
 episode, normalized to its range, and the observation before noise (`CleanObs`).
@@ -94,6 +95,14 @@ class Widening:
 
 
 FULL = Widening()
+
+
+def widening_scale(step: int, start: int, steps: int) -> float:
+    """`Widening.scale` after `step` training steps: 0 until `start`, then linear to 1 over
+    `steps` (0: at once)."""
+    if step < start:
+        return 0.0
+    return min(1.0, (step - start) / steps) if steps else 1.0
 
 
 def randomize(

@@ -62,6 +62,7 @@ from training.randomization import (
     privileged,
     privileged_dim,
     randomize,
+    widening_scale,
 )
 from training.snapshots import choose_export, snapshot, upgrade
 
@@ -185,7 +186,7 @@ class Run:
         # randomization draws from a stream of its own, so that runs without it are unchanged
         self.rand_rng = np.random.default_rng([cfg.seed, RANDOMIZATION_STREAM])
         flat = make_env(cfg.env_id, cfg.seed)
-        self.widening = Widening(0.0 if cfg.rand_widen_steps else 1.0)
+        self.widening = Widening(widening_scale(0, cfg.rand_widen_start, cfg.rand_widen_steps))
         base = CleanObs(flat) if cfg.privileged_critic else flat
         randomized = randomize(base, cfg.randomization, self.rand_rng, self.widening)
         self.env = with_history(randomized, cfg.history_obs, cfg.history_actions)
@@ -223,8 +224,9 @@ class Run:
 
     def reset(self) -> np.ndarray:
         """A new episode; remembers how it started, for a checkpoint taken during it."""
-        if self.cfg.rand_widen_steps:
-            self.widening.scale = min(1.0, self.step / self.cfg.rand_widen_steps)
+        self.widening.scale = widening_scale(
+            self.step, self.cfg.rand_widen_start, self.cfg.rand_widen_steps
+        )
         self.episode = {
             "randomization_rng": self.rand_rng.bit_generator.state,
             "obs_noise": self.obs_noise.state_dict() if self.obs_noise else None,

@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from controller.errors import UsageError
 from controller.finetune.config import FinetuneConfig
 from controller.finetune.learner import Learner
 from training import checkpoint
@@ -24,6 +25,7 @@ from training.randomization import (
     nominal_privileged,
     privileged,
     randomize,
+    widening_scale,
 )
 from training.trainer import train
 
@@ -98,10 +100,23 @@ def test_widening_starts_at_nominal():
     assert 0.75 <= min(draws) < 1.0 < max(draws) <= 1.25
 
 
+def test_widening_schedule_holds_nominal_then_grows_to_full():
+    assert [widening_scale(s, 100, 50) for s in (0, 100, 125, 150, 900)] == [0, 0, 0.5, 1, 1]
+    assert [widening_scale(s, 100, 0) for s in (99, 100)] == [0, 1]  # a step to full ranges
+    assert widening_scale(0, 0, 0) == 1  # no schedule: full from the first episode
+    with pytest.raises(UsageError, match="rand_widen_start widens no rand_"):
+        TrainConfig(env_id=ENV, rand_widen_start=100)
+    with pytest.raises(UsageError, match="rand_widen_start, rand_widen_steps must be >= 0"):
+        cfg(rand_widen_start=-1)
+
+
+WIDEN_START, WIDEN_STEPS = 150, 250
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("adapt")
-    train(cfg(rand_widen_steps=400), out, progress=False)
+    train(cfg(rand_widen_start=WIDEN_START, rand_widen_steps=WIDEN_STEPS), out, progress=False)
     return out
 
 
@@ -110,11 +125,18 @@ def test_replay_holds_the_envs_draws(run):
     priv, obs = replay["priv"].numpy(), replay["obs"].numpy()
     np.testing.assert_array_equal(priv[:, 2:], obs[:, :5])  # no sensor noise: clean = seen
     ends = np.flatnonzero(replay["episode_end"].numpy().ravel())
-    for start, end in zip([0, *(ends + 1)], ends, strict=False):
+    starts = [0, *(ends + 1)][: len(ends)]
+    assert starts[-1] >= WIDEN_START + WIDEN_STEPS  # episodes at full ranges were drawn
+    for start, end in zip(starts, ends, strict=True):
         assert len(np.unique(priv[start : end + 1, :2], axis=0)) == 1  # ξ holds for an episode
+        # the replay's row is the training step: nominal (latency 0, mass 1) until the widening
+        # starts, full ranges (a mass draw is never exactly nominal) once it is done
+        if start <= WIDEN_START:
+            assert (priv[start, 0], priv[start, 1]) == (-1.0, 0.0)
+        if start >= WIDEN_START + WIDEN_STEPS:
+            assert priv[start, 1] != 0.0
     latencies = set(np.round(priv[:, 0] + 1).astype(int))  # latency 0..2 mapped to [-1, 1]
     assert latencies <= {0, 1, 2}
-    assert priv[0, 0] == -1.0 and priv[0, 1] == 0.0  # widening: the first episode is nominal
 
 
 def test_the_exported_actor_has_no_privileged_input(run):
@@ -129,6 +151,7 @@ def test_the_exported_actor_has_no_privileged_input(run):
 @pytest.mark.parametrize("algo", ["td3", "td7"])
 def test_same_seed_is_bit_identical_and_resumes_exactly(algo, tmp_path):
     extra = {"algo": algo, **({"td7_zs_dim": 8, "td7_target_every": 50} if algo == "td7" else {})}
+    extra.update(rand_widen_start=300, rand_widen_steps=300)  # stops while the ranges widen
     train(cfg(**extra), tmp_path / "a", progress=False)
     train(cfg(**extra, steps=433), tmp_path / "b", progress=False)  # stops mid-episode
     train(cfg(**extra), tmp_path / "b", resume=True, progress=False)
