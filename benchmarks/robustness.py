@@ -29,7 +29,8 @@ mean with a 95% bootstrap interval (training/robust_stats.py).
 The runs are exactly what `mu train --env ENV --steps N --seed S [--preset P] --set ...
 --out RUNS/ENV-VARIANT-sS` writes; finished runs with the same config are reused, as are
 finished sweeps, and unfinished runs resume from their last checkpoint (every 25k steps), so an
-interrupted benchmark reruns cheaply. Prints a table and writes JSON and a PNG to --out.
+interrupted benchmark reruns cheaply. Prints a table and writes to --out JSON, a PNG of the
+figures and, per env, one of the learning curves (return at nominal dynamics while training).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from training.plots import plot_runs
 
 # variant -> the adaptation layers it stacks on `robust` (None: the nominal preset)
 VARIANTS: dict[str, tuple[str, ...] | None] = {
@@ -270,6 +273,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     plot(summaries, variants, out / f"{name}.png")
+    for env_id in envs:  # the evaluation return at nominal dynamics while each variant trained
+        runs = [Path(args.runs) / f"{env_id}-{v}-s{s}" for v in variants for s in args.seeds]
+        curves = out / f"{name}_curves_{env_id.split('-')[0]}.png"
+        print(f"wrote {plot_runs(runs, curves)}")
     print(f"wrote {out / name}.{{txt,json,png}}")
 
 
