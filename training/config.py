@@ -180,6 +180,11 @@ class TrainConfig:
         for name in WIDENING:
             if getattr(self, name) and not self.randomization:
                 raise UsageError(f"invalid TrainConfig: {name} widens no rand_* range")
+        if self.randomization and self.rand_widen_start >= self.steps:
+            raise UsageError(
+                f"invalid TrainConfig: rand_widen_start={self.rand_widen_start} >= steps="
+                f"{self.steps}: the rand_* ranges would never widen; lower it"
+            )
 
     def _algorithm_settings(self) -> None:
         """Fill the algorithm's own settings where unset; refuse a setting that contradicts the

@@ -108,6 +108,8 @@ def test_widening_schedule_holds_nominal_then_grows_to_full():
         TrainConfig(env_id=ENV, rand_widen_start=100)
     with pytest.raises(UsageError, match="rand_widen_start, rand_widen_steps must be >= 0"):
         cfg(rand_widen_start=-1)
+    with pytest.raises(UsageError, match="rand_widen_start=700 >= steps=700"):
+        cfg(rand_widen_start=700)
 
 
 WIDEN_START, WIDEN_STEPS = 150, 250
