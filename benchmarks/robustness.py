@@ -28,9 +28,10 @@ mean with a 95% bootstrap interval (training/robust_stats.py).
 
 The runs are exactly what `mu train --env ENV --steps N --seed S [--preset P] --set ...
 --out RUNS/ENV-VARIANT-sS` writes; finished runs with the same config are reused, as are
-finished sweeps, and unfinished runs resume from their last checkpoint (every 25k steps), so an
-interrupted benchmark reruns cheaply. Prints a table and writes to --out JSON, a PNG of the
-figures and, per env, one of the learning curves (return at nominal dynamics while training).
+finished sweeps newer than their policies, and unfinished runs resume from their last
+checkpoint (every 25k steps), so an interrupted benchmark reruns cheaply. Prints a table and
+writes to --out JSON, a PNG of the figures and, per env, one of the learning curves (return
+at nominal dynamics while training).
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ HOLD_FRACTION = 0.8
 HOLD_SUCCESS = 0.9
 
 
-def overrides(env_id: str, variant: str) -> dict[str, Any]:
-    """TrainConfig fields of `variant` (VARIANTS) for `env_id`."""
+def overrides(env_id: str, variant: str, steps: int) -> dict[str, Any]:
+    """TrainConfig fields of `variant` (VARIANTS) for `env_id` trained for `steps`."""
     from training.presets import adaptation_layers, preset
 
     layers = VARIANTS[variant]
@@ -67,7 +68,7 @@ def overrides(env_id: str, variant: str) -> dict[str, Any]:
         return preset(env_id)
     out = preset(env_id, "robust")
     for name in layers:
-        out.update(adaptation_layers(env_id)[name])
+        out.update(adaptation_layers(env_id, steps)[name])
     return out
 
 
@@ -76,7 +77,7 @@ def train_run(env_id: str, variant: str, seed: int, steps: int, runs: str) -> st
     from training.config import TrainConfig
     from training.trainer import train
 
-    fields = {**overrides(env_id, variant), "env_id": env_id, "seed": seed, "steps": steps}
+    fields = {**overrides(env_id, variant, steps), "env_id": env_id, "seed": seed, "steps": steps}
     cfg = TrainConfig.from_dict(fields)
     run = Path(runs) / f"{env_id}-{variant}-s{seed}"
     saved = run / "config.json"
@@ -102,7 +103,9 @@ def sweep_seed(env_id: str, seed: int, runs: str, episodes: int, variants: list[
         same_cells = {cell_key(c.shifts) for c in cached.cells} == {
             cell_key(c) for c in grid(env_id)[1]
         }
-        if cached.policies == policies and cached.episodes == episodes and same_cells:
+        # a run retrained since (its config changed) keeps its policy's path: sweep it again
+        fresh = path.stat().st_mtime >= max(Path(p).stat().st_mtime for p in policies)
+        if cached.policies == policies and cached.episodes == episodes and same_cells and fresh:
             return str(path)
     result = sweep(policies, episodes, seed=10_000, progress=False)
     path.write_text(result.to_json())
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                 "envs": envs,
                 "episodes": episodes,
                 "seeds": args.seeds,
-                "variants": {e: {v: overrides(e, v) for v in variants} for e in envs},
+                "variants": {e: {v: overrides(e, v, n) for v in variants} for e, n in envs.items()},
                 "summaries": summaries,
             },
             indent=1,

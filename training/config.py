@@ -18,6 +18,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+DEFAULT_STEPS = 50_000
 # the schedule of the rand_* ranges (training/randomization.py `widening_scale`), not a knob
 WIDENING = ("rand_widen_start", "rand_widen_steps")
 # The settings each algorithm fills where the user left them unset: DDPG is TD3 with one critic,
@@ -56,7 +57,7 @@ class TrainConfig:
     algo: str = _f(
         "td3", "td3, ddpg (one critic, no target noise, no delay), or td7 (training/td7.py)."
     )
-    steps: int = _f(50_000, "Environment steps to train for.")
+    steps: int = _f(DEFAULT_STEPS, "Environment steps to train for.")
     seed: int = _f(0, "Seed of torch, numpy, the training env and (offset) the eval env.")
     device: str = _f("cpu", "Torch device for networks and updates: cpu or cuda.")
     # networks

@@ -10,11 +10,12 @@ comparison with Stable-Baselines3.
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from controller.errors import UsageError, read_text
-from training.config import ALGO_SETTINGS
+from training.config import ALGO_SETTINGS, DEFAULT_STEPS
 
 ZOO: dict[str, Any] = {
     "gamma": 0.98,
@@ -100,22 +101,25 @@ ROBUST.update({"PandaReachDense-v3": _ARM_ROBUST, "PandaPushDense-v3": _ARM_ROBU
 # each a layer that benchmarks/robustness.py measures apart: the last actions in the actor's
 # input (the largest latency + 1: with a delay of k steps the last k actions make the state
 # Markov again) and two past observations; a critic that sees the draws; ranges that widen
-# from nominal over the first third of a HalfCheetah 150k run, the first quarter of a
-# PandaReach 20k run.
-WIDEN_STEPS = {"locomotion": 50_000, "arm": 5_000}
+# from nominal, on a schedule that is a share of the run's steps (start, span): a walker learns
+# its gait at nominal for two thirds of the run, then widens over a sixth (HalfCheetah 150k:
+# nominal to 100k, full from 125k; fixed wide ranges from the first step cost it half its
+# gait); an arm widens over its first quarter (PandaReach 20k: 5 000 steps).
+WIDENING = {"locomotion": (Fraction(2, 3), Fraction(1, 6)), "arm": (Fraction(0), Fraction(1, 4))}
 
 
-def adaptation_layers(env_id: str) -> dict[str, dict[str, Any]]:
-    """{layer: overrides} of `adaptive` over `robust` for `env_id`, in the order they stack."""
+def adaptation_layers(env_id: str, steps: int = DEFAULT_STEPS) -> dict[str, dict[str, Any]]:
+    """{layer: overrides} of `adaptive` over `robust` for `env_id` trained for `steps`, in the
+    order they stack."""
     ranges = ROBUST[env_id]
-    kind = "arm" if ranges is _ARM_ROBUST else "locomotion"
+    start, span = WIDENING["arm" if ranges is _ARM_ROBUST else "locomotion"]
     return {
         "history": {
             "history_obs": 2,
             "history_actions": int(max(ranges.get("rand_latency", [0]))) + 1,
         },
         "privileged": {"privileged_critic": True},
-        "widening": {"rand_widen_steps": WIDEN_STEPS[kind]},
+        "widening": {"rand_widen_start": int(start * steps), "rand_widen_steps": int(span * steps)},
     }
 
 
@@ -138,9 +142,11 @@ BY_ALGO: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(env_id: str, name: str | None = None, algo: str = "td3") -> dict[str, Any]:
-    """Overrides for `env_id` trained with `algo`: its default preset, or the named one (`zoo`,
-    `default`, `robust`, `adaptive`), then the algorithm's own (`BY_ALGO`)."""
+def preset(
+    env_id: str, name: str | None = None, algo: str = "td3", steps: int = DEFAULT_STEPS
+) -> dict[str, Any]:
+    """Overrides for `env_id` trained with `algo` for `steps`: its default preset, or the named
+    one (`zoo`, `default`, `robust`, `adaptive`), then the algorithm's own (`BY_ALGO`)."""
     if name is None:
         base = dict(BY_ENV.get(env_id, {}))
     elif name not in NAMED:
@@ -153,7 +159,7 @@ def preset(env_id: str, name: str | None = None, algo: str = "td3") -> dict[str,
             )
         base = {**BY_ENV.get(env_id, {}), **ROBUST[env_id]}
         if name == "adaptive":
-            for layer in adaptation_layers(env_id).values():
+            for layer in adaptation_layers(env_id, steps).values():
                 base.update(layer)
     else:
         base = {**BY_ENV.get(env_id, {}), **NAMED[name]} if name == "zoo" else dict(NAMED[name])

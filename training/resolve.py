@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from controller.errors import UsageError
-from training.config import TrainConfig
+from training.config import DEFAULT_STEPS, TrainConfig
 from training.fields import parse_sets
 from training.presets import load_preset_file, preset
 
@@ -41,7 +41,8 @@ def resolve(
     if from_file.get("env_id", env) != env:
         raise UsageError(f"--preset-file {preset_file} is for {from_file['env_id']}, not {env}")
     algo = chosen.get("algo", "td3")
-    return TrainConfig.from_dict({**preset(env, preset_name, algo), **chosen, "algo": algo})
+    base = preset(env, preset_name, algo, chosen.get("steps", DEFAULT_STEPS))
+    return TrainConfig.from_dict({**base, **chosen, "algo": algo})
 
 
 def run_dir(cfg: TrainConfig) -> str:

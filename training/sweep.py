@@ -146,7 +146,7 @@ class SweepConfig:
     def overrides(self, point: dict[str, Any]) -> dict[str, Any]:
         """TrainConfig fields of one configuration (all but the seed)."""
         return {
-            **preset(self.env, self.preset, point.get("algo", self.algo)),
+            **preset(self.env, self.preset, point.get("algo", self.algo), self.steps),
             **self.set,
             "env_id": self.env,
             "algo": self.algo,

@@ -1,20 +1,27 @@
 """The ablation's figures: its variants' configs, the robustness statistics, and the summary of
 a sweep (a hand-made one: the training runs are the benchmark's, hours long)."""
 
+import os
+
 import numpy as np
 import pytest
 
-from benchmarks.robustness import VARIANTS, overrides, report, summarize
+from benchmarks.robustness import VARIANTS, overrides, report, summarize, sweep_seed
+from controller.errors import UsageError
 from training.config import TrainConfig
 from training.robust_stats import bootstrap_ci, iqm, worst_fraction_mean
-from training.robustness import Cell, SweepResult
+from training.robustness import Cell, SweepResult, grid
 
 CHEETAH = "HalfCheetahBulletEnv-v0"
+STEPS = 150_000  # the ablation's budget
 
 
 def test_variants_stack_the_adaptation_layers():
     configs = {
-        v: TrainConfig.from_dict({**overrides(CHEETAH, v), "env_id": CHEETAH}) for v in VARIANTS
+        v: TrainConfig.from_dict(
+            {**overrides(CHEETAH, v, STEPS), "env_id": CHEETAH, "steps": STEPS}
+        )
+        for v in VARIANTS
     }
     assert configs["nominal"].randomization == {}
     robust = configs["robust"].randomization
@@ -24,10 +31,11 @@ def test_variants_stack_the_adaptation_layers():
     assert configs["robust+history"].history_actions == robust["latency"][1] + 1
     assert not configs["robust+history"].privileged_critic
     assert configs["robust+history+privileged"].privileged_critic
-    assert configs["adaptive"].rand_widen_steps > 0
-    assert configs["adaptive"] == TrainConfig.from_dict(
-        {**overrides(CHEETAH, "robust+history+privileged"), "env_id": CHEETAH,
-         "rand_widen_steps": configs["adaptive"].rand_widen_steps}
+    adaptive = configs["adaptive"]
+    assert (adaptive.rand_widen_start, adaptive.rand_widen_steps) == (100_000, 25_000)
+    assert adaptive == TrainConfig.from_dict(
+        {**overrides(CHEETAH, "robust+history+privileged", STEPS), "env_id": CHEETAH,
+         "steps": STEPS, "rand_widen_start": 100_000, "rand_widen_steps": 25_000}
     )  # fmt: skip
 
 
@@ -62,3 +70,19 @@ def test_summary_and_table(tmp_path):
     assert "| HalfCheetahBulletEnv-v0 | adaptive | 100 [100, 100] |" in text
     assert "worst-25% mean" in text and len(text.splitlines()) == 2 + len(variants)
     assert np.isfinite(s["robust+history"]["mean_cell"])
+
+
+def test_a_sweep_is_reused_only_while_newer_than_its_policies(tmp_path):
+    variants = ["nominal", "robust"]
+    policies = [tmp_path / f"{CHEETAH}-{v}-s0" / "policy.last.onnx" for v in variants]
+    for p in policies:
+        p.parent.mkdir()
+        p.write_bytes(b"not onnx")  # a sweep that reads them fails: the cache was not used
+    cells = [Cell(c, [0.0, 0.0], [None, None]) for c in grid(CHEETAH)[1]]
+    cached = SweepResult(CHEETAH, [str(p) for p in policies], [{}, {}], 3, 10_000, {}, [], cells)
+    path = tmp_path / f"sweep-{CHEETAH}-s0.json"
+    path.write_text(cached.to_json())
+    assert sweep_seed(CHEETAH, 0, str(tmp_path), 3, variants) == str(path)
+    os.utime(policies[1], (path.stat().st_mtime + 1,) * 2)  # robust retrained after the sweep
+    with pytest.raises(UsageError, match="not an ONNX policy file"):
+        sweep_seed(CHEETAH, 0, str(tmp_path), 3, variants)

@@ -96,6 +96,20 @@ def test_algorithms_refuse_settings_they_contradict_or_ignore(capsys):
     assert (cfg.n_critics, cfg.target_noise, cfg.policy_delay) == (1, 0.0, 1)
 
 
+def test_adaptive_widening_is_a_share_of_the_runs_steps():
+    from training.resolve import resolve
+
+    cheetah, panda = "HalfCheetahBulletEnv-v0", "PandaReachDense-v3"
+    for steps, start, span in ((150_000, 100_000, 25_000), (30_000, 20_000, 5_000)):
+        cfg = resolve({"env": cheetah, "steps": steps}, [], preset_name="adaptive")
+        assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (start, span)
+    cfg = resolve({"env": panda}, ["steps=20000"], preset_name="adaptive")  # a --set counts too
+    assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (0, 5_000)
+    # the user's own schedule wins over the preset's
+    cfg = resolve({"env": cheetah}, ["rand_widen_start=0"], preset_name="adaptive")
+    assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (0, cfg.steps // 6)
+
+
 def test_list_fields_documents_every_field(capsys):
     assert main(["train", "--list-fields"]) == 0
     out = capsys.readouterr().out
