@@ -67,9 +67,10 @@ def plot_runs(runs: Sequence[str | Path], path: str | Path) -> Path:
             ys = np.array([[e[key][list(e["step"]).index(s)] for s in steps] for e in evals])
             mean = ys.mean(0)
             text = label if len(evals) == 1 else f"{label} ({len(evals)} seeds)"
-            ax.plot(steps, mean, marker=".", label=text)
-            if len(evals) > 1:
-                ax.fill_between(steps, mean - ys.std(0), mean + ys.std(0), alpha=0.2)
+            (line,) = ax.plot(steps, mean, marker=".", label=text)
+            if len(evals) > 1:  # the band in its curve's colour (not the cycle's next one)
+                band = (mean - ys.std(0), mean + ys.std(0))
+                ax.fill_between(steps, *band, alpha=0.2, color=line.get_color())
     axes[0].set(xlabel="environment steps", ylabel="evaluation return")
     if has_success:
         axes[1].set(xlabel="environment steps", ylabel="success rate", ylim=(-0.05, 1.05))

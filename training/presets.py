@@ -103,8 +103,8 @@ ROBUST.update({"PandaReachDense-v3": _ARM_ROBUST, "PandaPushDense-v3": _ARM_ROBU
 # Markov again) and two past observations; a critic that sees the draws; ranges that widen
 # from nominal, on a schedule that is a share of the run's steps (start, span): a walker learns
 # its gait at nominal for two thirds of the run, then widens over a sixth (HalfCheetah 150k:
-# nominal to 100k, full from 125k; fixed wide ranges from the first step cost it half its
-# gait); an arm widens over its first quarter (PandaReach 20k: 5 000 steps).
+# nominal to 100k, full from 125k; ranges that widened from the first step left it on the slow
+# gait of fixed wide ones); an arm widens over its first quarter (PandaReach 20k: 5 000 steps).
 WIDENING = {"locomotion": (Fraction(2, 3), Fraction(1, 6)), "arm": (Fraction(0), Fraction(1, 4))}
 
 
