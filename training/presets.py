@@ -105,14 +105,14 @@ ROBUST.update({"PandaReachDense-v3": _ARM_ROBUST, "PandaPushDense-v3": _ARM_ROBU
 # its gait at nominal for two thirds of the run, then widens over a sixth (HalfCheetah 150k:
 # nominal to 100k, full from 125k; ranges that widened from the first step left it on the slow
 # gait of fixed wide ones); an arm widens over its first quarter (PandaReach 20k: 5 000 steps).
-WIDENING = {"locomotion": (Fraction(2, 3), Fraction(1, 6)), "arm": (Fraction(0), Fraction(1, 4))}
+WIDEN_SHARE = {"locomotion": (Fraction(2, 3), Fraction(1, 6)), "arm": (Fraction(0), Fraction(1, 4))}
 
 
 def adaptation_layers(env_id: str, steps: int = DEFAULT_STEPS) -> dict[str, dict[str, Any]]:
     """{layer: overrides} of `adaptive` over `robust` for `env_id` trained for `steps`, in the
     order they stack."""
     ranges = ROBUST[env_id]
-    start, span = WIDENING["arm" if ranges is _ARM_ROBUST else "locomotion"]
+    start, span = WIDEN_SHARE["arm" if ranges is _ARM_ROBUST else "locomotion"]
     return {
         "history": {
             "history_obs": 2,
