@@ -28,8 +28,9 @@ mean with a 95% bootstrap interval (training/robust_stats.py).
 
 The runs are exactly what `mu train --env ENV --steps N --seed S [--preset P] --set ...
 --out RUNS/ENV-VARIANT-sS` writes; finished runs with the same config are reused, as are
-finished sweeps newer than their policies, and unfinished runs resume from their last
-checkpoint (every 25k steps), so an interrupted benchmark reruns cheaply. Prints a table and
+sweeps newer than their policies (one per run, swept as soon as it is trained), and unfinished
+runs resume from their last checkpoint (every 25k steps), so an interrupted benchmark reruns
+cheaply. Prints a table and
 writes to --out JSON, a PNG of the figures and, per env, one of the learning curves (return
 at nominal dynamics while training).
 """
@@ -46,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from training.plots import plot_runs
+from training.robustness import SweepResult, cell_key, grid, inside, merge, sweep
 
 # variant -> the adaptation layers it stacks on `robust` (None: the nominal preset)
 VARIANTS: dict[str, tuple[str, ...] | None] = {
@@ -91,34 +93,44 @@ def train_run(env_id: str, variant: str, seed: int, steps: int, runs: str) -> st
     return str(policy)
 
 
-def sweep_seed(env_id: str, seed: int, runs: str, episodes: int, variants: list[str]) -> str:
-    """Sweep every variant's policy of one seed together; returns the JSON path."""
-    from training.robustness import SweepResult, cell_key, grid, sweep
+def sweep_run(env_id: str, variant: str, seed: int, runs: str, episodes: int) -> str:
+    """Sweep one run's last actor (or reuse its sweep); returns the JSON path.
 
-    # the last actors: the export rule (best evaluation at nominal) then favours no variant
-    policies = [str(Path(runs) / f"{env_id}-{v}-s{seed}" / "policy.last.onnx") for v in variants]
-    path = Path(runs) / f"sweep-{env_id}-s{seed}.json"
+    The last actor: the export rule (best evaluation at nominal) then favours no variant. One
+    policy per sweep, merged per seed later (training/robustness.py `merge`): a retrained or
+    added variant costs its own sweep, not the seed's.
+    """
+    from training.atomic import atomic_write
+
+    policy = Path(runs) / f"{env_id}-{variant}-s{seed}" / "policy.last.onnx"
+    path = Path(runs) / f"sweep-{env_id}-{variant}-s{seed}.json"
     if path.exists():
         cached = SweepResult.load(path)
         same_cells = {cell_key(c.shifts) for c in cached.cells} == {
             cell_key(c) for c in grid(env_id)[1]
         }
         # a run retrained since (its config changed) keeps its policy's path: sweep it again
-        fresh = path.stat().st_mtime >= max(Path(p).stat().st_mtime for p in policies)
-        if cached.policies == policies and cached.episodes == episodes and same_cells and fresh:
+        fresh = path.stat().st_mtime >= policy.stat().st_mtime
+        same = cached.policies == [str(policy)] and cached.episodes == episodes
+        if same and same_cells and fresh:
             return str(path)
-    result = sweep(policies, episodes, seed=10_000, progress=False)
-    path.write_text(result.to_json())
+    result = sweep([policy], episodes, seed=10_000, progress=False)
+    atomic_write(path, result.to_json().encode())
     return str(path)
 
 
-def summarize(path: str, variants: list[str]) -> dict[str, Any]:
-    """Per variant of one seed's sweep: nominal return, kept share, cells held inside and
-    outside the robust ranges, worst cell and worst-quarter mean."""
-    from training.robust_stats import worst_fraction_mean
-    from training.robustness import SweepResult, inside
+def run_variant(env_id: str, variant: str, seed: int, steps: int, runs: str, episodes: int) -> str:
+    """Train (or reuse) one run, then sweep it: a run is swept as soon as it is trained, so an
+    interrupted benchmark keeps the sweeps of the runs it finished. Returns the sweep's path."""
+    train_run(env_id, variant, seed, steps, runs)
+    return sweep_run(env_id, variant, seed, runs, episodes)
 
-    result = SweepResult.load(path)
+
+def summarize(result: SweepResult, variants: list[str]) -> dict[str, Any]:
+    """Per variant of one seed's sweep (one policy per variant, in order): nominal return, kept
+    share, cells held inside and outside the robust ranges, worst cell and worst-quarter mean."""
+    from training.robust_stats import worst_fraction_mean
+
     ranges = next(r for r, v in zip(result.ranges, variants, strict=True) if VARIANTS[v] == ())
     nominal = result.cell({})
     success = nominal.success[0] is not None
@@ -241,22 +253,18 @@ def main(argv: list[str] | None = None) -> None:
     variants = [v for v in VARIANTS if v in {"nominal", "robust", *args.variants}]
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     jobs = [(e, v, s, n) for e, n in envs.items() for s in args.seeds for v in variants]
+    # each seed's sweeps, in the order of `variants`
+    sweeps: dict[tuple[str, int], list[SweepResult]] = {
+        (e, s): [] for e in envs for s in args.seeds
+    }
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        for policy in pool.map(train_run, *zip(*jobs, strict=True), [args.runs] * len(jobs)):
-            print(f"trained {policy}", flush=True)
-        pairs = [(e, s) for e in envs for s in args.seeds]
-        sweeps = list(
-            pool.map(
-                sweep_seed,
-                *zip(*pairs, strict=True),
-                [args.runs] * len(pairs),
-                [episodes[e] for e, _ in pairs],
-                [variants] * len(pairs),
-            )
-        )
-    summaries: dict[str, list[dict[str, Any]]] = {e: [] for e in envs}
-    for (env_id, _), path in zip(pairs, sweeps, strict=True):
-        summaries[env_id].append(summarize(path, variants))
+        extra = [args.runs] * len(jobs), [episodes[j[0]] for j in jobs]
+        for (env_id, _, seed, _), path in zip(
+            jobs, pool.map(run_variant, *zip(*jobs, strict=True), *extra), strict=True
+        ):
+            print(f"trained and swept {path}", flush=True)
+            sweeps[env_id, seed].append(SweepResult.load(path))
+    summaries = {e: [summarize(merge(sweeps[e, s]), variants) for s in args.seeds] for e in envs}
     text = report(summaries, variants)
     print(text)
     name = "robustness_" + "_".join(f"{e.split('-')[0]}_{n}" for e, n in envs.items())

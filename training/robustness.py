@@ -122,6 +122,40 @@ def sweep(
     )
 
 
+def merge(results: Sequence[SweepResult]) -> SweepResult:
+    """Sweeps of the same env, grid, episodes and seed side by side, their policies in order:
+    each policy meets the same cells, episode seeds and noise draws whatever it is swept with,
+    so a policy swept alone merges into exactly the columns a joint sweep would give it."""
+    first = results[0]
+    keys = [cell_key(c.shifts) for c in first.cells]
+    for r in results[1:]:
+        if (r.env_id, r.episodes, r.seed) != (first.env_id, first.episodes, first.seed) or sorted(
+            cell_key(c.shifts) for c in r.cells
+        ) != sorted(keys):
+            raise UsageError(
+                f"cannot merge the sweep of {r.policies} ({r.env_id}, {r.episodes} episodes, "
+                f"seed {r.seed}, {len(r.cells)} cells) with that of {first.policies} "
+                f"({first.env_id}, {first.episodes} episodes, seed {first.seed}, "
+                f"{len(first.cells)} cells)"
+            )
+    cells = [Cell(c.shifts) for c in first.cells]
+    for r in results:
+        by_key = {cell_key(c.shifts): c for c in r.cells}
+        for c, key in zip(cells, keys, strict=True):
+            c.returns += by_key[key].returns
+            c.success += by_key[key].success
+    return SweepResult(
+        first.env_id,
+        [p for r in results for p in r.policies],
+        [x for r in results for x in r.ranges],
+        first.episodes,
+        first.seed,
+        first.sweeps,
+        first.heatmaps,
+        cells,
+    )
+
+
 def inside(shifts: dict[str, float], ranges: dict[str, list[float]]) -> bool:
     """Whether every shifted knob lies within the training `ranges` (a knob not randomized
     in training is inside only at nominal)."""

@@ -1,16 +1,17 @@
-"""The ablation's figures: its variants' configs, the robustness statistics, and the summary of
-a sweep (a hand-made one: the training runs are the benchmark's, hours long)."""
+"""The ablation's figures: its variants' configs, the robustness statistics, the summary of a
+sweep (a hand-made one: the training runs are the benchmark's, hours long), and its per-run
+sweeps, cached and merged (real sweeps of the bundled policies)."""
 
 import os
 
 import numpy as np
 import pytest
 
-from benchmarks.robustness import VARIANTS, overrides, report, summarize, sweep_seed
+from benchmarks.robustness import VARIANTS, overrides, report, summarize, sweep_run
 from controller.errors import UsageError
 from training.config import TrainConfig
 from training.robust_stats import bootstrap_ci, iqm, worst_fraction_mean
-from training.robustness import Cell, SweepResult, grid
+from training.robustness import Cell, SweepResult, grid, merge, sweep
 
 CHEETAH = "HalfCheetahBulletEnv-v0"
 STEPS = 150_000  # the ablation's budget
@@ -58,9 +59,7 @@ def test_summary_and_table(tmp_path):
         Cell({"mass": 2.0}, [10.0, 40.0, 50.0, 85.0, 90.0], [None] * 5),  # outside
     ]
     result = SweepResult(CHEETAH, variants, ranges, 1, 0, {"mass": [1.1, 2.0]}, [], cells)
-    path = tmp_path / "sweep.json"
-    path.write_text(result.to_json())
-    s = summarize(str(path), variants)
+    s = summarize(result, variants)
     assert s["nominal"]["held_inside"] == 0.5 and s["adaptive"]["held_inside"] == 1.0
     assert s["robust"]["held_outside"] == 0.0 and s["adaptive"]["held_outside"] == 1.0
     assert s["robust"]["kept"] == pytest.approx(0.9)
@@ -72,17 +71,29 @@ def test_summary_and_table(tmp_path):
     assert np.isfinite(s["robust+history"]["mean_cell"])
 
 
-def test_a_sweep_is_reused_only_while_newer_than_its_policies(tmp_path):
-    variants = ["nominal", "robust"]
-    policies = [tmp_path / f"{CHEETAH}-{v}-s0" / "policy.last.onnx" for v in variants]
-    for p in policies:
-        p.parent.mkdir()
-        p.write_bytes(b"not onnx")  # a sweep that reads them fails: the cache was not used
-    cells = [Cell(c, [0.0, 0.0], [None, None]) for c in grid(CHEETAH)[1]]
-    cached = SweepResult(CHEETAH, [str(p) for p in policies], [{}, {}], 3, 10_000, {}, [], cells)
-    path = tmp_path / f"sweep-{CHEETAH}-s0.json"
+def test_a_sweep_is_reused_only_while_newer_than_its_policy(tmp_path):
+    policy = tmp_path / f"{CHEETAH}-robust-s0" / "policy.last.onnx"
+    policy.parent.mkdir()
+    policy.write_bytes(b"not onnx")  # a sweep that reads it fails: the cache was not used
+    cells = [Cell(c, [0.0], [None]) for c in grid(CHEETAH)[1]]
+    cached = SweepResult(CHEETAH, [str(policy)], [{}], 3, 10_000, {}, [], cells)
+    path = tmp_path / f"sweep-{CHEETAH}-robust-s0.json"
     path.write_text(cached.to_json())
-    assert sweep_seed(CHEETAH, 0, str(tmp_path), 3, variants) == str(path)
-    os.utime(policies[1], (path.stat().st_mtime + 1,) * 2)  # robust retrained after the sweep
+    assert sweep_run(CHEETAH, "robust", 0, str(tmp_path), 3) == str(path)
     with pytest.raises(UsageError, match="not an ONNX policy file"):
-        sweep_seed(CHEETAH, 0, str(tmp_path), 3, variants)
+        sweep_run(CHEETAH, "robust", 0, str(tmp_path), 5)  # other episodes: swept again
+    os.utime(policy, (path.stat().st_mtime + 1,) * 2)  # retrained after the sweep
+    with pytest.raises(UsageError, match="not an ONNX policy file"):
+        sweep_run(CHEETAH, "robust", 0, str(tmp_path), 3)
+
+
+def test_policies_swept_alone_merge_into_their_joint_sweep():
+    a, b = "policies/panda_reach/policy.onnx", "policies/panda_reach_robust/policy.onnx"
+    joint = sweep([a, b], episodes=1, seed=10_000, progress=False)
+    alone = [sweep([p], episodes=1, seed=10_000, progress=False) for p in (b, a)]
+    merged = merge(alone[::-1])
+    assert merged == joint  # every cell's returns, success rates, ranges and policies
+    assert joint.cells[0].returns[0] != joint.cells[0].returns[1]  # two different policies
+    alone[0].episodes = 2
+    with pytest.raises(UsageError, match="cannot merge the sweep"):
+        merge(alone)
