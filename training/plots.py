@@ -7,6 +7,7 @@ shaded, at the evaluation steps they share.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from controller.errors import MissingFile
+from training.config import TrainConfig
 
 
 def read_evals(run: Path) -> dict[str, np.ndarray]:
@@ -29,13 +31,14 @@ def read_evals(run: Path) -> dict[str, np.ndarray]:
 
 
 def group_by_config(runs: Sequence[Path]) -> dict[str, list[Path]]:
-    """Runs keyed by a label of their config without the seed, in first-seen order."""
+    """Runs keyed by a label of their config without the seed, in first-seen order. Configs
+    compare as TrainConfigs, so a run saved before a field existed groups with the same config
+    that writes the field's default (the equality `benchmarks.robustness` reuses runs by)."""
     groups: dict[str, list[Path]] = {}
     keys: dict[str, str] = {}
     for run in runs:
-        cfg = json.loads((Path(run) / "config.json").read_text())
-        cfg.pop("seed", None)
-        key = json.dumps(cfg, sort_keys=True)
+        cfg = dataclasses.replace(TrainConfig.load(Path(run) / "config.json"), seed=0)
+        key = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
         if key not in keys:
             name = Path(run).name.rsplit("-s", 1)[0] if "-s" in Path(run).name else Path(run).name
             keys[key] = name if name not in keys.values() else f"{name} ({len(keys)})"

@@ -10,6 +10,7 @@ from controller.cli import main
 from training.config import TrainConfig
 from training.envs import EVAL_SEED_OFFSET
 from training.evaluate import evaluate_onnx
+from training.plots import group_by_config
 from training.snapshots import choose_export
 from training.trainer import train
 
@@ -79,6 +80,21 @@ def test_plot_overlays_runs(run, tmp_path, capsys):
     assert (tmp_path / "new" / "c.png").stat().st_size > 0  # the folder made, like mu explain
     assert main(["plot", str(tmp_path)]) == 2
     assert "no evals.csv" in capsys.readouterr().err
+
+
+def test_runs_group_by_config_whatever_defaults_their_files_spell_out(run, tmp_path):
+    cfg = json.loads((run / "config.json").read_text())
+    older, other_seed, other_config = (tmp_path / n for n in ("a-s0", "a-s1", "b-s0"))
+    for folder, fields in [
+        (older, {k: v for k, v in cfg.items() if k != "rand_widen_start"}),  # saved before it
+        (other_seed, {**cfg, "seed": cfg["seed"] + 1}),
+        (other_config, {**cfg, "tau": cfg["tau"] / 2}),
+    ]:
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(fields))
+    assert cfg["rand_widen_start"] == 0  # the default the older file leaves out
+    groups = group_by_config([run, older, other_seed, other_config])
+    assert list(groups.values()) == [[run, older, other_seed], [other_config]]
 
 
 def test_choose_export_takes_the_best_evaluated_actor_over_the_last():
