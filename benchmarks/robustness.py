@@ -30,9 +30,8 @@ The runs are exactly what `mu train --env ENV --steps N --seed S [--preset P] --
 --out RUNS/ENV-VARIANT-sS` writes; finished runs with the same config are reused, as are
 sweeps newer than their policies (one per run, swept as soon as it is trained), and unfinished
 runs resume from their last checkpoint (every 25k steps), so an interrupted benchmark reruns
-cheaply. Prints a table and
-writes to --out JSON, a PNG of the figures and, per env, one of the learning curves (return
-at nominal dynamics while training).
+cheaply. Prints a table and writes to --out JSON, a PNG of the figures and, per env, one of the
+learning curves (return at nominal dynamics while training).
 """
 
 from __future__ import annotations
