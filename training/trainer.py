@@ -18,7 +18,9 @@ training or on Ctrl-C.
 from __future__ import annotations
 
 import csv
+import fcntl
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -110,39 +112,42 @@ def train(
     `out` must hold no run unless `resume` (continue it) or `overwrite` (replace it).
     `on_eval` gets each evaluation of the deployed actor as a row of evals.csv ({column:
     value}): how a sweep reports to Ray Tune. Raises `Interrupted` on Ctrl-C."""
-    run = Run(cfg, prepare_dir(Path(out), resume, overwrite), on_eval)
-    if resume:
-        run.restore()
-    else:
-        run.obs = run.reset()
-    run.start_log()
-    bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress, unit="step")
-    with _ctrl_c() as stop:
-        while run.step < cfg.steps:
-            if stop.is_set():
-                run.save()
-                raise Interrupted(run.out, run.step)
-            done = run.collect()
-            run.log_losses(run.schedule.after_step(run.step), every=1000)
-            if run.step >= run.next_eval:
-                bar.set_postfix_str(run.evaluate())
-            if done:
-                run.end_episode()
-            bar.update(1)
-    bar.close()
-    if run.saved_at != run.step:
-        run.save()
-    return run.export()
+    with run_dir(Path(out), resume, overwrite) as directory:
+        run = Run(cfg, directory, on_eval)
+        if resume:
+            run.restore()
+        else:
+            run.obs = run.reset()
+        run.start_log()
+        bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress, unit="step")
+        with _ctrl_c() as stop:
+            while run.step < cfg.steps:
+                if stop.is_set():
+                    run.save()
+                    raise Interrupted(run.out, run.step)
+                done = run.collect()
+                run.log_losses(run.schedule.after_step(run.step), every=1000)
+                if run.step >= run.next_eval:
+                    bar.set_postfix_str(run.evaluate())
+                if done:
+                    run.end_episode()
+                bar.update(1)
+        bar.close()
+        if run.saved_at != run.step:
+            run.save()
+        return run.export()
 
 
-def prepare_dir(out: Path, resume: bool, overwrite: bool) -> Path:
-    """`out`, checked: a new run goes into a missing or empty directory, or replaces a run
-    with `overwrite`; `resume` needs a run's checkpoint."""
+@contextmanager
+def run_dir(out: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
+    """`out`, checked, then held: a new run goes into a missing or empty directory, or replaces
+    a run with `overwrite`; `resume` needs a run's checkpoint. The directory stays locked while
+    the run trains, so a second process training into it (a benchmark started again beside a
+    running one) is refused instead of racing it over checkpoint.pt and evals.csv."""
     if resume:
         if not (out / "checkpoint.pt").exists():
             raise MissingFile(f"no checkpoint.pt in {out}: nothing to resume")
-        return out
-    if out.exists() and any(out.iterdir()):
+    elif out.exists() and any(out.iterdir()):
         if not (out / "config.json").exists():
             raise UsageError(f"{out} is not empty and holds no run; choose another --out")
         if not overwrite:
@@ -150,9 +155,21 @@ def prepare_dir(out: Path, resume: bool, overwrite: bool) -> Path:
                 f"{out} holds a run already: continue it with --resume {out}, replace it with "
                 "--overwrite, or choose another --out"
             )
-        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    fd = os.open(out, os.O_RDONLY)  # a lock on the directory itself: nothing to clean up
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(
+                f"another process is training into {out}; wait for it or choose another --out"
+            ) from None
+        if not resume:  # emptied only once held: a refused run deletes nothing
+            for path in out.iterdir():
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        yield out
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -148,7 +148,7 @@ def test_resume_refuses_flags_it_would_ignore_and_never_goes_back(tmp_path, caps
     assert json.loads(props(run / "policy.onnx")["mu.eval_return"]) >= first
 
 
-def test_ctrl_c_leaves_a_resumable_run(tmp_path):
+def test_ctrl_c_leaves_a_resumable_run_that_no_other_process_trains_meanwhile(tmp_path, capsys):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "controller.cli", "train", "--env", ENV, "--steps", "100000",
            *SMALL, "--out", str(run)]  # fmt: skip
@@ -160,6 +160,12 @@ def test_ctrl_c_leaves_a_resumable_run(tmp_path):
     while not (run / "checkpoint.pt").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.2)
+    # while it trains, the run is its alone: a second process is refused and deletes nothing
+    replace = ["--env", ENV, "--steps", "250", *SMALL, "--out", str(run), "--overwrite"]
+    for args in (replace, ["--resume", str(run)]):
+        assert main(["train", *args]) == 2
+        assert "another process is training into" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").exists() and proc.poll() is None
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
