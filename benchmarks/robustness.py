@@ -5,7 +5,6 @@
     robust+history              + past observations and applied actions in the actor's input
     robust+history+privileged   + a critic that sees the randomization draws
     adaptive                    + ranges that widen from nominal (`--preset adaptive`)
-    robust+privileged+widening  adaptive without history: what history adds to the recipe
 
 (layers from training/presets.py `adaptation_layers`), then every policy evaluated on the same
 grid of shifted dynamics (training/robustness.py) with onnxruntime.
@@ -56,7 +55,6 @@ VARIANTS: dict[str, tuple[str, ...] | None] = {
     "robust+history": ("history",),
     "robust+history+privileged": ("history", "privileged"),
     "adaptive": ("history", "privileged", "widening"),
-    "robust+privileged+widening": ("privileged", "widening"),
 }
 HOLD_FRACTION = 0.8
 HOLD_SUCCESS = 0.9
