@@ -1,16 +1,18 @@
 """The sim-to-real ablation: the same env, seeds and step budget trained as
 
-    nominal                     the env's default preset
-    robust                      `--preset robust`: domain randomization
-    robust+history              + past observations and applied actions in the actor's input
-    robust+history+privileged   + a critic that sees the randomization draws
-    adaptive                    + ranges that widen from nominal (`--preset adaptive`)
+    nominal                             the env's default preset
+    robust                              `--preset robust`: domain randomization
+    robust+history                      + past observations and applied actions in the input
+    robust+history+privileged           + a critic that sees the randomization draws
+    robust+history+privileged+widening  + ranges that widen from nominal
 
-(layers from training/presets.py `adaptation_layers`), then every policy evaluated on the same
-grid of shifted dynamics (training/robustness.py) with onnxruntime.
+(layers from training/presets.py `adaptation_layers`; `--preset adaptive` is the stack that
+measured best: the last row for an arm, the one before it for a walker, `ADAPTIVE`), then
+every policy evaluated on the same grid of shifted dynamics (training/robustness.py) with
+onnxruntime.
 
     python -m benchmarks.robustness --env PandaReachDense-v3=20000 \
-        --env HalfCheetahBulletEnv-v0=150000/3 --seeds 0 1 2 [--variants nominal adaptive]
+        --env HalfCheetahBulletEnv-v0=150000/3 --seeds 0 1 2 [--variants robust+history+privileged]
 
 `ID=STEPS/EPISODES` sets an env's evaluation episodes per cell (default `--episodes`): a
 HalfCheetah episode is 1000 steps of near-deterministic physics, a PandaReach one 50 steps
@@ -54,7 +56,7 @@ VARIANTS: dict[str, tuple[str, ...] | None] = {
     "robust": (),
     "robust+history": ("history",),
     "robust+history+privileged": ("history", "privileged"),
-    "adaptive": ("history", "privileged", "widening"),
+    "robust+history+privileged+widening": ("history", "privileged", "widening"),
 }
 HOLD_FRACTION = 0.8
 HOLD_SUCCESS = 0.9

@@ -100,14 +100,17 @@ def test_adaptive_widening_is_a_share_of_the_runs_steps():
     from training.resolve import resolve
 
     cheetah, panda = "HalfCheetahBulletEnv-v0", "PandaReachDense-v3"
-    for steps, start, span in ((150_000, 100_000, 25_000), (30_000, 20_000, 5_000)):
-        cfg = resolve({"env": cheetah, "steps": steps}, [], preset_name="adaptive")
-        assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (start, span)
-    cfg = resolve({"env": panda}, ["steps=20000"], preset_name="adaptive")  # a --set counts too
-    assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (0, 5_000)
-    # the user's own schedule wins over the preset's
-    cfg = resolve({"env": cheetah}, ["rand_widen_start=0"], preset_name="adaptive")
-    assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (0, cfg.steps // 6)
+    for steps, span in ((20_000, 5_000), (40_000, 10_000)):
+        cfg = resolve({"env": panda, "steps": steps}, [], preset_name="adaptive")
+        assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (0, span)
+    cfg = resolve({"env": panda}, ["steps=8000"], preset_name="adaptive")  # a --set counts too
+    assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (0, 2_000)
+    # a walker's adaptive preset has history and the privileged critic, not the widening ...
+    cfg = resolve({"env": cheetah}, [], preset_name="adaptive")
+    assert cfg.history_actions and cfg.privileged_critic and cfg.rand_widen_steps == 0
+    # ... and the user's own schedule is theirs
+    cfg = resolve({"env": cheetah}, ["rand_widen_start=100", "rand_widen_steps=50"], "adaptive")
+    assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (100, 50)
 
 
 def test_list_fields_documents_every_field(capsys):
