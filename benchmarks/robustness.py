@@ -200,7 +200,7 @@ def plot(summaries: dict[str, list[dict[str, Any]]], variants: list[str], path: 
 
     from training.robust_stats import bootstrap_ci, iqm
 
-    fig, axes = plt.subplots(1, len(summaries), figsize=(6 * len(summaries), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(summaries), figsize=(6 * len(summaries), 4.6), squeeze=False)
     keys = [("kept", "kept at nominal"), ("held_inside", "held inside"),
             ("held_outside", "held outside")]  # fmt: skip
     width = 0.8 / len(variants)
@@ -214,9 +214,8 @@ def plot(summaries: dict[str, list[dict[str, Any]]], variants: list[str], path: 
             ax.bar(x + (j - (len(variants) - 1) / 2) * width, mid, width, yerr=err, label=variant)
         ax.set_xticks(x, [label for _, label in keys])
         ax.axhline(0.9, color="grey", lw=0.8, ls=":")
-        ax.set_ylim(0, 1.15)
         ax.set_title(f"{env_id} (IQM over {len(per_seed)} seeds, 95% CI)", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
