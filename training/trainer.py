@@ -113,29 +113,34 @@ def train(
     `on_eval` gets each evaluation of the deployed actor as a row of evals.csv ({column:
     value}): how a sweep reports to Ray Tune. Raises `Interrupted` on Ctrl-C."""
     with run_dir(Path(out), resume, overwrite) as directory:
-        run = Run(cfg, directory, on_eval)
-        if resume:
-            run.restore()
-        else:
-            run.obs = run.reset()
-        run.start_log()
-        bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress, unit="step")
-        with _ctrl_c() as stop:
-            while run.step < cfg.steps:
-                if stop.is_set():
-                    run.save()
-                    raise Interrupted(run.out, run.step)
-                done = run.collect()
-                run.log_losses(run.schedule.after_step(run.step), every=1000)
-                if run.step >= run.next_eval:
-                    bar.set_postfix_str(run.evaluate())
-                if done:
-                    run.end_episode()
-                bar.update(1)
-        bar.close()
-        if run.saved_at != run.step:
-            run.save()
-        return run.export()
+        return _train(Run(cfg, directory, on_eval), resume, progress)
+
+
+def _train(run: Run, resume: bool, progress: bool) -> Path:
+    """The training loop of `train`, in a directory it holds."""
+    if resume:
+        run.restore()
+    else:
+        run.obs = run.reset()
+    run.start_log()
+    cfg = run.cfg
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress, unit="step")
+    with _ctrl_c() as stop:
+        while run.step < cfg.steps:
+            if stop.is_set():
+                run.save()
+                raise Interrupted(run.out, run.step)
+            done = run.collect()
+            run.log_losses(run.schedule.after_step(run.step), every=1000)
+            if run.step >= run.next_eval:
+                bar.set_postfix_str(run.evaluate())
+            if done:
+                run.end_episode()
+            bar.update(1)
+    bar.close()
+    if run.saved_at != run.step:
+        run.save()
+    return run.export()
 
 
 @contextmanager
@@ -158,15 +163,19 @@ def run_dir(out: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out, os.O_RDONLY)  # a lock on the directory itself: nothing to clean up
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(
-                f"another process is training into {out}; wait for it or choose another --out"
-            ) from None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(
+            f"another process is training into {out}; wait for it or choose another --out"
+        ) from None
+    try:
         if not resume:  # emptied only once held: a refused run deletes nothing
             for path in out.iterdir():
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         yield out
     finally:
         os.close(fd)
