@@ -2,6 +2,8 @@
 
     nominal                             the env's default preset
     robust                              `--preset robust`: domain randomization
+    robust+widening                     + ranges that widen from nominal (alone: the nominal
+                                        run, then its ranges widen; FastTD3's two stages)
     robust+history                      + past observations and applied actions in the input
     robust+history+privileged           + a critic that sees the randomization draws
     robust+history+privileged+widening  + ranges that widen from nominal
@@ -54,6 +56,7 @@ from training.robustness import SweepResult, cell_key, grid, inside, merge, swee
 VARIANTS: dict[str, tuple[str, ...] | None] = {
     "nominal": None,
     "robust": (),
+    "robust+widening": ("widening",),
     "robust+history": ("history",),
     "robust+history+privileged": ("history", "privileged"),
     "robust+history+privileged+widening": ("history", "privileged", "widening"),

@@ -29,6 +29,11 @@ def test_variants_stack_the_adaptation_layers():
     robust = configs["robust"].randomization
     assert robust and all(c.randomization == robust for v, c in configs.items() if v != "nominal")
     assert configs["robust"].history_actions == 0
+    # the widening alone: the nominal run until 100k, then the robust ranges
+    assert configs["robust+widening"] == TrainConfig.from_dict(
+        {**overrides(CHEETAH, "robust", STEPS), "env_id": CHEETAH, "steps": STEPS,
+         "rand_widen_start": 100_000, "rand_widen_steps": 25_000}
+    )  # fmt: skip
     # the last actions reach past the largest latency
     assert configs["robust+history"].history_actions == robust["latency"][1] + 1
     assert not configs["robust+history"].privileged_critic
@@ -60,11 +65,12 @@ def test_statistics():
 def test_summary_and_table(tmp_path):
     variants = list(VARIANTS)
     top = variants[-1]
-    ranges = [{}, *[{"mass": [0.8, 1.2]}] * 4]
+    ranges = [{}, *[{"mass": [0.8, 1.2]}] * (len(variants) - 1)]
+    none = [None] * len(variants)
     cells = [
-        Cell({}, [100.0, 90.0, 95.0, 99.0, 100.0], [None] * 5),
-        Cell({"mass": 1.1}, [70.0, 85.0, 90.0, 95.0, 96.0], [None] * 5),  # inside
-        Cell({"mass": 2.0}, [10.0, 40.0, 50.0, 85.0, 90.0], [None] * 5),  # outside
+        Cell({}, [100.0, 90.0, 92.0, 95.0, 99.0, 100.0], none),
+        Cell({"mass": 1.1}, [70.0, 85.0, 88.0, 90.0, 95.0, 96.0], none),  # inside
+        Cell({"mass": 2.0}, [10.0, 40.0, 45.0, 50.0, 85.0, 90.0], none),  # outside
     ]
     result = SweepResult(CHEETAH, variants, ranges, 1, 0, {"mass": [1.1, 2.0]}, [], cells)
     s = summarize(result, variants)

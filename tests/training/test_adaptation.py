@@ -112,6 +112,23 @@ def test_widening_schedule_holds_nominal_then_grows_to_full():
         cfg(rand_widen_start=700)
 
 
+def test_a_run_is_the_nominal_run_until_its_ranges_widen(tmp_path):
+    # what makes robust+widening the nominal run's second stage: no knob at nominal changes a
+    # draw, an observation, an action or the seeded streams of the run
+    plain = dict(history_obs=0, history_actions=0, privileged_critic=False)
+    train(cfg(**plain, rand_mass=[], rand_latency=[]), tmp_path / "nominal", progress=False)
+    knobs = dict(rand_friction=[0.5, 1.25], rand_damping=[0.0, 0.1], rand_offset=[-0.1, 0.1],
+                 rand_obs_noise=[0.0, 0.05])  # fmt: skip
+    knobs.update(rand_widen_start=699, rand_widen_steps=100)
+    train(cfg(**plain, **knobs), tmp_path / "widening", progress=False)  # at scale 0 throughout
+    a = checkpoint.load(tmp_path / "nominal" / "checkpoint.pt")[1].modules()
+    b = checkpoint.load(tmp_path / "widening" / "checkpoint.pt")[1].modules()
+    assert a.keys() == b.keys()
+    for name, module in a.items():
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, b[name].state_dict()[k]), f"{name}.{k}"
+
+
 WIDEN_START, WIDEN_STEPS = 150, 250
 
 
