@@ -113,8 +113,8 @@ def test_widening_schedule_holds_nominal_then_grows_to_full():
 
 
 def test_a_run_is_the_nominal_run_until_its_ranges_widen(tmp_path):
-    # what makes robust+widening the nominal run's second stage: no knob at nominal changes a
-    # draw, an observation, an action or the seeded streams of the run
+    # robust+widening is the nominal run until its ranges widen (FastTD3's two stages): a knob
+    # at its nominal value changes no draw, observation, action or seeded stream of the run
     plain = dict(history_obs=0, history_actions=0, privileged_critic=False)
     train(cfg(**plain, rand_mass=[], rand_latency=[]), tmp_path / "nominal", progress=False)
     knobs = dict(rand_friction=[0.5, 1.25], rand_damping=[0.0, 0.1], rand_offset=[-0.1, 0.1],
