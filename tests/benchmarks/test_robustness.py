@@ -19,31 +19,25 @@ STEPS = 150_000  # the ablation's budget
 
 
 def test_variants_stack_the_adaptation_layers():
-    configs = {
-        v: TrainConfig.from_dict(
-            {**overrides(CHEETAH, v, STEPS), "env_id": CHEETAH, "steps": STEPS}
-        )
-        for v in VARIANTS
-    }
+    def config(variant: str, **extra) -> TrainConfig:
+        fields = {**overrides(CHEETAH, variant, STEPS), "env_id": CHEETAH, "steps": STEPS}
+        return TrainConfig.from_dict({**fields, **extra})
+
+    configs = {v: config(v) for v in VARIANTS}
+    widen = {"rand_widen_start": 100_000, "rand_widen_steps": 25_000}
     assert configs["nominal"].randomization == {}
     robust = configs["robust"].randomization
     assert robust and all(c.randomization == robust for v, c in configs.items() if v != "nominal")
     assert configs["robust"].history_actions == 0
     # the widening alone: the nominal run until 100k, then the robust ranges
-    assert configs["robust+widening"] == TrainConfig.from_dict(
-        {**overrides(CHEETAH, "robust", STEPS), "env_id": CHEETAH, "steps": STEPS,
-         "rand_widen_start": 100_000, "rand_widen_steps": 25_000}
-    )  # fmt: skip
+    assert configs["robust+widening"] == config("robust", **widen)
     # the last actions reach past the largest latency
     assert configs["robust+history"].history_actions == robust["latency"][1] + 1
     assert not configs["robust+history"].privileged_critic
     assert configs["robust+history+privileged"].privileged_critic
-    widening = configs["robust+history+privileged+widening"]
-    assert (widening.rand_widen_start, widening.rand_widen_steps) == (100_000, 25_000)
-    assert widening == TrainConfig.from_dict(
-        {**overrides(CHEETAH, "robust+history+privileged", STEPS), "env_id": CHEETAH,
-         "steps": STEPS, "rand_widen_start": 100_000, "rand_widen_steps": 25_000}
-    )  # fmt: skip
+    assert configs["robust+history+privileged+widening"] == config(
+        "robust+history+privileged", **widen
+    )
     # `--preset adaptive` is the stack that measured best: a walker's leaves the widening out
     for env_id, best in ((CHEETAH, "robust+history+privileged"),
                          ("PandaReachDense-v3", "robust+history+privileged+widening")):  # fmt: skip

@@ -41,6 +41,14 @@ def cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def assert_same_networks(a: dict, b: dict) -> None:
+    """Every tensor of two agents' modules (`Agent.modules()`) equal, bit for bit."""
+    assert a.keys() == b.keys()
+    for name, module in a.items():
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, b[name].state_dict()[k]), f"{name}.{k}"
+
+
 def test_history_holds_the_applied_actions_and_starts_fresh_each_episode():
     env = HistoryObs(
         randomize(make_env(ENV, 0), {"latency": [2, 2]}, np.random.default_rng(0)), 1, 3
@@ -121,12 +129,10 @@ def test_a_run_is_the_nominal_run_until_its_ranges_widen(tmp_path):
                  rand_obs_noise=[0.0, 0.05])  # fmt: skip
     knobs.update(rand_widen_start=699, rand_widen_steps=100)
     train(cfg(**plain, **knobs), tmp_path / "widening", progress=False)  # at scale 0 throughout
-    a = checkpoint.load(tmp_path / "nominal" / "checkpoint.pt")[1].modules()
-    b = checkpoint.load(tmp_path / "widening" / "checkpoint.pt")[1].modules()
-    assert a.keys() == b.keys()
-    for name, module in a.items():
-        for k, v in module.state_dict().items():
-            assert torch.equal(v, b[name].state_dict()[k]), f"{name}.{k}"
+    assert_same_networks(
+        checkpoint.load(tmp_path / "nominal" / "checkpoint.pt")[1].modules(),
+        checkpoint.load(tmp_path / "widening" / "checkpoint.pt")[1].modules(),
+    )
 
 
 WIDEN_START, WIDEN_STEPS = 150, 250
@@ -177,9 +183,7 @@ def test_same_seed_is_bit_identical_and_resumes_exactly(algo, tmp_path):
     a = checkpoint.load(tmp_path / "a" / "checkpoint.pt")
     b = checkpoint.load(tmp_path / "b" / "checkpoint.pt")
     assert "priv_normalizer" in a[1].modules()
-    for name, module in a[1].modules().items():
-        for k, v in module.state_dict().items():
-            assert torch.equal(v, b[1].modules()[name].state_dict()[k]), f"{name}.{k}"
+    assert_same_networks(a[1].modules(), b[1].modules())
     assert torch.equal(a[3]["replay"]["priv"], b[3]["replay"]["priv"])
 
 
