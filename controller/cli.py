@@ -223,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--algo", choices=["td3", "ddpg", "td7"], help="default: the preset file's, else td3"
     )
     p.add_argument("--device", help="cpu (default) or cuda")
-    p.add_argument("--preset", help="named preset (zoo, default, robust); default: the env's own")
+    p.add_argument(
+        "--preset",
+        help="named preset (zoo, default, robust, adaptive); default: the env's own",
+    )
     p.add_argument(
         "--set",
         action="append",
