@@ -35,7 +35,9 @@ The runs are exactly what `mu train --env ENV --steps N --seed S [--preset P] --
 sweeps newer than their policies (one per run, swept as soon as it is trained), and unfinished
 runs resume from their last checkpoint (every 25k steps), so an interrupted benchmark reruns
 cheaply. Prints a table and writes to --out JSON, a PNG of the figures and, per env, one of the
-learning curves (return at nominal dynamics while training).
+learning curves (return at nominal dynamics while training); a part of the ablation
+(`--variants`: nominal, the reference, and those named) writes files of its own, named for its
+variants, so it never overwrites the whole ablation's.
 """
 
 from __future__ import annotations
@@ -130,12 +132,20 @@ def run_variant(env_id: str, variant: str, seed: int, steps: int, runs: str, epi
     return sweep_run(env_id, variant, seed, runs, episodes)
 
 
-def summarize(result: SweepResult, variants: list[str]) -> dict[str, Any]:
+def robust_ranges(env_id: str) -> dict[str, list[float]]:
+    """The robust preset's training ranges, {knob: [lo, hi]}: what "inside" means."""
+    from training.config import TrainConfig
+
+    return TrainConfig.from_dict({**overrides(env_id, "robust", 1), "env_id": env_id}).randomization
+
+
+def summarize(
+    result: SweepResult, variants: list[str], ranges: dict[str, list[float]]
+) -> dict[str, Any]:
     """Per variant of one seed's sweep (one policy per variant, in order): nominal return, kept
-    share, cells held inside and outside the robust ranges, worst cell and worst-quarter mean."""
+    share, cells held inside and outside `ranges`, worst cell and worst-quarter mean."""
     from training.robust_stats import worst_fraction_mean
 
-    ranges = next(r for r, v in zip(result.ranges, variants, strict=True) if VARIANTS[v] == ())
     nominal = result.cell({})
     success = nominal.success[0] is not None
     ref = nominal.returns[variants.index("nominal")]  # the nominal policy at nominal dynamics
@@ -239,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=list(VARIANTS),
         choices=list(VARIANTS),
-        help="variants to train and compare (nominal and robust always included)",
+        help="variants to train and compare (nominal, the reference, always included)",
     )
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
     p.add_argument("--runs", default="runs/robustness", help="run directories and sweeps")
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (steps.isdigit() and n.isdigit() and int(n) > 0):
             raise SystemExit(f"--env {item!r}: expected ID=STEPS or ID=STEPS/EPISODES (≥ 1)")
         envs[env_id], episodes[env_id] = int(steps), int(n)
-    variants = [v for v in VARIANTS if v in {"nominal", "robust", *args.variants}]
+    variants = [v for v in VARIANTS if v in {"nominal", *args.variants}]
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     jobs = [(e, v, s, n) for e, n in envs.items() for s in args.seeds for v in variants]
     # each seed's sweeps, in the order of `variants`
@@ -267,10 +277,15 @@ def main(argv: list[str] | None = None) -> None:
         ):
             print(f"trained and swept {path}", flush=True)
             sweeps[env_id, seed].append(SweepResult.load(path))
-    summaries = {e: [summarize(merge(sweeps[e, s]), variants) for s in args.seeds] for e in envs}
+    summaries = {
+        e: [summarize(merge(sweeps[e, s]), variants, robust_ranges(e)) for s in args.seeds]
+        for e in envs
+    }
     text = report(summaries, variants)
     print(text)
     name = "robustness_" + "_".join(f"{e.split('-')[0]}_{n}" for e, n in envs.items())
+    if len(variants) < len(VARIANTS):  # a part of the ablation: its own files
+        name += "_" + "_".join(v.replace("+", "-") for v in variants[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.txt").write_text(text + "\n")

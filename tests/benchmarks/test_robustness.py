@@ -67,7 +67,7 @@ def test_summary_and_table(tmp_path):
         Cell({"mass": 2.0}, [10.0, 40.0, 45.0, 50.0, 85.0, 90.0], none),  # outside
     ]
     result = SweepResult(CHEETAH, variants, ranges, 1, 0, {"mass": [1.1, 2.0]}, [], cells)
-    s = summarize(result, variants)
+    s = summarize(result, variants, {"mass": [0.8, 1.2]})
     assert s["nominal"]["held_inside"] == 0.5 and s[top]["held_inside"] == 1.0
     assert s["robust"]["held_outside"] == 0.0 and s[top]["held_outside"] == 1.0
     assert s["robust"]["kept"] == pytest.approx(0.9)
