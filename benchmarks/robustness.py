@@ -59,6 +59,7 @@ VARIANTS: dict[str, tuple[str, ...] | None] = {
     "nominal": None,
     "robust": (),
     "robust+widening": ("widening",),
+    "robust+late-widening": ("late-widening",),
     "robust+history": ("history",),
     "robust+history+privileged": ("history", "privileged"),
     "robust+history+privileged+widening": ("history", "privileged", "widening"),

@@ -105,6 +105,9 @@ ROBUST.update({"PandaReachDense-v3": _ARM_ROBUST, "PandaPushDense-v3": _ARM_ROBU
 # run, then widening over a sixth (HalfCheetah 150k: full from 125k); an arm over its first
 # quarter (PandaReach 20k: 5 000 steps).
 WIDEN_SHARE = {"locomotion": (Fraction(2, 3), Fraction(1, 6)), "arm": (Fraction(0), Fraction(1, 4))}
+# `late-widening`: the nominal run for five sixths of the run, then the ranges widen over a
+# twelfth and stay full for the last twelfth (HalfCheetah 150k: from 125k, full from 137.5k)
+LATE_WIDEN_SHARE = (Fraction(5, 6), Fraction(1, 12))
 # `adaptive`: the layers that paid in the ablation (benchmarks/README.md). A walker's preset
 # leaves the widening out: on HalfCheetah (150k, seeds 0-2) it kept 0.96 of the nominal
 # return against 1.14 without it, with a worse tail (worst-quarter mean -553 against -297);
@@ -127,6 +130,10 @@ def adaptation_layers(env_id: str, steps: int = DEFAULT_STEPS) -> dict[str, dict
         },
         "privileged": {"privileged_critic": True},
         "widening": {"rand_widen_start": int(start * steps), "rand_widen_steps": int(span * steps)},
+        "late-widening": {
+            "rand_widen_start": int(LATE_WIDEN_SHARE[0] * steps),
+            "rand_widen_steps": int(LATE_WIDEN_SHARE[1] * steps),
+        },
     }
 
 

@@ -31,6 +31,8 @@ def test_variants_stack_the_adaptation_layers():
     assert configs["robust"].history_actions == 0
     # the widening alone: the nominal run until 100k, then the robust ranges
     assert configs["robust+widening"] == config("robust", **widen)
+    late = {"rand_widen_start": 125_000, "rand_widen_steps": 12_500}  # full for the last 12.5k
+    assert configs["robust+late-widening"] == config("robust", **late)
     # the last actions reach past the largest latency
     assert configs["robust+history"].history_actions == robust["latency"][1] + 1
     assert not configs["robust+history"].privileged_critic
@@ -60,11 +62,11 @@ def test_summary_and_table(tmp_path):
     variants = list(VARIANTS)
     top = variants[-1]
     ranges = [{}, *[{"mass": [0.8, 1.2]}] * (len(variants) - 1)]
-    none = [None] * len(variants)
+    none, middle = [None] * len(variants), len(variants) - 3  # nominal, robust, ..., top
     cells = [
-        Cell({}, [100.0, 90.0, 92.0, 95.0, 99.0, 100.0], none),
-        Cell({"mass": 1.1}, [70.0, 85.0, 88.0, 90.0, 95.0, 96.0], none),  # inside
-        Cell({"mass": 2.0}, [10.0, 40.0, 45.0, 50.0, 85.0, 90.0], none),  # outside
+        Cell({}, [100.0, 90.0, *[95.0] * middle, 100.0], none),
+        Cell({"mass": 1.1}, [70.0, 85.0, *[90.0] * middle, 96.0], none),  # inside
+        Cell({"mass": 2.0}, [10.0, 40.0, *[50.0] * middle, 90.0], none),  # outside
     ]
     result = SweepResult(CHEETAH, variants, ranges, 1, 0, {"mass": [1.1, 2.0]}, [], cells)
     s = summarize(result, variants, {"mass": [0.8, 1.2]})
