@@ -4,12 +4,13 @@
     robust                              `--preset robust`: domain randomization
     robust+widening                     + ranges that widen from nominal (alone: the nominal
                                         run, then its ranges widen; FastTD3's two stages)
+    robust+late-widening                + the same, late and short (from 5/6 of the run)
     robust+history                      + past observations and applied actions in the input
     robust+history+privileged           + a critic that sees the randomization draws
     robust+history+privileged+widening  + ranges that widen from nominal
 
 (layers from training/presets.py `adaptation_layers`; `--preset adaptive` is the stack that
-measured best: the last row for an arm, the one before it for a walker, `ADAPTIVE`), then
+measured best: the last row for an arm, robust+late-widening for a walker, `ADAPTIVE`), then
 every policy evaluated on the same grid of shifted dynamics (training/robustness.py) with
 onnxruntime.
 
