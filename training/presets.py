@@ -109,7 +109,7 @@ WIDEN_SHARE = {"locomotion": (Fraction(2, 3), Fraction(1, 6)), "arm": (Fraction(
 # twelfth and stay full for the last twelfth (HalfCheetah 150k: from 125k, full from 137.5k)
 LATE_WIDEN_SHARE = (Fraction(5, 6), Fraction(1, 12))
 # `adaptive`: the layers that measured best in the ablation (benchmarks/README.md). A walker's
-# is the late widening alone: on HalfCheetah (150k, seeds 0-2) it kept 0.91 of the nominal
+# is the late widening alone: on HalfCheetah (150k, seeds 0-2) it kept 0.92 of the nominal
 # return (0.85-0.97 per seed) and held 0.79 of the cells inside the ranges, where history and
 # the privileged critic kept 1.14 but only 0.56 on one seed, holding 0.64 inside (none on that
 # seed). An arm's takes all three; the widening was neutral there (kept 0.86 against 0.85).
