@@ -126,18 +126,18 @@ def _kind(env_id: str) -> str:
 def adaptation_layers(env_id: str, steps: int = DEFAULT_STEPS) -> dict[str, dict[str, Any]]:
     """{layer: overrides} over `robust` for `env_id` trained for `steps`, in the order they
     stack (`ADAPTIVE` says which of them `--preset adaptive` takes)."""
-    start, span = WIDEN_SHARE[_kind(env_id)]
+
+    def widening(start: Fraction, span: Fraction) -> dict[str, int]:
+        return {"rand_widen_start": int(start * steps), "rand_widen_steps": int(span * steps)}
+
     return {
         "history": {
             "history_obs": 2,
             "history_actions": int(max(ROBUST[env_id].get("rand_latency", [0]))) + 1,
         },
         "privileged": {"privileged_critic": True},
-        "widening": {"rand_widen_start": int(start * steps), "rand_widen_steps": int(span * steps)},
-        "late-widening": {
-            "rand_widen_start": int(LATE_WIDEN_SHARE[0] * steps),
-            "rand_widen_steps": int(LATE_WIDEN_SHARE[1] * steps),
-        },
+        "widening": widening(*WIDEN_SHARE[_kind(env_id)]),
+        "late-widening": widening(*LATE_WIDEN_SHARE),
     }
 
 
