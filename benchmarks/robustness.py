@@ -5,6 +5,8 @@
     robust+widening                     + ranges that widen from nominal (alone: the nominal
                                         run, then its ranges widen; FastTD3's two stages)
     robust+late-widening                + the same, late and short (from 5/6 of the run)
+    robust+late-widening+no-load        + without the mass and strength knobs
+    robust+final-widening               + the widening later and shorter (from 11/12)
     robust+history                      + past observations and applied actions in the input
     robust+history+privileged           + a critic that sees the randomization draws
     robust+history+privileged+widening  + ranges that widen from nominal
@@ -52,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from training.config import TrainConfig
 from training.plots import plot_runs
 from training.robustness import SweepResult, cell_key, grid, inside, merge, sweep
 
@@ -61,6 +64,8 @@ VARIANTS: dict[str, tuple[str, ...] | None] = {
     "robust": (),
     "robust+widening": ("widening",),
     "robust+late-widening": ("late-widening",),
+    "robust+late-widening+no-load": ("late-widening", "no-load"),
+    "robust+final-widening": ("final-widening",),
     "robust+history": ("history",),
     "robust+history+privileged": ("history", "privileged"),
     "robust+history+privileged+widening": ("history", "privileged", "widening"),
@@ -82,23 +87,66 @@ def overrides(env_id: str, variant: str, steps: int) -> dict[str, Any]:
     return out
 
 
-def train_run(env_id: str, variant: str, seed: int, steps: int, runs: str) -> str:
-    """Train (or reuse) one run; returns the path of its policy.onnx."""
-    from training.config import TrainConfig
-    from training.trainer import train
-
+def config(env_id: str, variant: str, seed: int, steps: int) -> TrainConfig:
+    """The TrainConfig of one run of `variant`."""
     fields = {**overrides(env_id, variant, steps), "env_id": env_id, "seed": seed, "steps": steps}
-    cfg = TrainConfig.from_dict(fields)
-    run = Path(runs) / f"{env_id}-{variant}-s{seed}"
+    return TrainConfig.from_dict(fields)
+
+
+def stage_steps(env_id: str, variant: str, steps: int) -> int | None:
+    """How many steps a run of `variant` is the nominal run before its ranges widen
+    (`TrainConfig.nominal_stage`); None where it differs from the first step."""
+    from controller.errors import UsageError
+
+    try:
+        stage = config(env_id, variant, 0, steps).nominal_stage()
+    except UsageError:
+        return None
+    return stage.steps if stage == config(env_id, "nominal", 0, stage.steps) else None
+
+
+def stage_dir(runs: str, env_id: str, seed: int, stage: int) -> Path:
+    return Path(runs) / f"{env_id}-nominal-to{stage}-s{seed}"
+
+
+def train_stages(env_id: str, seed: int, stages: list[int], runs: str) -> None:
+    """Train (or reuse) the nominal run's first `stages` steps, each length a run of its own
+    that goes on from the one before: what the runs that widen late branch from."""
+    previous = None
+    for length in sorted(stages):
+        run = stage_dir(runs, env_id, seed, length)
+        train_into(config(env_id, "nominal", seed, length), run, previous)
+        previous = run
+
+
+def train_into(cfg: TrainConfig, run: Path, stage: Path | None = None) -> None:
+    """Reuse a finished run of `cfg` in `run` (fields added since take defaults), resume an
+    unfinished one from its last checkpoint (every 25k steps); else branch it from `stage`, a
+    finished run of the nominal run's first steps (`trainer.branch`: the same run, bit for
+    bit), or train it."""
+    from training.trainer import branch, train
+
     saved = run / "config.json"
-    policy = run / "policy.onnx"
-    # a finished run is reused when its config matches (fields added since take defaults), an
-    # unfinished one resumed from its last checkpoint (every 25k steps)
     same = saved.exists() and TrainConfig.load(saved) == cfg
-    if not (same and policy.exists()):
-        resume = same and (run / "checkpoint.pt").exists()
-        train(cfg, run, resume=resume, overwrite=not resume, progress=False)
-    return str(policy)
+    if same and (run / "policy.onnx").exists():
+        return
+    if same and (run / "checkpoint.pt").exists():
+        train(cfg, run, resume=True, progress=False)
+    elif stage is not None and (stage / "policy.onnx").exists():
+        branch(stage, cfg, run, progress=False, overwrite=True)
+    else:
+        train(cfg, run, overwrite=True, progress=False)
+
+
+def train_run(
+    env_id: str, variant: str, seed: int, steps: int, runs: str, branch_at: int | None = None
+) -> str:
+    """Train (or reuse) one run, branched from the nominal run's first `branch_at` steps where
+    given; returns the path of its policy.onnx."""
+    run = Path(runs) / f"{env_id}-{variant}-s{seed}"
+    stage = stage_dir(runs, env_id, seed, branch_at) if branch_at else None
+    train_into(config(env_id, variant, seed, steps), run, stage)
+    return str(run / "policy.onnx")
 
 
 def sweep_run(env_id: str, variant: str, seed: int, runs: str, episodes: int) -> str:
@@ -127,17 +175,23 @@ def sweep_run(env_id: str, variant: str, seed: int, runs: str, episodes: int) ->
     return str(path)
 
 
-def run_variant(env_id: str, variant: str, seed: int, steps: int, runs: str, episodes: int) -> str:
+def run_variant(
+    env_id: str,
+    variant: str,
+    seed: int,
+    steps: int,
+    runs: str,
+    episodes: int,
+    branch_at: int | None,
+) -> str:
     """Train (or reuse) one run, then sweep it: a run is swept as soon as it is trained, so an
     interrupted benchmark keeps the sweeps of the runs it finished. Returns the sweep's path."""
-    train_run(env_id, variant, seed, steps, runs)
+    train_run(env_id, variant, seed, steps, runs, branch_at)
     return sweep_run(env_id, variant, seed, runs, episodes)
 
 
 def robust_ranges(env_id: str) -> dict[str, list[float]]:
     """The robust preset's training ranges, {knob: [lo, hi]}: what "inside" means."""
-    from training.config import TrainConfig
-
     return TrainConfig.from_dict({**overrides(env_id, "robust", 1), "env_id": env_id}).randomization
 
 
@@ -268,12 +322,26 @@ def main(argv: list[str] | None = None) -> None:
     variants = [v for v in VARIANTS if v in {"nominal", *args.variants}]
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     jobs = [(e, v, s, n) for e, n in envs.items() for s in args.seeds for v in variants]
+    # a run that is the nominal run until its ranges widen branches from a run of those first
+    # nominal steps, trained once per seed first; the nominal run goes on from the longest
+    stages = {(e, w) for e, v, _, n in jobs if (w := stage_steps(e, v, n))}
+
+    def branch_at(env_id: str, variant: str, seed: int, steps: int) -> int | None:
+        if variant != "nominal":
+            return stage_steps(env_id, variant, steps)
+        return max((w for e, w in stages if e == env_id), default=None)
+
     # each seed's sweeps, in the order of `variants`
     sweeps: dict[tuple[str, int], list[SweepResult]] = {
         (e, s): [] for e in envs for s in args.seeds
     }
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        firsts = [
+            (e, s, [w for f, w in stages if f == e], args.runs) for e in envs for s in args.seeds
+        ]
+        list(pool.map(train_stages, *zip(*(f for f in firsts if f[2]), strict=True)))
         extra = [args.runs] * len(jobs), [episodes[j[0]] for j in jobs]
+        extra += ([branch_at(*j) for j in jobs],)
         for (env_id, _, seed, _), path in zip(
             jobs, pool.map(run_variant, *zip(*jobs, strict=True), *extra), strict=True
         ):

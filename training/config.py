@@ -216,6 +216,21 @@ class TrainConfig:
             if f.name.startswith("rand_") and f.name not in WIDENING and getattr(self, f.name)
         }
 
+    def nominal_stage(self) -> TrainConfig:
+        """The nominal run that a run of this config is for its first `rand_widen_start` steps
+        (`trainer.branch`): the same config with no rand_* range, trained that long. Refused
+        where there is none: no late widening, or a privileged critic (its input holds the
+        draws)."""
+        if not (self.randomization and self.rand_widen_start > 0) or self.privileged_critic:
+            raise UsageError(
+                "only a run whose rand_* ranges widen late (rand_widen_start > 0) and whose critic "
+                "is not privileged is a nominal run until then"
+            )
+        off = {
+            f.name: [] for f in dataclasses.fields(self) if f.name.startswith("rand_")
+        } | dict.fromkeys(WIDENING, 0)
+        return dataclasses.replace(self, **off, steps=self.rand_widen_start)
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 

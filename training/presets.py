@@ -108,6 +108,12 @@ WIDEN_SHARE = {"locomotion": (Fraction(2, 3), Fraction(1, 6)), "arm": (Fraction(
 # `late-widening`: the nominal run for five sixths of the run, then the ranges widen over a
 # twelfth and stay full for the last twelfth (HalfCheetah 150k: from 125k, full from 137.5k)
 LATE_WIDEN_SHARE = (Fraction(5, 6), Fraction(1, 12))
+# `final-widening`: later and shorter still, from eleven twelfths over a twenty-fourth
+FINAL_WIDEN_SHARE = (Fraction(11, 12), Fraction(1, 24))
+# `no-load`: the ranges without the knobs that change a walker's load per unit of motor power
+# (mass, strength); a fast gait loses 5-22% of its return at mass 1.17 or strength 0.85
+# whatever it trained on (benchmarks/README.md)
+NO_LOAD = {"rand_mass": [], "rand_strength": []}
 # `adaptive`: the layers that measured best in the ablation (benchmarks/README.md). A walker's
 # is the late widening alone: on HalfCheetah (150k, seeds 0-2) it kept 0.92 of the nominal
 # return (0.85-0.97 per seed) and held 0.79 of the cells inside the ranges, where history and
@@ -138,6 +144,8 @@ def adaptation_layers(env_id: str, steps: int = DEFAULT_STEPS) -> dict[str, dict
         "privileged": {"privileged_critic": True},
         "widening": widening(*WIDEN_SHARE[_kind(env_id)]),
         "late-widening": widening(*LATE_WIDEN_SHARE),
+        "final-widening": widening(*FINAL_WIDEN_SHARE),
+        "no-load": NO_LOAD,
     }
 
 

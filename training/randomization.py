@@ -402,6 +402,9 @@ class ObsNoise(gym.ObservationWrapper):
     def state_dict(self) -> dict[str, Any]:
         return {"count": self.count, "mean": self.mean.tolist(), "m2": self.m2.tolist()}
 
+    def clear(self) -> None:
+        self.count, self.mean, self.m2 = 0, np.zeros_like(self.mean), np.zeros_like(self.m2)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.count = state["count"]
         self.mean, self.m2 = np.asarray(state["mean"]), np.asarray(state["m2"])

@@ -18,6 +18,7 @@ training or on Ctrl-C.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import fcntl
 import logging
 import os
@@ -45,6 +46,7 @@ from training.algos import (
     deployed,
     with_deployed,
 )
+from training.atomic import atomic_write
 from training.config import TrainConfig
 from training.envs import (
     EVAL_SEED_OFFSET,
@@ -143,6 +145,37 @@ def _train(run: Run, resume: bool, progress: bool) -> Path:
     return run.export()
 
 
+def branch(
+    source: str | Path,
+    cfg: TrainConfig,
+    out: str | Path,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Train `cfg` into `out` from the checkpoint of `source`, a shorter run that a run of
+    `cfg` is, bit for bit, up to its last step: a run of `cfg.nominal_stage()` stopped at
+    most `rand_widen_start` steps in where `cfg`'s ranges widen late (a run of `cfg` is that
+    nominal run, generators included, until its first episode past there:
+    `Run._start_randomization`), a run of `cfg` with fewer steps where `cfg` randomizes
+    nothing. The result is a straight run's, for the cost of the steps after the branch."""
+    path = Path(source) / "checkpoint.pt"
+    if not path.exists():
+        raise MissingFile(f"no checkpoint.pt in {source}: nothing to branch from")
+    stage = cfg.nominal_stage() if cfg.randomization else cfg
+    have, _, _, state = checkpoint.load(path)
+    have = dataclasses.replace(have, steps=stage.steps)
+    differ = [k for k, v in dataclasses.asdict(stage).items() if getattr(have, k) != v]
+    if differ:
+        raise UsageError(
+            f"{source} is not a run of this one's nominal stage: {', '.join(differ)} differ"
+        )
+    if state is None or state["step"] > stage.steps:
+        raise UsageError(f"{path} is past step {stage.steps}, where this run leaves it")
+    with run_dir(Path(out), False, overwrite) as directory:
+        atomic_write(directory / "checkpoint.pt", path.read_bytes())
+        return _train(Run(cfg, directory, None), True, progress)
+
+
 @contextmanager
 def run_dir(out: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
     """`out`, checked, then held: a new run goes into a missing or empty directory, or replaces
@@ -211,6 +244,7 @@ class Run:
         self.rng = np.random.default_rng(cfg.seed)
         # randomization draws from a stream of its own, so that runs without it are unchanged
         self.rand_rng = np.random.default_rng([cfg.seed, RANDOMIZATION_STREAM])
+        self.rand_start = self.rand_rng.bit_generator.state
         flat = make_env(cfg.env_id, cfg.seed)
         self.widening = Widening(widening_scale(0, cfg.rand_widen_start, cfg.rand_widen_steps))
         base = CleanObs(flat) if cfg.privileged_critic else flat
@@ -243,6 +277,7 @@ class Run:
         self.schedule = create_schedule(cfg, self.agent, self.buffer, self.rng)
         self.noise = make_noise(cfg.noise, self.act_dim, cfg.noise_std, self.rng)
         self.step, self.saved_at, self.wall_before, self.evaluated_at = 0, -1, 0.0, -1
+        self.ep_start = 0  # the step the episode under way began at
         self.evals: list[list] = []
         self.best: dict | None = None  # the best evaluated actor so far (`snapshots`)
 
@@ -250,20 +285,30 @@ class Run:
 
     def reset(self) -> np.ndarray:
         """A new episode; remembers how it started, for a checkpoint taken during it."""
-        self.widening.scale = widening_scale(
-            self.step, self.cfg.rand_widen_start, self.cfg.rand_widen_steps
-        )
+        start = self.cfg.rand_widen_start
+        if self.ep_start < start <= self.step:
+            self._start_randomization()
+        self.ep_start = self.step
+        self.widening.scale = widening_scale(self.step, start, self.cfg.rand_widen_steps)
         self.episode = {
             "randomization_rng": self.rand_rng.bit_generator.state,
             "obs_noise": self.obs_noise.state_dict() if self.obs_noise else None,
             "seed": int(self.rng.integers(2**31)),
-            "widening": self.widening.scale,
         }
         obs, _ = self.env.reset(seed=self.episode["seed"])
         self.noise.reset()
         self.ep_return, self.ep_len = 0.0, 0
         self.priv = self._privileged()
         return obs
+
+    def _start_randomization(self) -> None:
+        """A run whose ranges widen late starts its randomization when they do: the generator
+        from its seed, the sensor-noise statistics from nothing. Up to there the run is the
+        nominal run, every generator included, so it can branch from a nominal run's
+        checkpoint (`branch`) instead of training those steps again."""
+        self.rand_rng.bit_generator.state = self.rand_start
+        if self.obs_noise:
+            self.obs_noise.clear()
 
     def _privileged(self) -> np.ndarray | None:
         """The privileged critic's inputs now (None without one)."""
@@ -395,28 +440,41 @@ class Run:
     def _restore_generators(self, state: dict) -> None:
         self.rng.bit_generator.state = state["numpy_rng"]
         if "randomization_rng" in state:  # absent in checkpoints from before randomization
-            self.rand_rng.bit_generator.state = state["randomization_rng"]
+            self._restore_randomization(state)
+
+    def _restore_randomization(self, saved: dict) -> None:
+        """The randomization generator and sensor-noise statistics as `saved` holds them (a
+        nominal run's checkpoint holds no statistics: they start from nothing)."""
+        self.rand_rng.bit_generator.state = saved["randomization_rng"]
         if self.obs_noise:
-            self.obs_noise.load_state_dict(state["obs_noise"])
+            if saved.get("obs_noise") is None:
+                self.obs_noise.clear()
+            else:
+                self.obs_noise.load_state_dict(saved["obs_noise"])
 
     def _replay_episode(self, state: dict) -> None:
         """Bring the env to where the checkpoint left it: reset it as the episode started and
-        step it through the episode's actions, read back from the replay."""
+        step it through the episode's actions, read back from the replay. Replayed exactly,
+        the randomization ends where the checkpoint's did, so a run branched from a nominal
+        run's checkpoint goes on as a straight run of its own config would."""
         episode = state["episode"]
-        self.widening.scale = episode.get("widening", 1.0)
-        self.rand_rng.bit_generator.state = episode["randomization_rng"]
-        if self.obs_noise:
-            self.obs_noise.load_state_dict(episode["obs_noise"])
+        self.ep_start = state["step"] - episode["length"]
+        cfg = self.cfg
+        self.widening.scale = widening_scale(
+            self.ep_start, cfg.rand_widen_start, cfg.rand_widen_steps
+        )
+        self._restore_randomization(episode)
         obs, _ = self.env.reset(seed=episode["seed"])
         for a in self.buffer.newest(episode["length"])["action"] if episode["length"] else []:
             obs = self.env.step(to_env_units(a, self.low, self.high))[0]
-        self._restore_generators(state)
+        self.rng.bit_generator.state = state["numpy_rng"]
         if not np.array_equal(np.asarray(obs, np.float32), state["obs"].numpy()):
             log.warning(
                 "%s did not replay the episode under way identically: it ends here (truncated) "
                 "and the run goes on from a new one, no longer bit-identical to a straight run",
                 self.cfg.env_id,
             )
+            self._restore_randomization(state)
             self.buffer.data["episode_end"][(self.buffer.pos - 1) % self.buffer.capacity] = 1.0
             self.obs = self.reset()
             return

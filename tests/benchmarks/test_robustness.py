@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from benchmarks.robustness import VARIANTS, overrides, report, summarize, sweep_run
+from benchmarks.robustness import VARIANTS, overrides, report, stage_steps, summarize, sweep_run
 from controller.errors import UsageError
 from training.config import TrainConfig
 from training.presets import preset
@@ -27,12 +27,29 @@ def test_variants_stack_the_adaptation_layers():
     widen = {"rand_widen_start": 100_000, "rand_widen_steps": 25_000}
     assert configs["nominal"].randomization == {}
     robust = configs["robust"].randomization
-    assert robust and all(c.randomization == robust for v, c in configs.items() if v != "nominal")
+    no_load = {k: v for k, v in robust.items() if k not in ("mass", "strength")}
+    assert configs["robust+late-widening+no-load"].randomization == no_load
+    assert robust and all(
+        c.randomization == robust
+        for v, c in configs.items()
+        if v not in ("nominal", "robust+late-widening+no-load")
+    )
     assert configs["robust"].history_actions == 0
     # the widening alone: the nominal run until 100k, then the robust ranges
     assert configs["robust+widening"] == config("robust", **widen)
     late = {"rand_widen_start": 125_000, "rand_widen_steps": 12_500}  # full for the last 12.5k
     assert configs["robust+late-widening"] == config("robust", **late)
+    final = {"rand_widen_start": 137_500, "rand_widen_steps": 6_250}  # full for the last 6.25k
+    assert configs["robust+final-widening"] == config("robust", **final)
+    # the runs that are the nominal run until their ranges widen branch from it there
+    assert {
+        v: stage_steps(CHEETAH, v, STEPS) for v in VARIANTS if stage_steps(CHEETAH, v, STEPS)
+    } == {
+        "robust+widening": 100_000,
+        "robust+late-widening": 125_000,
+        "robust+late-widening+no-load": 125_000,
+        "robust+final-widening": 137_500,
+    }  # not a privileged critic's: it sees the draws
     # the last actions reach past the largest latency
     assert configs["robust+history"].history_actions == robust["latency"][1] + 1
     assert not configs["robust+history"].privileged_critic

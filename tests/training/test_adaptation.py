@@ -27,7 +27,7 @@ from training.randomization import (
     randomize,
     widening_scale,
 )
-from training.trainer import train
+from training.trainer import branch, train
 
 ENV = "InvertedPendulumBulletEnv-v0"  # 5 observations, 1 action in [-1, 1]
 RANGES = {"mass": [0.5, 1.5], "latency": [0, 2]}
@@ -171,6 +171,34 @@ def test_the_exported_actor_has_no_privileged_input(run):
     meta = sess.get_modelmeta().custom_metadata_map
     assert json.loads(meta["mu.history"]) == {"obs": 1, "actions": 3, "obs_dim": 5}
     assert np.isfinite(evaluate_onnx(str(run / "policy.onnx"), 1).mean_return)
+
+
+def test_a_late_run_branches_from_the_nominal_run_bit_for_bit(tmp_path):
+    # a run whose ranges widen late is its nominal stage until then, generators included: the
+    # benchmark trains that stage once and branches each late variant from its checkpoint
+    late = cfg(history_obs=0, history_actions=0, privileged_critic=False,
+               rand_offset=[-0.1, 0.1], rand_obs_noise=[0.0, 0.05], rand_widen_start=300,
+               rand_widen_steps=200)  # fmt: skip
+    train(late, tmp_path / "straight", progress=False)
+    train(late.nominal_stage(), tmp_path / "nominal", progress=False)  # stops mid-episode
+    branch(tmp_path / "nominal", late, tmp_path / "branched", progress=False)
+    a = checkpoint.load(tmp_path / "straight" / "checkpoint.pt")
+    b = checkpoint.load(tmp_path / "branched" / "checkpoint.pt")
+    assert_same_networks(a[1].modules(), b[1].modules())
+    assert torch.equal(a[3]["replay"]["obs"], b[3]["replay"]["obs"])
+    assert [r[:1] + r[2:] for r in a[3]["evals"]] == [r[:1] + r[2:] for r in b[3]["evals"]]
+    stage = late.nominal_stage()
+    train(cfg(**{**vars(stage), "steps": 700}), tmp_path / "nominal", resume=True, progress=False)
+    nominal = checkpoint.load(tmp_path / "nominal" / "checkpoint.pt")[3]["replay"]["obs"]
+    assert torch.equal(a[3]["replay"]["obs"][:300], nominal[:300])
+    assert not torch.equal(a[3]["replay"]["obs"][:700], nominal[:700])  # then it widened
+
+    with pytest.raises(UsageError, match="batch_size differ"):
+        branch(tmp_path / "nominal", cfg(**{**vars(late), "batch_size": 64}), tmp_path / "x")
+    with pytest.raises(UsageError, match="past step 300"):
+        branch(tmp_path / "nominal", late, tmp_path / "y")
+    with pytest.raises(UsageError, match="widen late"):
+        cfg(rand_widen_start=300).nominal_stage()  # a privileged critic sees the draws
 
 
 @pytest.mark.parametrize("algo", ["td3", "td7"])
