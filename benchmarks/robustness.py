@@ -37,7 +37,11 @@ The runs are exactly what `mu train --env ENV --steps N --seed S [--preset P] --
 --out RUNS/ENV-VARIANT-sS` writes; finished runs with the same config are reused, as are
 sweeps newer than their policies (one per run, swept as soon as it is trained), and unfinished
 runs resume from their last checkpoint (every 25k steps), so an interrupted benchmark reruns
-cheaply. Prints a table and writes to --out JSON, a PNG of the figures and, per env, one of the
+cheaply. A run that is the nominal run until its ranges widen (a walker's widening variants)
+is not trained from the first step: the nominal run's first W steps are trained once per
+seed (RUNS/ENV-nominal-toW-sS, each length going on from the one before) and the run branches
+from there (training/trainer.py `branch`), as does the nominal run from the longest; the bits
+are a straight run's, at a fraction of the cost. Prints a table and writes to --out JSON, a PNG of the figures and, per env, one of the
 learning curves (return at nominal dynamics while training); a part of the ablation
 (`--variants`: nominal, the reference, and those named) writes files of its own, named for its
 variants, so it never overwrites the whole ablation's.
