@@ -12,7 +12,7 @@
     robust+history+privileged+widening  + ranges that widen from nominal
 
 (layers from training/presets.py `adaptation_layers`; `--preset adaptive` is the stack that
-measured best: the last row for an arm, robust+late-widening for a walker, `ADAPTIVE`), then
+measured best: the last row for an arm, robust+final-widening for a walker, `ADAPTIVE`), then
 every policy evaluated on the same grid of shifted dynamics (training/robustness.py) with
 onnxruntime.
 

@@ -57,8 +57,8 @@ def test_variants_stack_the_adaptation_layers():
     assert configs["robust+history+privileged+widening"] == config(
         "robust+history+privileged", **widen
     )
-    # `--preset adaptive` is the stack that measured best: a walker's the late widening alone
-    for env_id, best in ((CHEETAH, "robust+late-widening"),
+    # `--preset adaptive` is the stack that measured best: a walker's the final widening alone
+    for env_id, best in ((CHEETAH, "robust+final-widening"),
                          ("PandaReachDense-v3", "robust+history+privileged+widening")):  # fmt: skip
         adaptive = {**preset(env_id, "adaptive", steps=STEPS), "env_id": env_id, "steps": STEPS}
         ours = {**overrides(env_id, best, STEPS), "env_id": env_id, "steps": STEPS}

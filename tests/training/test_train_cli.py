@@ -105,8 +105,8 @@ def test_adaptive_widening_is_a_share_of_the_runs_steps():
         assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (0, span)
     cfg = resolve({"env": panda}, ["steps=8000"], preset_name="adaptive")  # a --set counts too
     assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (0, 2_000)
-    # a walker's adaptive preset is the nominal run for 5/6 of its steps, then the widening ...
-    for steps, start, span in ((150_000, 125_000, 12_500), (60_000, 50_000, 5_000)):
+    # a walker's adaptive preset is the nominal run for 11/12 of its steps, then the widening ...
+    for steps, start, span in ((150_000, 137_500, 6_250), (60_000, 55_000, 2_500)):
         cfg = resolve({"env": cheetah, "steps": steps}, [], preset_name="adaptive")
         assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (start, span)
         assert not cfg.history_actions and not cfg.privileged_critic
