@@ -41,7 +41,9 @@ cheaply. A run that is the nominal run until its ranges widen (a walker's wideni
 is not trained from the first step: the nominal run's first W steps are trained once per
 seed (RUNS/ENV-nominal-toW-sS, each length going on from the one before) and the run branches
 from there (training/trainer.py `branch`), as does the nominal run from the longest; the bits
-are a straight run's, at a fraction of the cost. Prints a table and writes to --out JSON, a PNG of the figures and, per env, one of the
+are a straight run's, at a fraction of the cost.
+
+Prints a table and writes to --out JSON, a PNG of the figures and, per env, one of the
 learning curves (return at nominal dynamics while training); a part of the ablation
 (`--variants`: nominal, the reference, and those named) writes files of its own, named for its
 variants, so it never overwrites the whole ablation's.
