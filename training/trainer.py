@@ -244,7 +244,7 @@ class Run:
         self.rng = np.random.default_rng(cfg.seed)
         # randomization draws from a stream of its own, so that runs without it are unchanged
         self.rand_rng = np.random.default_rng([cfg.seed, RANDOMIZATION_STREAM])
-        self.rand_start = self.rand_rng.bit_generator.state
+        self.rand_first = self.rand_rng.bit_generator.state  # for `_start_randomization`
         flat = make_env(cfg.env_id, cfg.seed)
         self.widening = Widening(widening_scale(0, cfg.rand_widen_start, cfg.rand_widen_steps))
         base = CleanObs(flat) if cfg.privileged_critic else flat
@@ -306,7 +306,7 @@ class Run:
         from its seed, the sensor-noise statistics from nothing. Up to there the run is the
         nominal run, every generator included, so it can branch from a nominal run's
         checkpoint (`branch`) instead of training those steps again."""
-        self.rand_rng.bit_generator.state = self.rand_start
+        self.rand_rng.bit_generator.state = self.rand_first
         if self.obs_noise:
             self.obs_noise.clear()
 
