@@ -342,10 +342,9 @@ def main(argv: list[str] | None = None) -> None:
         (e, s): [] for e in envs for s in args.seeds
     }
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        firsts = [
-            (e, s, [w for f, w in stages if f == e], args.runs) for e in envs for s in args.seeds
-        ]
-        list(pool.map(train_stages, *zip(*(f for f in firsts if f[2]), strict=True)))
+        lengths = {e: [w for f, w in stages if f == e] for e in envs}
+        first = [(e, s, lengths[e], args.runs) for e in envs for s in args.seeds if lengths[e]]
+        list(pool.map(train_stages, *zip(*first, strict=True)))
         extra = [args.runs] * len(jobs), [episodes[j[0]] for j in jobs]
         extra += ([branch_at(*j) for j in jobs],)
         for (env_id, _, seed, _), path in zip(

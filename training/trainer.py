@@ -152,12 +152,11 @@ def branch(
     progress: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Train `cfg` into `out` from the checkpoint of `source`, a shorter run that a run of
-    `cfg` is, bit for bit, up to its last step: a run of `cfg.nominal_stage()` stopped at
-    most `rand_widen_start` steps in where `cfg`'s ranges widen late (a run of `cfg` is that
-    nominal run, generators included, until its first episode past there:
-    `Run._start_randomization`), a run of `cfg` with fewer steps where `cfg` randomizes
-    nothing. The result is a straight run's, for the cost of the steps after the branch."""
+    """Train `cfg` into `out` from the checkpoint of `source`, a run that a run of `cfg` is,
+    bit for bit, up to that checkpoint: for a `cfg` whose ranges widen late, a run of
+    `cfg.nominal_stage()` at most `rand_widen_start` steps in (`Run._start_randomization`);
+    for a `cfg` that randomizes nothing, a shorter run of `cfg`. The result is a straight
+    run's, for the cost of the steps after the branch."""
     path = Path(source) / "checkpoint.pt"
     if not path.exists():
         raise MissingFile(f"no checkpoint.pt in {source}: nothing to branch from")
