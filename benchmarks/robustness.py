@@ -7,6 +7,8 @@
     robust+late-widening                + the same, late and short (from 5/6 of the run)
     robust+late-widening+no-load        + without the mass and strength knobs
     robust+final-widening               + the widening later and shorter (from 11/12)
+    robust+late-widening+latency-only   late widening of the latency knob alone
+    robust+final-widening+latency-only  final widening of the latency knob alone
     robust+history                      + past observations and applied actions in the input
     robust+history+privileged           + a critic that sees the randomization draws
     robust+history+privileged+widening  + ranges that widen from nominal
@@ -72,6 +74,8 @@ VARIANTS: dict[str, tuple[str, ...] | None] = {
     "robust+late-widening": ("late-widening",),
     "robust+late-widening+no-load": ("late-widening", "no-load"),
     "robust+final-widening": ("final-widening",),
+    "robust+late-widening+latency-only": ("late-widening", "latency-only"),
+    "robust+final-widening+latency-only": ("final-widening", "latency-only"),
     "robust+history": ("history",),
     "robust+history+privileged": ("history", "privileged"),
     "robust+history+privileged+widening": ("history", "privileged", "widening"),

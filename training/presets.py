@@ -114,6 +114,8 @@ FINAL_WIDEN_SHARE = (Fraction(11, 12), Fraction(1, 24))
 # (mass, strength); a fast gait loses 5-22% of its return at mass 1.17 or strength 0.85
 # whatever it trained on (benchmarks/README.md)
 NO_LOAD = {"rand_mass": [], "rand_strength": []}
+# `latency-only`: latency the one knob drawn; the nominal policies lose its cell on every seed
+# and nothing else inside the ranges on most
 # `adaptive`: the layers that measured best in the ablation (benchmarks/README.md). A walker's
 # is the final widening alone: on HalfCheetah (150k, seeds 0-2, one run beside the other
 # widenings) it kept 0.95 of the nominal return and held 0.90 of the cells inside the ranges
@@ -147,6 +149,7 @@ def adaptation_layers(env_id: str, steps: int = DEFAULT_STEPS) -> dict[str, dict
         "late-widening": widening(*LATE_WIDEN_SHARE),
         "final-widening": widening(*FINAL_WIDEN_SHARE),
         "no-load": NO_LOAD,
+        "latency-only": {k: [] for k in ROBUST[env_id] if k != "rand_latency"},
     }
 
 
