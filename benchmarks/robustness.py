@@ -12,6 +12,7 @@
     robust+history                      + past observations and applied actions in the input
     robust+history+privileged           + a critic that sees the randomization draws
     robust+history+privileged+widening  + ranges that widen from nominal
+    robust+history+privileged+late-widening  the same, late and short (from 5/6 of the run)
 
 (layers from training/presets.py `adaptation_layers`; `--preset adaptive` is the stack that
 measured best: the last row for an arm, robust+final-widening for a walker, `ADAPTIVE`), then
@@ -79,6 +80,7 @@ VARIANTS: dict[str, tuple[str, ...] | None] = {
     "robust+history": ("history",),
     "robust+history+privileged": ("history", "privileged"),
     "robust+history+privileged+widening": ("history", "privileged", "widening"),
+    "robust+history+privileged+late-widening": ("history", "privileged", "late-widening"),
 }
 HOLD_FRACTION = 0.8
 HOLD_SUCCESS = 0.9

@@ -29,11 +29,16 @@ def test_variants_stack_the_adaptation_layers():
     robust = configs["robust"].randomization
     no_load = {k: v for k, v in robust.items() if k not in ("mass", "strength")}
     assert configs["robust+late-widening+no-load"].randomization == no_load
-    assert robust and all(
-        c.randomization == robust
-        for v, c in configs.items()
-        if v not in ("nominal", "robust+late-widening+no-load")
-    )
+    for when in ("late", "final"):  # the latency knob alone, on the same schedules
+        others = {f"rand_{k}": [] for k in robust if k != "latency"}
+        assert configs[f"robust+{when}-widening+latency-only"] == config(
+            f"robust+{when}-widening", **others
+        )
+        assert config(f"robust+{when}-widening", **others).randomization == {
+            "latency": robust["latency"]
+        }
+    fewer = ("nominal", "robust+late-widening+no-load", *(v for v in VARIANTS if "-only" in v))
+    assert robust and all(c.randomization == robust for v, c in configs.items() if v not in fewer)
     assert configs["robust"].history_actions == 0
     # the widening alone: the nominal run until 100k, then the robust ranges
     assert configs["robust+widening"] == config("robust", **widen)
@@ -49,6 +54,8 @@ def test_variants_stack_the_adaptation_layers():
         "robust+late-widening": 125_000,
         "robust+late-widening+no-load": 125_000,
         "robust+final-widening": 137_500,
+        "robust+late-widening+latency-only": 125_000,
+        "robust+final-widening+latency-only": 137_500,
     }  # not a privileged critic's: it sees the draws
     # the last actions reach past the largest latency
     assert configs["robust+history"].history_actions == robust["latency"][1] + 1
