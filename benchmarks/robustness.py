@@ -12,10 +12,11 @@
     robust+history                      + past observations and applied actions in the input
     robust+history+privileged           + a critic that sees the randomization draws
     robust+history+privileged+widening  + ranges that widen from nominal
-    robust+history+privileged+late-widening  the same, late and short (from 5/6 of the run)
+    robust+history+privileged+late-widening   the same, widening from 5/6 of the run
 
 (layers from training/presets.py `adaptation_layers`; `--preset adaptive` is the stack that
-measured best: the last row for an arm, robust+final-widening for a walker, `ADAPTIVE`), then
+measured best: robust+history+privileged+widening for an arm, robust+final-widening for a
+walker, `ADAPTIVE`), then
 every policy evaluated on the same grid of shifted dynamics (training/robustness.py) with
 onnxruntime.
 
