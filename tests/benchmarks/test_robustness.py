@@ -37,7 +37,11 @@ def test_variants_stack_the_adaptation_layers():
         assert config(f"robust+{when}-widening", **others).randomization == {
             "latency": robust["latency"]
         }
-    fewer = ("nominal", "robust+late-widening+no-load", *(v for v in VARIANTS if "-only" in v))
+    fewer = (
+        "nominal",
+        "robust+late-widening+no-load",
+        *(v for v in VARIANTS if "latency-only" in v),
+    )
     assert robust and all(c.randomization == robust for v, c in configs.items() if v not in fewer)
     assert configs["robust"].history_actions == 0
     # the widening alone: the nominal run until 100k, then the robust ranges
@@ -63,6 +67,9 @@ def test_variants_stack_the_adaptation_layers():
     assert configs["robust+history+privileged"].privileged_critic
     assert configs["robust+history+privileged+widening"] == config(
         "robust+history+privileged", **widen
+    )
+    assert configs["robust+history+privileged+late-widening"] == config(
+        "robust+history+privileged", **late
     )
     # `--preset adaptive` is the stack that measured best: a walker's the final widening alone
     for env_id, best in ((CHEETAH, "robust+final-widening"),
