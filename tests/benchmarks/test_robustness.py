@@ -30,13 +30,11 @@ def test_variants_stack_the_adaptation_layers():
     no_load = {k: v for k, v in robust.items() if k not in ("mass", "strength")}
     assert configs["robust+late-widening+no-load"].randomization == no_load
     for when in ("late", "final"):  # the latency knob alone, on the same schedules
-        others = {f"rand_{k}": [] for k in robust if k != "latency"}
-        assert configs[f"robust+{when}-widening+latency-only"] == config(
-            f"robust+{when}-widening", **others
+        only = config(
+            f"robust+{when}-widening", **{f"rand_{k}": [] for k in robust if k != "latency"}
         )
-        assert config(f"robust+{when}-widening", **others).randomization == {
-            "latency": robust["latency"]
-        }
+        assert configs[f"robust+{when}-widening+latency-only"] == only
+        assert only.randomization == {"latency": robust["latency"]}
     fewer = (
         "nominal",
         "robust+late-widening+no-load",
