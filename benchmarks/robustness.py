@@ -13,6 +13,9 @@
     robust+history+privileged           + a critic that sees the randomization draws
     robust+history+privileged+widening  + ranges that widen from nominal
     robust+history+privileged+late-widening   the same, widening from 5/6 of the run
+    robust+history+privileged+late-widening+grown   the same, its inputs joining at 5/6: the
+                                        nominal run until then (`grow_inputs`)
+    robust+history+privileged+final-widening+grown  the same, widening and joining at 11/12
 
 (layers from training/presets.py `adaptation_layers`; `--preset adaptive` is the stack that
 measured best: robust+history+privileged+widening for an arm, robust+final-widening for a
@@ -82,6 +85,18 @@ VARIANTS: dict[str, tuple[str, ...] | None] = {
     "robust+history+privileged": ("history", "privileged"),
     "robust+history+privileged+widening": ("history", "privileged", "widening"),
     "robust+history+privileged+late-widening": ("history", "privileged", "late-widening"),
+    "robust+history+privileged+late-widening+grown": (
+        "history",
+        "privileged",
+        "late-widening",
+        "grown",
+    ),
+    "robust+history+privileged+final-widening+grown": (
+        "history",
+        "privileged",
+        "final-widening",
+        "grown",
+    ),
 }
 HOLD_FRACTION = 0.8
 HOLD_SUCCESS = 0.9

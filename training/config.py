@@ -33,7 +33,10 @@ _TD7_ONLY = "a td7 setting"
 IGNORED: dict[str, dict[str, str]] = {
     "td3": {},
     "ddpg": {"target_noise_clip": "ddpg adds no target-policy noise to clip"},
-    "td7": {"critic_layer_norm": "td7's critics normalize with AvgL1Norm (training/sale.py)"},
+    "td7": {
+        "critic_layer_norm": "td7's critics normalize with AvgL1Norm (training/sale.py)",
+        "grow_inputs": "td7's encoders would need growing too (training/grow.py)",
+    },
 }
 for _algo in ("td3", "ddpg"):
     IGNORED[_algo].update(
@@ -131,6 +134,11 @@ class TrainConfig:
         "Critics also see the episode's randomization draws and the noise-free observation; "
         "the exported actor does not (asymmetric actor-critic).",
     )
+    grow_inputs: bool = _f(
+        False,
+        "The history and privileged inputs join at rand_widen_start, at zero weight: the run is "
+        "the nominal run until then and keeps its gait (training/grow.py).",
+    )
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -181,6 +189,12 @@ class TrainConfig:
         for name in WIDENING:
             if getattr(self, name) and not self.randomization:
                 raise UsageError(f"invalid TrainConfig: {name} widens no rand_* range")
+        grown = self.history_obs or self.history_actions or self.privileged_critic
+        if self.grow_inputs and not (self.rand_widen_start and grown):
+            raise UsageError(
+                "invalid TrainConfig: grow_inputs needs rand_widen_start > 0 (when the inputs "
+                "join) and history_obs, history_actions or privileged_critic (the inputs to grow)"
+            )
         if self.randomization and self.rand_widen_start >= self.steps:
             raise UsageError(
                 f"invalid TrainConfig: rand_widen_start={self.rand_widen_start} >= steps="
@@ -218,17 +232,22 @@ class TrainConfig:
 
     def nominal_stage(self) -> TrainConfig:
         """The nominal run that a run of this config is for its first `rand_widen_start` steps
-        (`trainer.branch`): the same config with no rand_* range, trained that long. Refused
-        where there is none: no late widening, or a privileged critic (its input holds the
-        draws)."""
-        if not (self.randomization and self.rand_widen_start > 0) or self.privileged_critic:
+        (`trainer.branch`): the same config with no rand_* range, trained that long, and with
+        `grow_inputs` no input to grow. Refused where there is none: no late widening, or a
+        privileged critic from the first step (its input holds the draws)."""
+        late = self.randomization and self.rand_widen_start > 0
+        if not late or (self.privileged_critic and not self.grow_inputs):
             raise UsageError(
                 "only a run whose rand_* ranges widen late (rand_widen_start > 0) and whose critic "
-                "is not privileged is a nominal run until then"
+                "is not privileged until then is a nominal run until then"
             )
         off = {
             f.name: [] for f in dataclasses.fields(self) if f.name.startswith("rand_")
         } | dict.fromkeys(WIDENING, 0)
+        if self.grow_inputs:
+            off |= dict.fromkeys(("history_obs", "history_actions"), 0) | dict.fromkeys(
+                ("privileged_critic", "grow_inputs"), False
+            )
         return dataclasses.replace(self, **off, steps=self.rand_widen_start)
 
     def to_json(self) -> str:

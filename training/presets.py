@@ -117,6 +117,8 @@ NO_LOAD = {"rand_mass": [], "rand_strength": []}
 # `latency-only`: latency the one knob drawn, the one cell inside the ranges that the nominal
 # walkers lose on every seed; late or final, it held fewer cells than the final widening of
 # every knob (33 and 32 of 39 against 35 on HalfCheetah; benchmarks/README.md)
+# `grown`: the history and privileged inputs join when the ranges widen (`grow_inputs`), so a
+# run with them is the nominal run, gait included, until then (training/grow.py)
 # `adaptive`: the layers that measured best in the ablation (benchmarks/README.md). A walker's
 # is the final widening alone: on HalfCheetah (150k, seeds 0-2, one run beside the other
 # widenings) it kept 0.95 of the nominal return and held 0.90 of the cells inside the ranges
@@ -153,6 +155,7 @@ def adaptation_layers(env_id: str, steps: int = DEFAULT_STEPS) -> dict[str, dict
         "final-widening": widening(*FINAL_WIDEN_SHARE),
         "no-load": NO_LOAD,
         "latency-only": {k: [] for k in ROBUST[env_id] if k != "rand_latency"},
+        "grown": {"grow_inputs": True},
     }
 
 

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from controller.errors import MissingFile, UsageError
-from training import checkpoint
+from training import checkpoint, grow
 from training.algos import (
     AnyAgent,
     actors,
@@ -63,6 +64,7 @@ from training.randomization import (
     ObsNoise,
     Widening,
     find,
+    nominal_privileged,
     privileged,
     privileged_dim,
     randomize,
@@ -115,11 +117,60 @@ def train(
     `on_eval` gets each evaluation of the deployed actor as a row of evals.csv ({column:
     value}): how a sweep reports to Ray Tune. Raises `Interrupted` on Ctrl-C."""
     with run_dir(Path(out), resume, overwrite) as directory:
-        return _train(Run(cfg, directory, on_eval), resume, progress)
+        return _train(cfg, directory, resume, progress, on_eval)
 
 
-def _train(run: Run, resume: bool, progress: bool) -> Path:
-    """The training loop of `train`, in a directory it holds."""
+def _train(
+    cfg: TrainConfig,
+    directory: Path,
+    resume: bool,
+    progress: bool,
+    on_eval: Callable[[dict], None] | None = None,
+) -> Path:
+    """`train` in a directory it holds. A run whose inputs grow (`grow_inputs`) trains its
+    nominal stage first, under its own config.json, then grows (training/grow.py) and goes on."""
+    if cfg.grow_inputs and not (
+        resume and checkpoint.load(directory / "checkpoint.pt")[0].grow_inputs
+    ):
+        stage = Run(cfg.nominal_stage(), directory, on_eval)
+        stage.logged = cfg  # `mu train --resume` reads config.json: the run's, not the stage's
+        _loop(stage, resume, progress)
+        _grow(directory, cfg)
+        resume = True
+    run = Run(cfg, directory, on_eval)
+    _loop(run, resume, progress)
+    return run.export()
+
+
+def _grow(directory: Path, cfg: TrainConfig) -> None:
+    """Rewrite checkpoint.pt, the nominal stage's at `cfg.rand_widen_start`, as the checkpoint
+    of `cfg` that computes the same functions (training/grow.py)."""
+    path = directory / "checkpoint.pt"
+    _, old, _, state = checkpoint.load(path, cfg.device)
+    run = Run(cfg, directory, None)
+    history = run.env.history if run.meta.get("history") else None
+    # the stage's steps had nominal dynamics and no sensor noise: its observations are clean
+    priv = None
+    if cfg.privileged_critic:
+        priv = partial(nominal_privileged, cfg.randomization, act_dim=run.act_dim)
+    replay = checkpoint.saved_replay(directory, state)
+    last = grow.grow_replay(replay, run.buffer, history, run.low, run.high, priv)
+    rows = run.buffer.newest(run.buffer.size)
+    grow.grow_agent(old, run.agent, rows["obs"], rows.get("priv"))
+    if history is not None:
+        obs = state["obs"].numpy()
+        state["obs"] = torch.as_tensor(last if state["episode"]["length"] else history.reset(obs))
+    if state["best"] is not None:
+        state["best"] = {
+            **state["best"],
+            "weights": grow.grow_weights(state["best"]["weights"], run.agent, rows["obs"]),
+        }
+    state["replay"] = run.buffer.state_dict()
+    checkpoint.save(path, cfg, run.agent, run.meta, state)
+
+
+def _loop(run: Run, resume: bool, progress: bool) -> None:
+    """The training loop, up to `run.cfg.steps`, and its last checkpoint."""
     if resume:
         run.restore()
     else:
@@ -142,7 +193,6 @@ def _train(run: Run, resume: bool, progress: bool) -> Path:
     bar.close()
     if run.saved_at != run.step:
         run.save()
-    return run.export()
 
 
 def branch(
@@ -172,7 +222,7 @@ def branch(
         raise UsageError(f"{path} is past step {stage.steps}, where this run leaves it")
     with run_dir(Path(out), False, overwrite) as directory:
         atomic_write(directory / "checkpoint.pt", path.read_bytes())
-        return _train(Run(cfg, directory, None), True, progress)
+        return _train(cfg, directory, True, progress)
 
 
 @contextmanager
@@ -238,6 +288,7 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, out: Path, on_eval: Callable[[dict], None] | None):
         self.cfg, self.out, self.on_eval = cfg, out, on_eval
+        self.logged = cfg  # what config.json says
         torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
@@ -378,7 +429,7 @@ class Run:
     def start_log(self) -> None:
         """config.json and evals.csv (on resume, the checkpoint's rows only: a run killed after
         an evaluation but before its next checkpoint evaluates that step again)."""
-        (self.out / "config.json").write_text(self.cfg.to_json())
+        (self.out / "config.json").write_text(self.logged.to_json())
         with open(self.out / "evals.csv", "w", newline="") as f:
             f.write(",".join(EVAL_COLUMNS) + "\n")
             csv.writer(f).writerows(self.evals)
