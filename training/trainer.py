@@ -159,7 +159,8 @@ def _grow(directory: Path, cfg: TrainConfig) -> None:
     grow.grow_agent(old, run.agent, rows["obs"], rows.get("priv"))
     if history is not None:
         obs = state["obs"].numpy()
-        state["obs"] = torch.as_tensor(last if state["episode"]["length"] else history.reset(obs))
+        under_way = state.get("episode", {}).get("length")  # absent: taken at an episode end
+        state["obs"] = torch.as_tensor(last if under_way else history.reset(obs))
     if state["best"] is not None:
         state["best"] = {
             **state["best"],
@@ -206,7 +207,8 @@ def branch(
     bit for bit, up to that checkpoint: for a `cfg` whose ranges widen late, a run of
     `cfg.nominal_stage()` at most `rand_widen_start` steps in (`Run._start_randomization`);
     for a `cfg` that randomizes nothing, a shorter run of `cfg`. The result is a straight
-    run's, for the cost of the steps after the branch."""
+    run's, for the cost of the steps after the branch (with `grow_inputs`, grown at
+    `rand_widen_start` as the straight run is)."""
     path = Path(source) / "checkpoint.pt"
     if not path.exists():
         raise MissingFile(f"no checkpoint.pt in {source}: nothing to branch from")

@@ -58,7 +58,9 @@ def test_variants_stack_the_adaptation_layers():
         "robust+final-widening": 137_500,
         "robust+late-widening+latency-only": 125_000,
         "robust+final-widening+latency-only": 137_500,
-    }  # not a privileged critic's: it sees the draws
+        "robust+history+privileged+late-widening+grown": 125_000,
+        "robust+history+privileged+final-widening+grown": 137_500,
+    }  # nor a privileged critic's from the first step: it sees the draws
     # the last actions reach past the largest latency
     assert configs["robust+history"].history_actions == robust["latency"][1] + 1
     assert not configs["robust+history"].privileged_critic
@@ -69,6 +71,9 @@ def test_variants_stack_the_adaptation_layers():
     assert configs["robust+history+privileged+late-widening"] == config(
         "robust+history+privileged", **late
     )
+    for when, schedule in (("late", late), ("final", final)):  # the inputs join at the widening
+        grown = configs[f"robust+history+privileged+{when}-widening+grown"]
+        assert grown == config("robust+history+privileged", **schedule, grow_inputs=True)
     # `--preset adaptive` is the stack that measured best: a walker's the final widening alone
     for env_id, best in ((CHEETAH, "robust+final-widening"),
                          ("PandaReachDense-v3", "robust+history+privileged+widening")):  # fmt: skip

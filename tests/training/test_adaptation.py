@@ -1,7 +1,9 @@
 """Policies that adapt: history in the actor's input, a privileged critic, randomization that
 widens from nominal. Real PyBullet envs, real runs on tiny budgets."""
 
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import onnxruntime as ort
@@ -13,7 +15,7 @@ from controller.finetune.config import FinetuneConfig
 from controller.finetune.learner import Learner
 from training import checkpoint
 from training.config import TrainConfig
-from training.envs import make_env
+from training.envs import make_env, to_env_units
 from training.evaluate import evaluate_onnx
 from training.history import History, HistoryObs
 from training.randomization import (
@@ -27,7 +29,8 @@ from training.randomization import (
     randomize,
     widening_scale,
 )
-from training.trainer import branch, train
+from training.td3 import critic_obs
+from training.trainer import _grow, branch, train
 
 ENV = "InvertedPendulumBulletEnv-v0"  # 5 observations, 1 action in [-1, 1]
 RANGES = {"mass": [0.5, 1.5], "latency": [0, 2]}
@@ -231,3 +234,64 @@ def test_finetuning_a_privileged_critic_fills_nominal_draws(run, tmp_path):
     assert learner.buffer.size == offline + 40
     losses = learner.step()
     assert np.isfinite(float(losses["critic_loss"]))
+
+
+def test_grown_inputs_join_at_zero_weight_and_the_run_branches_bit_for_bit(tmp_path):
+    # the history and privileged inputs join when the ranges widen: until then the run is the
+    # nominal run (its stage); grown, its actor and critics compute what the stage's did
+    late = cfg(rand_widen_start=300, rand_widen_steps=200, grow_inputs=True)
+    stage = late.nominal_stage()
+    assert (stage.history_actions, stage.privileged_critic, stage.grow_inputs) == (0, False, False)
+    train(stage, tmp_path / "nominal", progress=False)
+    (tmp_path / "grown").mkdir()
+    shutil.copy(tmp_path / "nominal" / "checkpoint.pt", tmp_path / "grown")
+    _grow(tmp_path / "grown", late)
+    _, old, _, before = checkpoint.load(tmp_path / "nominal" / "checkpoint.pt")
+    _, new, meta, after = checkpoint.load(tmp_path / "grown" / "checkpoint.pt")
+    raw, rows = before["replay"], after["replay"]
+    assert meta["history"] == {"obs": 1, "actions": 3, "obs_dim": 5} and meta["priv_dim"] == 7
+    assert torch.equal(rows["obs"][:, :5], raw["obs"]) and rows["obs"].shape[1] == 13
+    # each next input is the next step's input within an episode; its newest action the stored
+    # one, as the env received it
+    inside = ~rows["episode_end"][:-1, 0].bool()
+    assert torch.equal(rows["next_obs"][:-1][inside], rows["obs"][1:][inside])
+    sent = to_env_units(raw["action"].numpy(), np.float32([-1]), np.float32([1]))
+    np.testing.assert_array_equal(rows["next_obs"][:, 10:11].numpy(), sent)
+    clean = nominal_privileged(late.randomization, raw["obs"][7].numpy(), 1)
+    np.testing.assert_array_equal(rows["priv"][7].numpy(), clean)
+    with torch.no_grad():
+        mu_old = old.actor(old.normalizer(raw["obs"]))
+        mu_new = new.actor(new.normalizer(rows["obs"]))
+        q_old = old.critic(old.normalizer(raw["obs"]), raw["action"])
+        c = critic_obs(new.priv_normalizer, new.normalizer(rows["obs"]), rows["priv"])
+        q_new = new.critic(c, raw["action"])
+    assert (mu_old - mu_new).abs().max() < 1e-5 and (q_old - q_new).abs().max() < 1e-4
+    assert mu_old.std() > 0.01 and q_old.std() > 0.01  # trained networks, not constants
+    # Adam steps the new weights at the size it steps their row's others
+    first = new.actor_opt.state_dict()["state"][0]
+    assert not first["exp_avg"][:, 5:].any()
+    row_mean = old.actor_opt.state_dict()["state"][0]["exp_avg_sq"].mean(1)
+    assert torch.allclose(first["exp_avg_sq"][:, 12], row_mean)
+
+    # straight, or branched from a shorter stage (it trains on to 300, grows, goes on): the same
+    train(late, tmp_path / "straight", progress=False)
+    short = dataclasses.replace(stage, steps=200)
+    train(short, tmp_path / "short", progress=False)
+    branch(tmp_path / "short", late, tmp_path / "branched", progress=False)
+    a = checkpoint.load(tmp_path / "straight" / "checkpoint.pt")
+    b = checkpoint.load(tmp_path / "branched" / "checkpoint.pt")
+    assert_same_networks(a[1].modules(), b[1].modules())
+    assert torch.equal(a[3]["replay"]["obs"], b[3]["replay"]["obs"])
+    assert TrainConfig.load(tmp_path / "straight" / "config.json") == late
+    sess = ort.InferenceSession(str(tmp_path / "straight" / "policy.onnx"))
+    assert [(i.name, i.shape) for i in sess.get_inputs()] == [("obs", ["batch", 13])]
+
+
+def test_grown_inputs_need_inputs_to_grow_and_a_widening():
+    with pytest.raises(UsageError, match="grow_inputs needs"):
+        cfg(grow_inputs=True)  # no rand_widen_start
+    with pytest.raises(UsageError, match="grow_inputs needs"):
+        cfg(history_obs=0, history_actions=0, privileged_critic=False, rand_widen_start=300,
+            grow_inputs=True)  # fmt: skip
+    with pytest.raises(UsageError, match="td7's encoders"):
+        cfg(algo="td7", rand_widen_start=300, grow_inputs=True)
