@@ -112,11 +112,11 @@ def grow_replay(
     low: np.ndarray,
     high: np.ndarray,
     priv: Callable[[np.ndarray], np.ndarray] | None,
-) -> np.ndarray | None:
+) -> np.ndarray:
     """Fill `new` with `old`'s transitions, oldest first, their observations with history (each
     episode from its start, with its stored actions as the env received them; a wrapped
     buffer's oldest episode from its oldest stored step) and `priv(observation)` beside them.
-    Returns the input after the newest stored step (None for an empty buffer)."""
+    Returns the input after the newest stored step."""
     raw = old.newest(old.size)
     rows = dict(raw)
     if history is not None:
@@ -127,10 +127,9 @@ def grow_replay(
             obs.append(history.reset(o) if start else next_obs[-1])
             next_obs.append(history.step(to_env_units(a, low, high), o2))
             start = bool(end[0])
-        if old.size:
-            rows["obs"], rows["next_obs"] = np.stack(obs), np.stack(next_obs)
+        rows["obs"], rows["next_obs"] = np.stack(obs), np.stack(next_obs)
     if priv is not None:
         rows["priv"] = np.stack([priv(o) for o in raw["obs"]])
         rows["next_priv"] = np.stack([priv(o) for o in raw["next_obs"]])
     new.extend(rows)
-    return rows["next_obs"][-1] if old.size else None
+    return rows["next_obs"][-1]

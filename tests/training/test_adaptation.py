@@ -273,15 +273,19 @@ def test_grown_inputs_join_at_zero_weight_and_the_run_branches_bit_for_bit(tmp_p
     row_mean = old.actor_opt.state_dict()["state"][0]["exp_avg_sq"].mean(1)
     assert torch.allclose(first["exp_avg_sq"][:, 12], row_mean)
 
-    # straight, or branched from a shorter stage (it trains on to 300, grows, goes on): the same
+    # straight, branched from a shorter stage (it trains on to 300, grows, goes on) or resumed:
+    # the same run
     train(late, tmp_path / "straight", progress=False)
     short = dataclasses.replace(stage, steps=200)
     train(short, tmp_path / "short", progress=False)
     branch(tmp_path / "short", late, tmp_path / "branched", progress=False)
+    train(dataclasses.replace(late, steps=500), tmp_path / "resumed", progress=False)
+    train(late, tmp_path / "resumed", resume=True, progress=False)  # resumed once grown
     a = checkpoint.load(tmp_path / "straight" / "checkpoint.pt")
-    b = checkpoint.load(tmp_path / "branched" / "checkpoint.pt")
-    assert_same_networks(a[1].modules(), b[1].modules())
-    assert torch.equal(a[3]["replay"]["obs"], b[3]["replay"]["obs"])
+    for other in ("branched", "resumed"):
+        b = checkpoint.load(tmp_path / other / "checkpoint.pt")
+        assert_same_networks(a[1].modules(), b[1].modules())
+        assert torch.equal(a[3]["replay"]["obs"], b[3]["replay"]["obs"])
     assert TrainConfig.load(tmp_path / "straight" / "config.json") == late
     sess = ort.InferenceSession(str(tmp_path / "straight" / "policy.onnx"))
     assert [(i.name, i.shape) for i in sess.get_inputs()] == [("obs", ["batch", 13])]
