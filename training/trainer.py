@@ -134,7 +134,7 @@ def _train(
     ):
         stage = Run(cfg.nominal_stage(), directory, on_eval)
         stage.logged = cfg  # `mu train --resume` reads config.json: the run's, not the stage's
-        _loop(stage, resume, progress)
+        _loop(stage, resume, progress, total=cfg.steps)
         _grow(directory, cfg)
         resume = True
     run = Run(cfg, directory, on_eval)
@@ -170,15 +170,16 @@ def _grow(directory: Path, cfg: TrainConfig) -> None:
     checkpoint.save(path, cfg, run.agent, run.meta, state)
 
 
-def _loop(run: Run, resume: bool, progress: bool) -> None:
-    """The training loop, up to `run.cfg.steps`, and its last checkpoint."""
+def _loop(run: Run, resume: bool, progress: bool, total: int | None = None) -> None:
+    """The training loop, up to `run.cfg.steps`, and its last checkpoint; the progress bar
+    counts to `total` (the whole run's steps, where this is its nominal stage)."""
     if resume:
         run.restore()
     else:
         run.obs = run.reset()
     run.start_log()
     cfg = run.cfg
-    bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress, unit="step")
+    bar = tqdm(total=total or cfg.steps, initial=run.step, disable=not progress, unit="step")
     with _ctrl_c() as stop:
         while run.step < cfg.steps:
             if stop.is_set():
