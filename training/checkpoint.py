@@ -68,7 +68,9 @@ def load(
     if not path.exists():
         raise MissingFile(f"no checkpoint at {path}")
     try:
-        payload = torch.load(path, map_location=device, weights_only=True)
+        # on the CPU: the replay and generator states are numpy's and torch's CPU state; the
+        # agent's modules and optimizers move what they hold to `device` as they load it
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # torch raises a different error for each kind of wrong file
         payload = None
     if not isinstance(payload, dict) or payload.get("format") != "mu.checkpoint.v1":

@@ -106,7 +106,9 @@ class TrainConfig:
     checkpoint_every: int = _f(25_000, "Steps between checkpoints (taken at episode ends).")
     torch_threads: int = _f(1, "torch intra-op threads; 1 is fastest for small nets on CPU.")
     export: str = _f(
-        "best", "Actor in policy.onnx: best (best evaluation; td7: its checkpoint) or last."
+        "best",
+        "Actor in policy.onnx: best (best evaluation once widening ranges are full; td7: its "
+        "checkpoint) or last.",
     )
     # domain randomization of the training env (training/randomization.py): each a range
     # [lo, hi] drawn per episode from the run's seeded generator; [] leaves the knob nominal

@@ -128,17 +128,21 @@ def _train(
     on_eval: Callable[[dict], None] | None = None,
 ) -> Path:
     """`train` in a directory it holds. A run whose inputs grow (`grow_inputs`) trains its
-    nominal stage first, under its own config.json, then grows (training/grow.py) and goes on."""
-    if cfg.grow_inputs and not (
-        resume and checkpoint.load(directory / "checkpoint.pt")[0].grow_inputs
-    ):
-        stage = Run(cfg.nominal_stage(), directory, on_eval)
-        stage.logged = cfg  # `mu train --resume` reads config.json: the run's, not the stage's
-        _loop(stage, resume, progress, total=cfg.steps)
-        _grow(directory, cfg)
-        resume = True
-    run = Run(cfg, directory, on_eval)
-    _loop(run, resume, progress)
+    nominal stage first, under its own config.json, then grows (training/grow.py) and goes on;
+    a Ctrl-C in the stage or while it grows stops the run at the first step after."""
+    with _ctrl_c() as stop:
+        if cfg.grow_inputs and not (
+            resume and checkpoint.load(directory / "checkpoint.pt")[0].grow_inputs
+        ):
+            stage = Run(cfg.nominal_stage(), directory, on_eval)
+            stage.logged = cfg  # `mu train --resume` reads config.json: the run's, not the stage's
+            _loop(stage, resume, progress, stop, total=cfg.steps)
+            stage.writer.close()
+            del stage  # its replay, at full capacity, before the grown one is made
+            _grow(directory, cfg)
+            resume = True
+        run = Run(cfg, directory, on_eval)
+        _loop(run, resume, progress, stop)
     return run.export()
 
 
@@ -170,7 +174,9 @@ def _grow(directory: Path, cfg: TrainConfig) -> None:
     checkpoint.save(path, cfg, run.agent, run.meta, state)
 
 
-def _loop(run: Run, resume: bool, progress: bool, total: int | None = None) -> None:
+def _loop(
+    run: Run, resume: bool, progress: bool, stop: threading.Event, total: int | None = None
+) -> None:
     """The training loop, up to `run.cfg.steps`, and its last checkpoint; the progress bar
     counts to `total` (the whole run's steps, where this is its nominal stage)."""
     if resume:
@@ -180,18 +186,17 @@ def _loop(run: Run, resume: bool, progress: bool, total: int | None = None) -> N
     run.start_log()
     cfg = run.cfg
     bar = tqdm(total=total or cfg.steps, initial=run.step, disable=not progress, unit="step")
-    with _ctrl_c() as stop:
-        while run.step < cfg.steps:
-            if stop.is_set():
-                run.save()
-                raise Interrupted(run.out, run.step)
-            done = run.collect()
-            run.log_losses(run.schedule.after_step(run.step), every=1000)
-            if run.step >= run.next_eval:
-                bar.set_postfix_str(run.evaluate())
-            if done:
-                run.end_episode()
-            bar.update(1)
+    while run.step < cfg.steps:
+        if stop.is_set():
+            run.save()
+            raise Interrupted(run.out, run.step)
+        done = run.collect()
+        run.log_losses(run.schedule.after_step(run.step), every=1000)
+        if run.step >= run.next_eval:
+            bar.set_postfix_str(run.evaluate())
+        if done:
+            run.end_episode()
+        bar.update(1)
     bar.close()
     if run.saved_at != run.step:
         run.save()
@@ -541,6 +546,11 @@ class Run:
         return evaluate(view, self.eval_env, self.cfg.eval_episodes, seed, self.cfg.device)
 
     def _consider(self, view: AnyAgent, name: str, step: int, res: EvalResult) -> None:
+        # where the ranges widen late, the best at nominal dynamics is most often an actor from
+        # before they are full (the nominal run's): only those trained on the full ranges compete
+        cfg = self.cfg
+        if widening_scale(step, cfg.rand_widen_start, cfg.rand_widen_steps) < 1:
+            return
         if self.best is None or res.mean_return > self.best["eval_return"]:
             self.best = snapshot(view, name, step, res.mean_return, res.success_rate)
 

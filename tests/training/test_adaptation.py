@@ -30,7 +30,7 @@ from training.randomization import (
     widening_scale,
 )
 from training.td3 import critic_obs
-from training.trainer import _grow, branch, train
+from training.trainer import EvalResult, Run, _grow, branch, train
 
 ENV = "InvertedPendulumBulletEnv-v0"  # 5 observations, 1 action in [-1, 1]
 RANGES = {"mass": [0.5, 1.5], "latency": [0, 2]}
@@ -299,3 +299,12 @@ def test_grown_inputs_need_inputs_to_grow_and_a_widening():
             grow_inputs=True)  # fmt: skip
     with pytest.raises(UsageError, match="td7's encoders"):
         cfg(algo="td7", rand_widen_start=300, grow_inputs=True)
+
+
+def test_with_ranges_that_widen_only_actors_trained_on_the_full_ranges_are_exported(tmp_path):
+    late = cfg(rand_widen_start=300, rand_widen_steps=200)
+    run = Run(late, tmp_path, None)
+    run._consider(run.agent, "current", 450, EvalResult(1000.0, 0.0, None))  # scale 0.75
+    assert run.best is None  # the best at nominal dynamics, but not yet on the full ranges
+    run._consider(run.agent, "current", 500, EvalResult(10.0, 0.0, None))
+    assert run.best["step"] == 500
