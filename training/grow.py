@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from controller.history import History
+from training.algos import actor_weights
 from training.envs import to_env_units
 from training.networks import Normalizer
 from training.replay import ReplayBuffer
@@ -72,6 +73,11 @@ def grow_adam(old: dict, params: list[torch.nn.Parameter], index: torch.Tensor) 
     return {"state": state, "param_groups": old["param_groups"]}
 
 
+def grow_module(old: dict[str, torch.Tensor], new: torch.nn.Module, index: torch.Tensor) -> dict:
+    """A network's state dict grown into `new`'s shapes, the new weights at zero."""
+    return grow_state(old, {k: torch.zeros_like(v) for k, v in new.state_dict().items()}, index)
+
+
 def grow_agent(old: Agent, new: Agent, obs: np.ndarray, priv: np.ndarray | None) -> None:
     """Load into `new` (created for the grown inputs) `old`'s agent, grown; `obs` and `priv`
     are the grown replay's columns, for the new inputs' statistics."""
@@ -81,28 +87,26 @@ def grow_agent(old: Agent, new: Agent, obs: np.ndarray, priv: np.ndarray | None)
     actor_index = torch.arange(d)
     # the critics read [observation, privileged, action]: the action moves past the new inputs
     critic_index = torch.cat([torch.arange(d), torch.arange(dim + p, dim + p + act_dim)])
-    new.normalizer.load_state_dict(
-        grow_normalizer(old.normalizer.state_dict(), new.normalizer, obs, actor_index)
-    )
+    for part, weights in grow_weights(actor_weights(old), new, obs).items():
+        getattr(new, part).load_state_dict(weights)
     if new.priv_normalizer is not None:
         new.priv_normalizer.update(torch.as_tensor(priv, device=new.priv_normalizer.mean.device))
+    for slot, index in (("actor_target", actor_index), ("critic", critic_index),
+                        ("critic_target", critic_index)):  # fmt: skip
+        net = getattr(new, slot)
+        net.load_state_dict(grow_module(getattr(old, slot).state_dict(), net, index))
     for name, index in (("actor", actor_index), ("critic", critic_index)):
-        for slot in (name, f"{name}_target"):
-            net = getattr(new, slot)
-            like = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
-            net.load_state_dict(grow_state(getattr(old, slot).state_dict(), like, index))
-        opt = getattr(new, f"{name}_opt")
         params = list(getattr(new, name).parameters())
-        opt.load_state_dict(grow_adam(getattr(old, f"{name}_opt").state_dict(), params, index))
+        old_state = getattr(old, f"{name}_opt").state_dict()
+        getattr(new, f"{name}_opt").load_state_dict(grow_adam(old_state, params, index))
 
 
 def grow_weights(weights: dict, new: Agent, obs: np.ndarray) -> dict:
-    """A snapshot's deployed weights (`algos.actor_weights`: normalizer and actor) grown."""
+    """Deployed weights (`algos.actor_weights`: normalizer and actor; a snapshot's) grown."""
     index = torch.arange(weights["normalizer"]["mean"].numel())
-    like = {k: torch.zeros_like(v) for k, v in new.actor.state_dict().items()}
     return {
         "normalizer": grow_normalizer(weights["normalizer"], new.normalizer, obs, index),
-        "actor": grow_state(weights["actor"], like, index),
+        "actor": grow_module(weights["actor"], new.actor, index),
     }
 
 
@@ -113,11 +117,11 @@ def grow_replay(
     low: np.ndarray,
     high: np.ndarray,
     priv: Callable[[np.ndarray], np.ndarray] | None,
-) -> np.ndarray:
+) -> dict[str, np.ndarray]:
     """Fill `new` with `old`'s transitions, oldest first, their observations with history (each
     episode from its start, with its stored actions as the env received them; a wrapped
     buffer's oldest episode from its oldest stored step) and `priv(observation)` beside them.
-    Returns the input after the newest stored step."""
+    Returns what it stored ({field: [n, dim]}, oldest first: `ReplayBuffer.newest`'s layout)."""
     raw = old.newest(old.size)
     rows = dict(raw)
     if history is not None:
@@ -133,4 +137,4 @@ def grow_replay(
         rows["priv"] = np.stack([priv(o) for o in raw["obs"]])
         rows["next_priv"] = np.stack([priv(o) for o in raw["next_obs"]])
     new.extend(rows)
-    return rows["next_obs"][-1]
+    return rows

@@ -3,8 +3,8 @@
 A snapshot is an evaluated actor: its deterministic evaluation, the step, which actor it was
 (`current`, or TD7's `checkpoint`) and copies of the weights it acts through. The trainer keeps
 the best snapshot over every evaluation of every actor (where the ranges widen, from when they
-are full: `Run._consider`); `choose_export` picks what policy.onnx
-holds from it and the last actor."""
+are full: `Run._consider`); `choose_export` picks what policy.onnx holds from it and the last
+actor."""
 
 from __future__ import annotations
 

@@ -158,13 +158,12 @@ def _grow(directory: Path, cfg: TrainConfig) -> None:
     if cfg.privileged_critic:
         priv = partial(nominal_privileged, cfg.randomization, act_dim=run.act_dim)
     replay = checkpoint.saved_replay(directory, state)
-    last = grow.grow_replay(replay, run.buffer, history, run.low, run.high, priv)
-    rows = run.buffer.newest(run.buffer.size)
+    rows = grow.grow_replay(replay, run.buffer, history, run.low, run.high, priv)
     grow.grow_agent(old, run.agent, rows["obs"], rows.get("priv"))
     if history is not None:
         obs = state["obs"].numpy()
         under_way = state.get("episode", {}).get("length")  # absent: taken at an episode end
-        state["obs"] = torch.as_tensor(last if under_way else history.reset(obs))
+        state["obs"] = torch.as_tensor(rows["next_obs"][-1] if under_way else history.reset(obs))
     if state["best"] is not None:
         state["best"] = {
             **state["best"],
