@@ -135,7 +135,7 @@ def _train(
             resume and checkpoint.load(directory / "checkpoint.pt")[0].grow_inputs
         ):
             stage = Run(cfg.nominal_stage(), directory, on_eval)
-            stage.logged = cfg  # `mu train --resume` reads config.json: the run's, not the stage's
+            stage.whole = cfg  # config.json (what `--resume` reads) and the export rule: the run's
             _loop(stage, resume, progress, stop, total=cfg.steps)
             stage.writer.close()
             del stage  # its replay, at full capacity, before the grown one is made
@@ -295,7 +295,7 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, out: Path, on_eval: Callable[[dict], None] | None):
         self.cfg, self.out, self.on_eval = cfg, out, on_eval
-        self.logged = cfg  # what config.json says
+        self.whole = cfg  # the whole run's config, where this is a grown run's stage (`_train`)
         torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
@@ -436,7 +436,7 @@ class Run:
     def start_log(self) -> None:
         """config.json and evals.csv (on resume, the checkpoint's rows only: a run killed after
         an evaluation but before its next checkpoint evaluates that step again)."""
-        (self.out / "config.json").write_text(self.logged.to_json())
+        (self.out / "config.json").write_text(self.whole.to_json())
         with open(self.out / "evals.csv", "w", newline="") as f:
             f.write(",".join(EVAL_COLUMNS) + "\n")
             csv.writer(f).writerows(self.evals)
@@ -545,13 +545,21 @@ class Run:
         return evaluate(view, self.eval_env, self.cfg.eval_episodes, seed, self.cfg.device)
 
     def _consider(self, view: AnyAgent, name: str, step: int, res: EvalResult) -> None:
-        # where the ranges widen late, the best at nominal dynamics is most often an actor from
-        # before they are full (the nominal run's): only those trained on the full ranges compete
-        cfg = self.cfg
-        if widening_scale(step, cfg.rand_widen_start, cfg.rand_widen_steps) < 1:
-            return
-        if self.best is None or res.mean_return > self.best["eval_return"]:
+        best = self._best()
+        if self._full(step) and (best is None or res.mean_return > best["eval_return"]):
             self.best = snapshot(view, name, step, res.mean_return, res.success_rate)
+
+    def _full(self, step: int) -> bool:
+        """Whether the actor at `step` trained on the full ranges. Where they widen late, the
+        best at nominal dynamics is most often an actor from before (the nominal run's), so
+        only those after compete for policy.onnx."""
+        cfg = self.whole
+        return widening_scale(step, cfg.rand_widen_start, cfg.rand_widen_steps) >= 1
+
+    def _best(self) -> dict | None:
+        """The best snapshot that competes (`_full`): one from before the ranges were full
+        comes with a checkpoint branched from a nominal run, or from a grown run's stage."""
+        return self.best if self.best and self._full(self.best["step"]) else None
 
     def export(self) -> Path:
         """policy.onnx (per the export rule, `snapshots.choose_export`), policy.last.onnx,
@@ -570,7 +578,7 @@ class Run:
             elif not row:
                 self._consider(view, name, self.step, res)
         meta = {**self.meta, "train_steps": self.cfg.steps}
-        pick, export_meta = choose_export(self.cfg.export, self.best, last, meta)
+        pick, export_meta = choose_export(self.cfg.export, self._best(), last, meta)
         _, last_meta = choose_export("last", None, last, meta)
         exported = with_deployed(self.agent, pick["weights"])
         checkpoint.save(self.out / "agent.pt", self.cfg, exported, export_meta)

@@ -29,6 +29,7 @@ from training.randomization import (
     randomize,
     widening_scale,
 )
+from training.snapshots import snapshot
 from training.td3 import critic_obs
 from training.trainer import EvalResult, Run, _grow, branch, train
 
@@ -308,3 +309,9 @@ def test_with_ranges_that_widen_only_actors_trained_on_the_full_ranges_are_expor
     assert run.best is None  # the best at nominal dynamics, but not yet on the full ranges
     run._consider(run.agent, "current", 500, EvalResult(10.0, 0.0, None))
     assert run.best["step"] == 500
+    # a best from before, as a checkpoint branched from a nominal run (or a grown run's stage)
+    # brings it, does not compete either
+    run.best = snapshot(run.agent, "current", 200, 1000.0, None)
+    assert run._best() is None
+    run._consider(run.agent, "current", 550, EvalResult(10.0, 0.0, None))
+    assert run.best["step"] == 550 and run._best() is run.best
