@@ -50,7 +50,7 @@ def grow_state(
 def grow_normalizer(old: dict, new: Normalizer, obs: np.ndarray, index: torch.Tensor) -> dict:
     """`old`'s statistics at `index`, the statistics of `obs` (the grown replay's inputs)
     elsewhere, at `old`'s count (a wrapped replay holds fewer steps than the normalizer saw)."""
-    fresh = Normalizer(new.mean.numel(), new.enabled, new.clip, new.eps)
+    fresh = Normalizer(new.mean.numel(), new.enabled, new.clip, new.eps, new.raw)
     fresh.update(torch.as_tensor(obs))
     fresh.m2 *= old["count"] / fresh.count
     return grow_state(old, {k: v.to(new.mean.device) for k, v in fresh.state_dict().items()}, index)

@@ -15,13 +15,19 @@ from torch import nn
 
 class Normalizer(nn.Module):
     """Running mean/variance of observations. Statistics are buffers: saved with the model,
-    frozen unless `update` is called, and copied into the exported graph as constants."""
+    frozen unless `update` is called, and copied into the exported graph as constants. The
+    first `raw` inputs, already in [-1, 1], pass through: standardized, an input that stays
+    constant for most of a run (a randomization draw before its range widens) would be
+    scaled 1e4× once it moves."""
 
-    def __init__(self, dim: int, enabled: bool = True, clip: float = 10.0, eps: float = 1e-8):
+    def __init__(
+        self, dim: int, enabled: bool = True, clip: float = 10.0, eps: float = 1e-8, raw: int = 0
+    ):
         super().__init__()
         self.enabled = enabled
         self.clip = clip
         self.eps = eps
+        self.raw = raw
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
@@ -45,6 +51,8 @@ class Normalizer(nn.Module):
         std = (self.m2 / self.count).sqrt()
         self.shift.copy_(self.mean)
         self.scale.copy_(1.0 / (std + self.eps).clamp_min(1e-4))
+        self.shift[: self.raw] = 0.0
+        self.scale[: self.raw] = 1.0
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

@@ -19,6 +19,7 @@ import torch
 
 from training.config import TrainConfig
 from training.networks import Actor, Critics, Normalizer, Policy
+from training.randomization import privileged_dim
 from training.replay import ReplayBuffer
 
 
@@ -56,7 +57,7 @@ class Agent:
             # fused: one kernel for all parameters, 4–7% more updates/s on CPU here
             torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr, fused=True),
             torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, fused=True),
-            Normalizer(priv_dim).to(cfg.device) if priv_dim else None,
+            privileged_normalizer(cfg, act_dim, priv_dim),
         )
 
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -84,6 +85,16 @@ class Agent:
 
     # The parts a deployed actor acts through, each with the slot that holds the exported one.
     DEPLOYED = {"normalizer": "normalizer", "actor": "actor"}
+
+
+def privileged_normalizer(cfg: TrainConfig, act_dim: int, priv_dim: int) -> Normalizer | None:
+    """The privileged inputs' normalizer (None without them): the knob draws lead ξ, already
+    mapped to [-1, 1] by their ranges (`privileged_vector`), and pass through; the noise-free
+    observation after them is standardized like the actor's."""
+    if not priv_dim:
+        return None
+    knobs = privileged_dim(cfg.randomization, 0, act_dim)
+    return Normalizer(priv_dim, raw=knobs).to(cfg.device)
 
 
 def critic_obs(

@@ -29,7 +29,7 @@ from training.config import TrainConfig
 from training.lap import PrioritizedReplay
 from training.networks import Normalizer
 from training.sale import Encoder, SaleActor, SaleCritics, SalePolicy
-from training.td3 import critic_obs
+from training.td3 import critic_obs, privileged_normalizer
 
 CHECKPOINT_RESET_WEIGHT = 0.9  # the bar is lowered by this when assessments lengthen (paper's)
 
@@ -109,7 +109,7 @@ class Agent:
             torch.optim.Adam(encoder.parameters(), lr=cfg.critic_lr, fused=True),
             torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr, fused=True),
             torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, fused=True),
-            Normalizer(priv_dim).to(dev) if priv_dim else None,
+            privileged_normalizer(cfg, act_dim, priv_dim),
         )
 
     def modules(self) -> dict[str, nn.Module]:

@@ -168,6 +168,19 @@ def test_replay_holds_the_envs_draws(run):
     assert latencies <= {0, 1, 2}
 
 
+def test_the_critic_reads_the_draws_as_drawn_and_the_clean_observation_standardized(run):
+    # the draws sit at nominal until the ranges widen: standardized, they would be scaled by
+    # 1e4 (clipped to ±10) once they move
+    _, agent, _, state = checkpoint.load(run / "checkpoint.pt")
+    priv = state["replay"]["priv"][: WIDEN_START + WIDEN_STEPS + 200]
+    with torch.no_grad():
+        seen = agent.priv_normalizer(priv)
+    assert torch.equal(seen[:, :2], priv[:, :2])
+    assert priv[:, 1].abs().max() > 0.5  # mass draws far from nominal were seen
+    clean = agent.priv_normalizer.scale[2:]
+    assert torch.allclose(clean, agent.normalizer.scale[:5])  # clean = seen here (no noise)
+
+
 def test_the_exported_actor_has_no_privileged_input(run):
     sess = ort.InferenceSession(str(run / "policy.onnx"))
     (inp,) = sess.get_inputs()
@@ -267,6 +280,7 @@ def test_grown_inputs_join_at_zero_weight_and_the_run_branches_bit_for_bit(tmp_p
         c = critic_obs(new.priv_normalizer, new.normalizer(rows["obs"]), rows["priv"])
         q_new = new.critic(c, raw["action"])
     assert (mu_old - mu_new).abs().max() < 1e-5 and (q_old - q_new).abs().max() < 1e-4
+    assert torch.equal(c[:, 13:15], rows["priv"][:, :2])  # the draws pass through as they are
     assert mu_old.std() > 0.01 and q_old.std() > 0.01  # trained networks, not constants
     # Adam steps the new weights at the size it steps their row's others
     first = new.actor_opt.state_dict()["state"][0]
