@@ -105,11 +105,15 @@ def test_adaptive_widening_is_a_share_of_the_runs_steps():
         assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (0, span)
     cfg = resolve({"env": panda}, ["steps=8000"], preset_name="adaptive")  # a --set counts too
     assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (0, 2_000)
-    # a walker's adaptive preset is the nominal run for 11/12 of its steps, then the widening ...
-    for steps, start, span in ((150_000, 137_500, 6_250), (60_000, 55_000, 2_500)):
+    # a walker's adaptive preset is the nominal run for 5/6 of its steps, then the widening,
+    # where history and the privileged critic join ...
+    for steps, start, span in ((150_000, 125_000, 12_500), (60_000, 50_000, 5_000)):
         cfg = resolve({"env": cheetah, "steps": steps}, [], preset_name="adaptive")
         assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (start, span)
-        assert not cfg.history_actions and not cfg.privileged_critic
+        assert cfg.history_actions == 2 and cfg.privileged_critic and cfg.grow_inputs
+    # ... which TD7 cannot grow: its adaptive run has them from the first step
+    cfg = resolve({"env": cheetah, "algo": "td7"}, [], preset_name="adaptive")
+    assert cfg.history_actions == 2 and cfg.privileged_critic and not cfg.grow_inputs
     # ... and the user's own schedule is theirs
     cfg = resolve({"env": cheetah}, ["rand_widen_start=100", "rand_widen_steps=50"], "adaptive")
     assert (cfg.rand_widen_start, cfg.rand_widen_steps) == (100, 50)
