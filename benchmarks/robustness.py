@@ -91,6 +91,9 @@ VARIANTS: dict[str, tuple[str, ...] | None] = {
         "late-widening",
         "grown",
     ),
+    # the late grown recipe less one of its inputs
+    "robust+history+late-widening+grown": ("history", "late-widening", "grown"),
+    "robust+privileged+late-widening+grown": ("privileged", "late-widening", "grown"),
     "robust+history+privileged+final-widening+grown": (
         "history",
         "privileged",

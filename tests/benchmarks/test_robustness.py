@@ -59,6 +59,8 @@ def test_variants_stack_the_adaptation_layers():
         "robust+late-widening+latency-only": 125_000,
         "robust+final-widening+latency-only": 137_500,
         "robust+history+privileged+late-widening+grown": 125_000,
+        "robust+history+late-widening+grown": 125_000,
+        "robust+privileged+late-widening+grown": 125_000,
         "robust+history+privileged+final-widening+grown": 137_500,
     }  # nor a privileged critic's from the first step: it sees the draws
     # the last actions reach past the largest latency
@@ -74,6 +76,11 @@ def test_variants_stack_the_adaptation_layers():
     for when, schedule in (("late", late), ("final", final)):  # the inputs join at the widening
         grown = configs[f"robust+history+privileged+{when}-widening+grown"]
         assert grown == config("robust+history+privileged", **schedule, grow_inputs=True)
+    # the late grown recipe less one of its inputs
+    history = {"history_obs": 2, "history_actions": robust["latency"][1] + 1}
+    for one, inputs in (("history", history), ("privileged", {"privileged_critic": True})):
+        variant = f"robust+{one}+late-widening+grown"
+        assert configs[variant] == config("robust", **inputs, **late, grow_inputs=True)
     # `--preset adaptive` is the stack that measured best
     for env_id, best in ((CHEETAH, "robust+history+privileged+late-widening+grown"),
                          ("PandaReachDense-v3", "robust+history+privileged+widening")):  # fmt: skip
