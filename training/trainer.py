@@ -171,6 +171,8 @@ def _grow(directory: Path, cfg: TrainConfig) -> None:
         }
     state["replay"] = run.buffer.state_dict()
     checkpoint.save(path, cfg, run.agent, run.meta, state)
+    joined = [name for name, on in (("history", history), ("privileged", priv)) if on]
+    log.info("step %d: %s inputs joined at zero weight", state["step"], " and ".join(joined))
 
 
 def _loop(
