@@ -172,10 +172,8 @@ NAMED: dict[str, dict[str, Any]] = {
 # (11.2 against 20.2 updates/s on CPU) for an architecture TD7 was not tuned with.
 # DDPG's own settings (`config.ALGO_SETTINGS`) come over a preset's TD3 values (zoo's delay and
 # target noise), so that only a user's own contrary value is refused.
-# TD7's encoders cannot grow (training/grow.py): under TD7 a walker's `adaptive` has its history
-# and privileged critic from the first step.
 BY_ALGO: dict[str, dict[str, Any]] = {
-    "td7": {"actor_hidden": [256, 256], "critic_hidden": [256, 256], "grow_inputs": False},
+    "td7": {"actor_hidden": [256, 256], "critic_hidden": [256, 256]},
     "ddpg": ALGO_SETTINGS["ddpg"],
 }
 
@@ -199,7 +197,10 @@ def preset(
         if name == "adaptive":
             layers = adaptation_layers(env_id, steps)
             for layer in ADAPTIVE[_kind(env_id)]:
-                base.update(layers[layer])
+                # TD7's encoders cannot grow (training/grow.py): under TD7 a walker's
+                # `adaptive` has its history and privileged critic from the first step
+                if not (layer == "grown" and algo == "td7"):
+                    base.update(layers[layer])
     else:
         base = {**BY_ENV.get(env_id, {}), **NAMED[name]} if name == "zoo" else dict(NAMED[name])
     return {**base, **BY_ALGO.get(algo, {})}
