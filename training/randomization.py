@@ -147,8 +147,13 @@ class CleanObs(gym.ObservationWrapper):
 
 def privileged_dim(ranges: dict[str, Any], obs_dim: int, act_dim: int) -> int:
     """The size of `privileged`'s vector."""
+    return knob_dim(ranges, act_dim) + obs_dim
+
+
+def knob_dim(ranges: dict[str, Any], act_dim: int) -> int:
+    """How many values of `privileged`'s vector are knob draws (they lead it)."""
     knobs = [k for k in check_ranges(ranges) if k != "push"]
-    return sum(act_dim if k == "offset" else 1 for k in knobs) + obs_dim
+    return sum(act_dim if k == "offset" else 1 for k in knobs)
 
 
 def privileged(env: gym.Env, ranges: dict[str, Any]) -> np.ndarray:

@@ -19,7 +19,7 @@ import torch
 
 from training.config import TrainConfig
 from training.networks import Actor, Critics, Normalizer, Policy
-from training.randomization import privileged_dim
+from training.randomization import knob_dim
 from training.replay import ReplayBuffer
 
 
@@ -93,8 +93,7 @@ def privileged_normalizer(cfg: TrainConfig, act_dim: int, priv_dim: int) -> Norm
     observation after them is standardized like the actor's."""
     if not priv_dim:
         return None
-    knobs = privileged_dim(cfg.randomization, 0, act_dim)
-    return Normalizer(priv_dim, raw=knobs).to(cfg.device)
+    return Normalizer(priv_dim, raw=knob_dim(cfg.randomization, act_dim)).to(cfg.device)
 
 
 def critic_obs(

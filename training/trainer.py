@@ -171,7 +171,7 @@ def _grow(directory: Path, cfg: TrainConfig) -> None:
         }
     state["replay"] = run.buffer.state_dict()
     checkpoint.save(path, cfg, run.agent, run.meta, state)
-    joined = [name for name, on in (("history", history), ("privileged", priv)) if on]
+    joined = [n for n, part in (("history", history), ("privileged", priv)) if part is not None]
     log.info("step %d: %s inputs joined at zero weight", state["step"], " and ".join(joined))
 
 
